@@ -1,0 +1,19 @@
+"""fxcache: training-free feature caching for diffusion transformers, as a torch.compile backend.
+
+    model = torch.compile(transformer, backend=fxcache.cache_backend("duca"), dynamic=False)
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the methods)
+from .api import CacheBackend, Explanation, FxCacheWarning, cache_backend, explain, reset, stats, step
+from .config import CacheConfig, StepKind, get_method, method_names, register_method
+from .errors import ConfigError, FxCacheError, UnsupportedGraphError
+from .methods import DuCaConfig, FORAConfig
+from .runtime import lowering_names, register_lowering
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheBackend", "CacheConfig", "ConfigError", "DuCaConfig", "Explanation", "FORAConfig", "FxCacheError",
+    "FxCacheWarning", "StepKind", "UnsupportedGraphError", "cache_backend", "explain", "get_method",
+    "lowering_names", "method_names", "register_lowering", "register_method", "reset", "stats", "step",
+]

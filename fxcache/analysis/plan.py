@@ -1,0 +1,152 @@
+"""`analyse(gm)`: the read-only description of a graph that the variant passes and the runner work from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx
+
+from ..errors import UnsupportedGraphError
+from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks
+from .module_stack import is_param_placeholder
+from .timestep import find_timestep_input, resolve_timestep_input
+from .units import ATTN, Unit, find_units
+
+
+@dataclasses.dataclass
+class GraphPlan:
+    """What the analysis found in one Dynamo graph.
+
+    Attributes:
+        blocks: transformer blocks in graph order, each with its units.
+        timestep_index: placeholder index (= call argument index) of the timestep input.
+        timestep_name: that placeholder's name.
+        batch: batch size of the block hidden states.
+        last_outputs: outputs of the last block (the head's input; cached for SKIP steps).
+        num_placeholders: placeholders of the original graph.
+        input_shapes: shapes of the user (non-parameter) inputs, by placeholder name.
+    """
+
+    blocks: list[Block]
+    timestep_index: int
+    timestep_name: str
+    batch: int
+    last_outputs: list[fx.Node]
+    num_placeholders: int
+    input_shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def units(self) -> list[Unit]:
+        return [u for b in self.blocks for u in b.units]
+
+    @property
+    def partial_units(self) -> list[Unit]:
+        return [u for u in self.units if u.partial]
+
+    def token_counts(self) -> list[int]:
+        """Distinct token counts of the partially recomputable units, largest first."""
+        return sorted({u.tokens for u in self.partial_units}, reverse=True)
+
+    def cache_bytes(self, kinds_need_final: bool = True) -> int:
+        total = 0
+        for u in self.units:
+            for o in u.outputs:
+                v = o.meta["example_value"]
+                total += v.numel() * v.element_size()
+        if kinds_need_final:
+            for o in self.last_outputs:
+                v = o.meta["example_value"]
+                total += v.numel() * v.element_size()
+        return total
+
+    def summary(self) -> str:
+        lines = [
+            f"{len(self.blocks)} blocks, batch {self.batch}, timestep input #{self.timestep_index} "
+            f"(`{self.timestep_name}`)",
+            "inputs: " + ", ".join(f"{k}{list(v)}" for k, v in self.input_shapes.items()),
+        ]
+        for b in self.blocks:
+            parts = []
+            for u in b.units:
+                shapes = "+".join(str(list(o.meta["example_value"].shape)) for o in u.outputs)
+                tag = u.kind
+                if u.token_wise:
+                    tag += f" {u.tokens} tokens" + (" partial" if u.partial else f" reuse-only ({u.why_not})")
+                parts.append(f"{u.name.rsplit('.', 1)[-1]}[{tag}] {shapes}")
+            lines.append(f"  {b.name} ({b.cls}, {len(b.nodes)} nodes): " + "; ".join(parts))
+        lines.append(
+            "head input (last block output): "
+            + ", ".join(f"{o.name}{list(o.meta['example_value'].shape)}" for o in self.last_outputs)
+        )
+        lines.append(f"cache memory per branch: {self.cache_bytes() / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+
+def _symbolic(value) -> bool:
+    return isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape)
+
+
+def analyse(
+    gm: fx.GraphModule,
+    *,
+    block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
+    timestep_input: int | str | None = None,
+) -> GraphPlan:
+    """Describe `gm` (read-only). Raises UnsupportedGraphError naming what is missing."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        v = n.meta.get("example_value")
+        if _symbolic(v) or isinstance(v, torch.SymInt):
+            raise UnsupportedGraphError(
+                "the graph has symbolic shapes (Dynamo traced it with dynamic shapes); fxcache needs static "
+                "shapes: pass dynamic=False to torch.compile",
+                node=n,
+            )
+    blocks = find_blocks(gm, block_lists)
+    if not blocks:
+        raise UnsupportedGraphError(
+            "no transformer blocks found: no node runs inside a module list named "
+            + ", ".join(block_lists)
+            + " (pass block_lists=(...) naming the ModuleList that holds the blocks)"
+        )
+    for b in blocks:
+        if any(not isinstance(o.meta.get("example_value"), torch.Tensor) for o in b.outputs):
+            raise UnsupportedGraphError("a block output is not a tensor", block=b.name)
+    batch = blocks[-1].outputs[0].meta["example_value"].shape[0]
+    for b in blocks:
+        b.units = find_units(b, batch)
+    if not any(b.units for b in blocks):
+        raise UnsupportedGraphError(
+            "blocks found, but no attention or feed-forward children in them (units are direct children whose "
+            "class name contains 'Attention', or that feed the residual stream without a gate in between)",
+            block=blocks[0].name,
+        )
+    if timestep_input is None:
+        found = find_timestep_input(gm)
+        if found is None:
+            raise UnsupportedGraphError(
+                "no timestep input found: no graph input feeds a diffusers `Timesteps` module; pass "
+                "timestep_input=<index or name of the input> to cache_backend, or drive steps with fxcache.step()"
+            )
+    else:
+        found = resolve_timestep_input(gm, timestep_input)
+        if found is None:
+            users = [n.name for n in placeholders if not is_param_placeholder(n)]
+            raise UnsupportedGraphError(f"timestep_input={timestep_input!r} matches no graph input; inputs: {users}")
+    index, node = found
+    last = blocks[-1].outputs
+    shapes = {
+        n.name: tuple(n.meta["example_value"].shape)
+        for n in placeholders
+        if not is_param_placeholder(n) and isinstance(n.meta.get("example_value"), torch.Tensor)
+    }
+    return GraphPlan(
+        blocks=blocks,
+        timestep_index=index,
+        timestep_name=node.name,
+        batch=batch,
+        last_outputs=list(last),
+        num_placeholders=len(placeholders),
+        input_shapes=shapes,
+    )

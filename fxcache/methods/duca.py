@@ -1,0 +1,58 @@
+"""DuCa: within each cycle, conservative steps (random-token partial recompute) alternate with aggressive ones
+(no block runs; the head reads the cached last-block output)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
+from .schedule import cycle_position
+
+
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DuCaConfig(CacheConfig):
+    """Dual caching (DuCa, arXiv 2412.18911).
+
+    Steps count up from 0 in sampling order; j = position in the cycle (0 = FULL). j odd -> PARTIAL
+    (token-wise units recomputed on a random `1 - ratio` fraction of tokens, attention from cache);
+    j even >= 2 -> SKIP (no block runs; the head gets the cached last-block output and the current
+    timestep). N=5: FULL PARTIAL SKIP PARTIAL SKIP.
+
+    Args:
+        interval: N, cycle length (paper default 5). 1 disables caching.
+        ratio: fraction of tokens *cached* on a PARTIAL step (paper "R=90%" -> 0.9); 1 - ratio is recomputed.
+        warmup_steps: W, leading FULL steps (1; the FLUX references use 3).
+        seed: seed of the token choice; reseeded at the start of every generation, so runs repeat.
+    """
+
+    method = "duca"
+    interval: int = 5
+    ratio: float = 0.9
+    warmup_steps: int = 1
+    seed: int = 0
+
+    def _validate(self) -> None:
+        check_int("DuCaConfig", "interval", self.interval, minimum=1)
+        check_fraction("DuCaConfig", "ratio", self.ratio)
+        check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("DuCaConfig", "seed", self.seed, minimum=0)
+
+    @property
+    def fresh_ratio(self) -> float:
+        return 1.0 - float(self.ratio)
+
+    @property
+    def kinds(self) -> frozenset[StepKind]:
+        kinds = {StepKind.FULL}
+        if self.interval >= 2:
+            kinds.add(StepKind.PARTIAL)
+        if self.interval >= 3:
+            kinds.add(StepKind.SKIP)
+        return frozenset(kinds)
+
+    def step_kind(self, step: int) -> StepKind:
+        j = cycle_position(step, self.interval, self.warmup_steps)
+        if j == 0:
+            return StepKind.FULL
+        return StepKind.PARTIAL if j % 2 == 1 else StepKind.SKIP

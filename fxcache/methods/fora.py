@@ -1,0 +1,38 @@
+"""FORA: recompute every unit once every N steps, reuse the pre-gate outputs in between."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import CacheConfig, StepKind, check_int, register_method
+from .schedule import cycle_position
+
+
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FORAConfig(CacheConfig):
+    """Fixed-interval reuse (FORA, arXiv 2407.01425).
+
+    Steps count up from 0 in sampling order. FULL when `step < warmup_steps` or
+    `(step - warmup_steps + 1) % interval == 0`; every other step is REUSE: attention and MLP outputs come
+    from the cache, norms, modulation, gates and residuals run with the current timestep.
+
+    Args:
+        interval: N, one FULL step every N steps (FORA's FLUX headline uses 3). 1 disables caching.
+        warmup_steps: W, leading FULL steps (FORA: 1).
+    """
+
+    method = "fora"
+    interval: int = 3
+    warmup_steps: int = 1
+
+    def _validate(self) -> None:
+        check_int("FORAConfig", "interval", self.interval, minimum=1)
+        check_int("FORAConfig", "warmup_steps", self.warmup_steps, minimum=1)
+
+    @property
+    def kinds(self) -> frozenset[StepKind]:
+        return frozenset({StepKind.FULL, StepKind.REUSE}) if self.interval > 1 else frozenset({StepKind.FULL})
+
+    def step_kind(self, step: int) -> StepKind:
+        return StepKind.FULL if cycle_position(step, self.interval, self.warmup_steps) == 0 else StepKind.REUSE

@@ -1,5 +1,6 @@
 """Helpers shipped for tests and benchmarks: tiny diffusers models and their inputs."""
 
-from .models import MODEL_NAMES, make_inputs, make_model
+from .models import MODEL_NAMES, expected_units, make_inputs, make_model
+from .reference import HookedReference
 
-__all__ = ["MODEL_NAMES", "make_inputs", "make_model"]
+__all__ = ["MODEL_NAMES", "HookedReference", "expected_units", "make_inputs", "make_model"]

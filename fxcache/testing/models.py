@@ -83,3 +83,32 @@ def make_inputs(name: str, *, batch: int = 1, size: int = 8, t: float = 0.9, see
                     pooled_projections=torch.randn(batch, 32, generator=g),
                     timestep=torch.full((batch,), 1000.0 * t), return_dict=False)
     raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def expected_units(name: str, model: torch.nn.Module) -> dict[str, list[str]]:
+    """The units fxcache should find, written out by hand per architecture (the golden answer for analysis)."""
+    n_double = len(model.transformer_blocks)
+    attn, token = [], []
+    if name == "dit":
+        attn = [f"transformer_blocks.{i}.attn1" for i in range(n_double)]
+        token = [f"transformer_blocks.{i}.ff" for i in range(n_double)]
+    elif name == "pixart":
+        attn = [f"transformer_blocks.{i}.attn1" for i in range(n_double)]
+        token = [f"transformer_blocks.{i}.{c}" for i in range(n_double) for c in ("attn2", "ff")]
+    elif name == "flux":
+        n_single = len(model.single_transformer_blocks)
+        attn = [f"transformer_blocks.{i}.attn" for i in range(n_double)]
+        attn += [f"single_transformer_blocks.{i}.attn" for i in range(n_single)]
+        token = [f"transformer_blocks.{i}.{c}" for i in range(n_double) for c in ("ff", "ff_context")]
+        token += [f"single_transformer_blocks.{i}.proj_out" for i in range(n_single)]
+    elif name == "sd3":
+        attn = [f"transformer_blocks.{i}.attn" for i in range(n_double)]
+        for i, blk in enumerate(model.transformer_blocks):
+            token.append(f"transformer_blocks.{i}.ff")
+            if getattr(blk, "ff_context", None) is not None:
+                token.append(f"transformer_blocks.{i}.ff_context")
+    else:
+        raise ValueError(name)
+    last = (f"single_transformer_blocks.{len(model.single_transformer_blocks) - 1}" if name == "flux"
+            else f"transformer_blocks.{n_double - 1}")
+    return {"attention": attn, "token_wise": token, "last_block": last}

@@ -1,0 +1,46 @@
+"""Shared helpers for the integration tests: compile, run a sampling loop, compare with the hooked reference."""
+
+from __future__ import annotations
+
+import torch
+
+import fxcache
+from fxcache.testing import HookedReference, expected_units, make_inputs, make_model
+
+
+def compile_cached(model, method="duca", *, lowering="eager", strict=True, fullgraph=False, **opts):
+    backend = fxcache.cache_backend(method, lowering=lowering, strict=strict, **opts)
+    return torch.compile(model, backend=backend, dynamic=False, fullgraph=fullgraph), backend
+
+
+def timesteps(steps: int) -> list[float]:
+    return [1.0 - s / (steps + 1) for s in range(steps)]
+
+
+def loop_inputs(name: str, steps: int, *, batch: int = 1, size: int = 8, seed: int = 0) -> list[dict]:
+    """Per-step inputs: decreasing t, fresh latents each step (a harsh test of the caching maths)."""
+    return [make_inputs(name, batch=batch, size=size, t=t, seed=seed + 100 * s) for s, t in enumerate(timesteps(steps))]
+
+
+def run(model, inputs: list[dict]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**kw)[0] for kw in inputs]
+
+
+def reference_for(name: str, model, config) -> HookedReference:
+    return HookedReference(model, config, **expected_units(name, model))
+
+
+def run_reference(ref: HookedReference, inputs: list[dict], branches: int = 1) -> list[torch.Tensor]:
+    outs = []
+    for s, kw in enumerate(inputs):
+        outs.append(ref(s // branches, s % branches, **kw)[0])
+    return outs
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+__all__ = ["compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err", "run",
+           "run_reference", "timesteps"]

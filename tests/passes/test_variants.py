@@ -1,0 +1,90 @@
+"""What the variant passes emit: ops present and absent, placeholder order, outputs, Dynamo meta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxcache import DuCaConfig, FORAConfig, StepKind
+from fxcache.analysis import analyse
+from fxcache.testing import MODEL_NAMES, make_inputs, make_model
+from fxcache.variants import build_variants
+
+
+def capture(name):
+    graphs = []
+
+    def backend(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(make_model(name), backend=backend, dynamic=False)(**make_inputs(name))
+    return graphs[0]
+
+
+def count(gm, fragment):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and fragment in getattr(n.target, "__name__", ""))
+
+
+def placeholders(gm):
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_variant_ops(name):
+    gm = capture(name)
+    plan = analyse(gm)
+    duca = build_variants(gm, plan, DuCaConfig(interval=5, ratio=0.5))
+    fora = build_variants(gm, plan, FORAConfig(interval=3))
+    assert set(duca) == {StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP}
+    assert set(fora) == {StepKind.FULL, StepKind.REUSE}
+    sdpa_full = count(gm, "scaled_dot_product_attention")
+    assert count(duca[StepKind.FULL].gm, "scaled_dot_product_attention") == sdpa_full
+    xattn = sum(1 for u in plan.units if u.kind == "xattn")
+    assert count(duca[StepKind.PARTIAL].gm, "scaled_dot_product_attention") == xattn  # only cross-attention
+    assert count(duca[StepKind.PARTIAL].gm, "index_select") >= len(plan.partial_units)
+    assert count(duca[StepKind.PARTIAL].gm, "index_copy") == len(plan.partial_units)
+    assert count(fora[StepKind.REUSE].gm, "scaled_dot_product_attention") == 0
+    assert count(fora[StepKind.REUSE].gm, "index_copy") == 0
+    assert count(duca[StepKind.SKIP].gm, "scaled_dot_product_attention") == 0
+    flops = {k: v.flops for k, v in duca.items()}
+    assert flops[StepKind.FULL] > flops[StepKind.PARTIAL] > flops[StepKind.SKIP] > 0
+
+
+@pytest.mark.parametrize("kind", [StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP])
+def test_placeholders_outputs_and_dynamo_meta(kind):
+    gm = capture("flux")
+    plan = analyse(gm)
+    variant = build_variants(gm, plan, DuCaConfig(interval=5, ratio=0.5))[kind]
+    old, new = placeholders(gm), placeholders(variant.gm)
+    assert [n.name for n in new[: len(old)]] == [n.name for n in old]  # originals first, same order
+    assert len(new) == len(old) + len(variant.extra_inputs)
+    for o, n in zip(old, new):
+        assert n._dynamo_source is o._dynamo_source
+    for n in new[len(old):]:
+        assert n._dynamo_source is None
+    assert variant.gm.meta.get("dynamo_compile_id") == gm.meta.get("dynamo_compile_id")
+    assert variant.gm._param_name_to_source is gm._param_name_to_source
+    outputs = variant.gm.graph.find_nodes(op="output")[0].args[0]
+    assert len(outputs) == variant.num_outputs + len(variant.extra_outputs)
+    for n in variant.gm.graph.nodes:  # shapes were re-propagated after the rewrite
+        if n.op not in ("output",) and n.meta.get("example_value") is None and n.op != "placeholder":
+            pytest.fail(f"{n.name} has no example_value")
+
+
+def test_full_variant_without_other_kinds_is_the_untouched_graph():
+    gm = capture("dit")
+    variant = build_variants(gm, analyse(gm), FORAConfig(interval=1))[StepKind.FULL]
+    assert variant.extra_inputs == [] and variant.extra_outputs == []
+    assert len(variant.gm.graph.nodes) == len(gm.graph.nodes)
+
+
+def test_partial_index_shape_follows_the_ratio():
+    gm = capture("flux")
+    plan = analyse(gm)
+    variant = build_variants(gm, plan, DuCaConfig(interval=5, ratio=0.75))[StepKind.PARTIAL]
+    idx = {e.key: e.shape for e in variant.extra_inputs if e.kind == "idx"}
+    # FLUX tiny: image stream 64 tokens (2 ff), text 8 (2 ff_context), joint 72 (2 single-block proj_out)
+    assert idx == {"idx:64": (2, 16), "idx:8": (2, 2), "idx:72": (2, 18)}
+    assert variant.tokens == 18

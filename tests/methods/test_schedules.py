@@ -1,0 +1,176 @@
+"""Schedules of the cache methods (ALGORITHMS.md 1.4, 4.1, 8.10): pure, no compilation."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxcache import StepKind
+from fxcache.methods import DuCaConfig, FORAConfig, cycle_position
+
+F, P, S, R = StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP, StepKind.REUSE
+
+intervals = st.integers(min_value=1, max_value=16)
+warmups = st.integers(min_value=1, max_value=12)
+method_classes = st.sampled_from([FORAConfig, DuCaConfig])
+
+
+def spec_full(step: int, interval: int, warmup: int) -> bool:
+    """ALGORITHMS.md 1.4, written out independently of the package."""
+    return step < warmup or (step - (warmup - 1)) % interval == 0
+
+
+def spec_positions(steps: int, interval: int, warmup: int) -> list[int]:
+    """j(s) = s - last_full(s), computed by walking the steps."""
+    out, last = [], None
+    for s in range(steps):
+        if spec_full(s, interval, warmup):
+            last = s
+        out.append(s - last)
+    return out
+
+
+# -- shared counter schedule ------------------------------------------------------------------------------------
+
+
+@given(cls=method_classes, interval=intervals, warmup=warmups)
+def test_warmup_steps_are_full(cls, interval, warmup):
+    config = cls(interval=interval, warmup_steps=warmup)
+    assert [config.step_kind(s) for s in range(warmup)] == [F] * warmup
+
+
+@given(cls=method_classes, interval=intervals, warmup=warmups, start=st.integers(0, 200))
+def test_exactly_one_full_per_window_of_interval_steps_after_warmup(cls, interval, warmup, start):
+    config = cls(interval=interval, warmup_steps=warmup)
+    first = warmup - 1 + start  # any window that starts at or after the last warm-up step
+    window = [config.step_kind(s) for s in range(first, first + interval)]
+    assert window.count(F) == 1
+
+
+@given(cls=method_classes, interval=intervals, warmup=warmups, cycle=st.integers(0, 30))
+def test_each_cycle_after_warmup_starts_with_its_only_full(cls, interval, warmup, cycle):
+    config = cls(interval=interval, warmup_steps=warmup)
+    first = warmup - 1 + cycle * interval
+    kinds = [config.step_kind(s) for s in range(first, first + interval)]
+    assert kinds[0] == F
+    assert F not in kinds[1:]
+
+
+@given(cls=method_classes, interval=intervals, warmup=warmups)
+def test_full_steps_match_the_counter_formula(cls, interval, warmup):
+    config = cls(interval=interval, warmup_steps=warmup)
+    for s in range(150):
+        assert (config.step_kind(s) == F) == spec_full(s, interval, warmup), s
+
+
+@given(cls=method_classes, interval=intervals, warmup=warmups, total=st.integers(0, 150))
+def test_number_of_full_steps(cls, interval, warmup, total):
+    config = cls(interval=interval, warmup_steps=warmup)
+    fulls = sum(config.step_kind(s) == F for s in range(warmup + total))
+    assert fulls == warmup + total // interval  # #FULL = W + floor((T - W) / N)
+
+
+@given(interval=intervals, warmup=warmups)
+def test_cycle_position_is_steps_since_last_full(interval, warmup):
+    expected = spec_positions(150, interval, warmup)
+    assert [cycle_position(s, interval, warmup) for s in range(150)] == expected
+    assert all(0 <= j < interval for j in expected)
+
+
+def test_cycle_position_rejects_negative_step():
+    with pytest.raises(ValueError, match="step"):
+        cycle_position(-1, 5, 1)
+
+
+@pytest.mark.parametrize("cls", [FORAConfig, DuCaConfig])
+def test_counter_schedule_reference_case(cls):
+    # ALGORITHMS.md 1.4 / 8.10: T=50, W=3, N=6 -> FULL at 0,1,2,8,14,...,44 (10 FULL steps).
+    expected = {0, 1, 2, 8, 14, 20, 26, 32, 38, 44}
+    assert {s for s in range(50) if cycle_position(s, 6, 3) == 0} == expected
+    config = cls(interval=6, warmup_steps=3)
+    assert {s for s in range(50) if config.step_kind(s) == F} == expected
+    assert len(expected) == 3 + (50 - 3) // 6
+
+
+@given(cls=method_classes, warmup=warmups)
+def test_interval_one_is_always_full(cls, warmup):
+    config = cls(interval=1, warmup_steps=warmup)
+    assert {config.step_kind(s) for s in range(200)} == {F}
+    assert config.kinds == frozenset({F})
+
+
+# -- FORA --------------------------------------------------------------------------------------------------------
+
+
+@given(interval=intervals, warmup=warmups)
+def test_fora_non_full_steps_are_reuse(interval, warmup):
+    config = FORAConfig(interval=interval, warmup_steps=warmup)
+    for s in range(150):
+        expected = F if spec_full(s, interval, warmup) else R
+        assert config.step_kind(s) == expected, s
+
+
+def test_fora_default_schedule():
+    config = FORAConfig()  # N=3, W=1
+    assert [config.step_kind(s) for s in range(7)] == [F, R, R, F, R, R, F]
+
+
+# -- DuCa --------------------------------------------------------------------------------------------------------
+
+
+@given(interval=intervals, warmup=warmups)
+def test_duca_kind_follows_cycle_position_parity(interval, warmup):
+    config = DuCaConfig(interval=interval, warmup_steps=warmup)
+    for s, j in enumerate(spec_positions(150, interval, warmup)):
+        kind = config.step_kind(s)
+        if j == 0:
+            assert kind == F, s
+        elif j % 2 == 1:
+            assert kind == P, s
+        else:
+            assert kind == S, s
+
+
+@pytest.mark.parametrize(
+    "interval, cycle",
+    [
+        (2, [F, P]),
+        (3, [F, P, S]),
+        (4, [F, P, S, P]),
+        (5, [F, P, S, P, S]),
+        (6, [F, P, S, P, S, P]),
+    ],
+)
+def test_duca_cycles(interval, cycle):
+    config = DuCaConfig(interval=interval, warmup_steps=1)
+    assert [config.step_kind(s) for s in range(3 * interval)] == cycle * 3
+
+
+def test_duca_cycle_after_longer_warmup():
+    config = DuCaConfig(interval=5, warmup_steps=3)
+    assert [config.step_kind(s) for s in range(12)] == [F, F, F, P, S, P, S, F, P, S, P, S]
+
+
+# -- kinds ---------------------------------------------------------------------------------------------------------
+
+
+@given(cls=method_classes, interval=st.integers(1, 40), warmup=st.integers(1, 40))
+def test_kinds_is_exactly_what_step_kind_emits(cls, interval, warmup):
+    config = cls(interval=interval, warmup_steps=warmup)
+    emitted = {config.step_kind(s) for s in range(201)}
+    assert config.kinds == frozenset(emitted)
+
+
+@pytest.mark.parametrize(
+    "config, kinds",
+    [
+        (FORAConfig(interval=1), {F}),
+        (FORAConfig(interval=2), {F, R}),
+        (DuCaConfig(interval=1), {F}),
+        (DuCaConfig(interval=2), {F, P}),
+        (DuCaConfig(interval=3), {F, P, S}),
+    ],
+)
+def test_kinds_examples(config, kinds):
+    assert config.kinds == frozenset(kinds)

@@ -35,6 +35,7 @@ class DuCaConfig(CacheConfig):
     def _validate(self) -> None:
         check_int("DuCaConfig", "interval", self.interval, minimum=1)
         check_fraction("DuCaConfig", "ratio", self.ratio)
+        object.__setattr__(self, "ratio", float(self.ratio) + 0.0)  # 1 == 1.0, -0.0 == 0.0: one cache_key
         check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
         check_int("DuCaConfig", "seed", self.seed, minimum=0)
 

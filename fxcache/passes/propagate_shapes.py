@@ -8,6 +8,24 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def ensure_cpu_attention_flops() -> None:
+    """Give torch's FLOP counter a formula for CPU attention, which it lacks (it would count attention as 0).
+
+    Counted like torch counts the CUDA SDPA kernels: Q @ K^T plus P @ V. Registered once, only if missing.
+    """
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, s_q, d_q = query_shape
+        s_k, d_v = key_shape[-2], value_shape[-1]
+        return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
+
+
 class _Prop(fx.Interpreter):
     def run_node(self, n):
         result = super().run_node(n)
@@ -21,6 +39,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: list) -> int:
 
     `inputs` are tensors or (shape, dtype, device) triples; they are turned into fakes of a private mode.
     """
+    ensure_cpu_attention_flops()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fakes = [

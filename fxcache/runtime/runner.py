@@ -112,7 +112,7 @@ class Runner:
             state[key] = value
         self.backend._record(
             graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=kind.value,
-            tokens=variant.tokens, flops=variant.flops, t=t,
+            tokens=variant.tokens, flops=variant.flops, t=t, cached=True,
         )
         outs = result[:n]
         return outs[0] if variant.single_output else tuple(outs)

@@ -88,3 +88,23 @@ def test_partial_index_shape_follows_the_ratio():
     # FLUX tiny: image stream 64 tokens (2 ff), text 8 (2 ff_context), joint 72 (2 single-block proj_out)
     assert idx == {"idx:64": (2, 16), "idx:8": (2, 2), "idx:72": (2, 18)}
     assert variant.tokens == 18
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart"])
+def test_full_variant_flops_equal_the_eager_model(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gm = capture(name)
+    variant = build_variants(gm, analyse(gm), DuCaConfig())[StepKind.FULL]  # registers the CPU attention formula
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        make_model(name)(**make_inputs(name))
+    assert variant.flops == counter.get_total_flops() > 0
+    per_op = counter.get_flop_counts()["Global"]
+    assert sum(v for op, v in per_op.items() if "scaled_dot_product" in str(op)) > 0  # attention is counted
+
+
+def test_ratio_one_recomputes_no_token():
+    gm = capture("dit")
+    variant = build_variants(gm, analyse(gm), DuCaConfig(ratio=1.0))[StepKind.PARTIAL]
+    assert [e.shape for e in variant.extra_inputs if e.kind == "idx"] == [(2, 0)]
+    assert variant.tokens == 0

@@ -150,3 +150,25 @@ def test_skip_step_runs_no_block_and_uses_the_current_timestep():
     with fxcache.step(compiled, 2):
         again = run(compiled, [dict(inputs[2], timestep=inputs[2]["timestep"] - 300)])[0]
     assert rel_err(again, outs[2]) > 1e-4
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_steps_on_an_unchanged_input_reproduce_the_full_step(name, batch):
+    """Model-free invariant: with the input and t of the FULL step, a PARTIAL step (any k: the rows it recomputes
+    equal the cached ones, so a token-mixing op wrongly put in a region shows up), a
+    REUSE step and a SKIP step must all give the FULL output (ALGORITHMS.md 8.4 and 8.6)."""
+    model = make_model(name)
+    kw = make_inputs(name, batch=batch, t=0.5)
+    for method, opts, kinds in (("duca", dict(interval=3, ratio=0.5), ["full", "partial", "skip"]),
+                                ("fora", dict(interval=3), ["full", "reuse", "reuse"])):
+        compiled, backend = compile_cached(model, method, **opts)
+        outs = []
+        with torch.no_grad():
+            for i in range(3):
+                with fxcache.step(compiled, i):
+                    outs.append(compiled(**kw)[0])
+        assert [r["kind"] for r in fxcache.stats(compiled)] == kinds
+        for o in outs[1:]:
+            assert rel_err(o, outs[0]) <= 1e-5
+        torch._dynamo.reset()

@@ -73,18 +73,12 @@ def cache_layout(plan: GraphPlan, config: CacheConfig) -> CacheLayout:
     return CacheLayout(unit_keys, final_keys, groups, {t: config.tokens_for(t) for t in groups})
 
 
-def _input_specs(gm: fx.GraphModule, extras: list[ExtraInput], device) -> list[tuple]:
-    specs = [example_spec(n.meta["example_value"]) for n in gm.graph.nodes if n.op == "placeholder"]
-    specs = specs[: len(specs) - len(extras)] if extras else specs
-    return specs + [(e.shape, e.dtype, device) for e in extras]
-
-
 def _device(plan_gm: fx.GraphModule, plan: GraphPlan) -> torch.device:
     ph = [n for n in plan_gm.graph.nodes if n.op == "placeholder"][plan.timestep_index]
     return ph.meta["example_value"].device
 
 
-def _build_full(gm, plan, layout, keys_needed: bool) -> tuple[GraphBuilder, list[ExtraInput], list[str]]:
+def _build_full(gm, plan, layout, keys_needed: bool):
     b = GraphBuilder(gm)
     written = expose_unit_outputs(b, layout.unit_keys + layout.final_keys) if keys_needed else []
     return b, [], written

@@ -180,22 +180,48 @@ def _children(block: Block) -> dict[str, dict]:
     return subs
 
 
-def _reaches_block_output_directly(outs, block: Block, child_sets: list[set]) -> bool:
-    """Forward from `outs` through block-level nodes only (no other child) to a block output."""
-    block_outputs, members = set(block.outputs), block.node_set
+_ADDS = {operator.add, torch.add}
+
+
+def _is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "__add__"))
+
+
+def _descendants(outs, members: set) -> set:
     todo, seen = list(outs), set()
     while todo:
         x = todo.pop()
         if x in seen:
             continue
         seen.add(x)
+        todo.extend(u for u in x.users if u in members)
+    return seen
+
+
+def _is_residual_branch(outs, block: Block, child_sets: list[set]) -> bool:
+    """Forward from `outs` through block-level nodes only (no other child) to a block output, passing a residual
+    add: an add with an operand that does not depend on `outs` (the stream the branch is added to).
+
+    Rejects children that feed the stream otherwise: modulation layers (gates, shifts) and projections whose
+    output *replaces* the stream (long-skip merges), which a cache would freeze.
+    """
+    block_outputs, members = set(block.outputs), block.node_set
+    downstream = _descendants(outs, members)
+    todo, seen, reaches, residual = list(outs), set(), False, False
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
         if x in block_outputs:
-            return True
+            reaches = True
+        if _is_add(x) and any(a not in downstream for a in x.all_input_nodes):
+            residual = True
         for u in x.users:
             if u not in members or any(u in s for s in child_sets):
                 continue
             todo.append(u)
-    return False
+    return reaches and residual
 
 
 def _upstream_externals(start: fx.Node, members: set) -> set:
@@ -274,8 +300,11 @@ def find_units(block: Block, batch: int) -> list[Unit]:
                 _fill_xattn(unit, d, q_side, batch)
             units.append(unit)
         elif not _is_norm(d["cls"]):
-            others = [s for p, s in ((p, x["set"]) for p, x in subs.items()) if p != path]
-            if not _reaches_block_output_directly(outs, block, others):
+            others = [x["set"] for p, x in subs.items() if p != path]
+            if len(outs) != 1 or not _token_layout(_shape(outs[0]), batch, _shape(outs[0])[1] if _shape(outs[0])
+                                                   and len(_shape(outs[0])) >= 3 else -1):
+                continue  # not a (batch, tokens, ...) value: modulation or other per-sample conditioning
+            if not _is_residual_branch(outs, block, others):
                 continue
             unit = Unit(name=path, cls=d["cls"], kind=MLP, outputs=outs)
             _fill_mlp(unit, block, batch, excluded)
@@ -295,6 +324,45 @@ def _single_token_output(unit: Unit, batch: int) -> bool:
     return True
 
 
+def _runs_on_fewer_tokens(unit: Unit) -> str:
+    """Run the region on fake tensors with fewer rows than traced; '' if it works, else why not.
+
+    Catches token counts baked into the graph (reshapes with literal sizes, RoPE tables of the full length).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    k = max(1, unit.tokens - 1)
+    g, env = fx.Graph(), {}
+    for stop in unit.gather + unit.passthrough:
+        env[stop] = g.placeholder(stop.name)
+    for n in unit.region:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[unit.outputs[0]])
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            args = []
+            for stop in unit.gather + unit.passthrough:
+                v = _val(stop)
+                shape = list(v.shape)
+                if stop in unit.gather:
+                    shape[1] = k
+                args.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+            out = fx.Interpreter(fx.GraphModule(torch.nn.Module(), g)).run(*args)
+    except Exception as exc:  # any failure means: do not recompute this unit on a subset
+        return f"its region does not run on fewer tokens ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    want = list(_shape(unit.outputs[0]))
+    want[1] = k
+    if not isinstance(out, torch.Tensor) or list(out.shape) != want:
+        return f"its region gives shape {getattr(out, 'shape', None)} on {k} tokens, expected {want}"
+    return ""
+
+
+def _finish_partial(unit: Unit) -> None:
+    unit.why_not = _runs_on_fewer_tokens(unit)
+    unit.partial = not unit.why_not
+
+
 def _fill_mlp(unit: Unit, block: Block, batch: int, excluded: set) -> None:
     if not _single_token_output(unit, batch):
         return
@@ -307,7 +375,7 @@ def _fill_mlp(unit: Unit, block: Block, batch: int, excluded: set) -> None:
     if not unit.gather:
         unit.why_not = "no token input to gather"
         return
-    unit.partial = True
+    _finish_partial(unit)
 
 
 def _fill_xattn(unit: Unit, child: dict, q_side: set, batch: int) -> None:
@@ -318,4 +386,4 @@ def _fill_xattn(unit: Unit, child: dict, q_side: set, batch: int) -> None:
         return
     unit.region = [n for n in child["nodes"] if n.op in ("call_function", "call_method")]
     unit.gather, unit.passthrough = _classify_stops(unit.region, batch, unit.tokens, must_gather=q_side)
-    unit.partial = True
+    _finish_partial(unit)

@@ -42,7 +42,7 @@ METHODS = {
 }
 
 FULL_MODEL = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
-                  num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+                  num_attention_heads=8, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
                   axes_dims_rope=(8, 28, 28))
 QUICK_MODEL = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text", type=int, default=None, help="text tokens (default 64; quick 8)")
     p.add_argument("--double", type=int, default=None, help="double-stream blocks (default 2; quick 1)")
     p.add_argument("--single", type=int, default=None, help="single-stream blocks (default 4; quick 1)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads of 64 dims: hidden = 64 * heads (default 8; quick: 2 heads of 16)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke test: size 8, text 8, 1 double + 1 single, heads 2 x 16, steps 10, repeats 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, noise and conditioning")
@@ -73,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in ("steps", "repeats", "threads", "size", "text"):
         if getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1")
+    if args.heads is not None and args.heads < 1:
+        p.error("--heads must be >= 1")
     if args.double < 0 or args.single < 0 or args.double + args.single < 1:
         p.error("--double and --single must be >= 0, with at least one block")
     return args
@@ -105,6 +109,8 @@ def build_model(args) -> tuple[torch.nn.Module, dict]:
 
     cfg = dict(QUICK_MODEL if args.quick else FULL_MODEL)
     cfg.update(num_layers=args.double, num_single_layers=args.single)
+    if args.heads is not None:
+        cfg.update(num_attention_heads=args.heads)
     torch.manual_seed(args.seed)
     model = FluxTransformer2DModel(**cfg).eval()  # random init, fp32
     return model, cfg

@@ -7,13 +7,13 @@ from . import methods as _methods  # noqa: F401  (registers the methods)
 from .api import CacheBackend, Explanation, FxCacheWarning, cache_backend, explain, reset, stats, step
 from .config import CacheConfig, StepKind, get_method, method_names, register_method
 from .errors import ConfigError, FxCacheError, UnsupportedGraphError
-from .methods import DuCaConfig, FORAConfig
+from .methods import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig
 from .runtime import lowering_names, register_lowering
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheBackend", "CacheConfig", "ConfigError", "DuCaConfig", "Explanation", "FORAConfig", "FxCacheError",
-    "FxCacheWarning", "StepKind", "UnsupportedGraphError", "cache_backend", "explain", "get_method",
+    "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DuCaConfig", "Explanation", "FORAConfig", "FxCacheError",
+    "FxCacheWarning", "StepKind", "TaylorSeerConfig", "ToCaConfig", "UnsupportedGraphError", "cache_backend", "explain", "get_method",
     "lowering_names", "method_names", "register_lowering", "register_method", "reset", "stats", "step",
 ]

@@ -70,7 +70,7 @@ class CacheBackend:
         else:
             log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
             runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
-                            lowering=self.lowering, mode=mode, options=options)
+                            lowering=self.lowering, mode=mode, options=options, gm=gm)
         self.runners.append(runner)
         return runner
 

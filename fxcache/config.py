@@ -19,6 +19,8 @@ class StepKind(str, enum.Enum):
     PARTIAL = "partial"  # token-wise units on k tokens, attention from cache
     REUSE = "reuse"  # every unit from cache, current gates (FORA)
     SKIP = "skip"  # no block: cached head input + current timestep (DuCa aggressive)
+    FORECAST = "forecast"  # every unit from its Taylor expansion around the last FULL step (TaylorSeer)
+    CLUSTER = "cluster"  # forecast, plus one token per cluster recomputed and propagated (ClusCa)
 
     def __str__(self) -> str:
         return self.value
@@ -52,6 +54,16 @@ class CacheConfig:
     def fresh_ratio(self) -> float:
         """Fraction of each token-wise unit's tokens recomputed on a PARTIAL step."""
         return 0.0
+
+    @property
+    def taylor_order(self) -> int | None:
+        """m for methods that keep Taylor factors F_0..F_m per unit (TaylorSeer, ClusCa); None otherwise."""
+        return None
+
+    @property
+    def warmup(self) -> int:
+        """W: leading FULL steps (every method here has `warmup_steps`)."""
+        return int(getattr(self, "warmup_steps", 1))
 
     def tokens_for(self, tokens: int) -> int:
         """k: how many of `tokens` rows a PARTIAL step recomputes (static per compiled variant)."""

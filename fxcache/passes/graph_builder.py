@@ -34,6 +34,11 @@ class GraphBuilder:
         self.added.append(ph)
         return ph
 
+    def inserting_after_placeholders(self):
+        """Insertion point before the first computation (for values every later node may read)."""
+        first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
+        return self.graph.inserting_before(first)
+
     def finish(self) -> fx.GraphModule:
         self.graph.output(tuple(self.outputs + self.extra_outputs))
         self.graph.eliminate_dead_code()

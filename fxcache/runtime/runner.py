@@ -9,9 +9,10 @@ from typing import Callable
 import torch
 
 from ..config import CacheConfig, StepKind
-from ..variants import Variant
+from ..variants import Variant, build_variant, schedule_key
 from .lowering import get_lowering
 from .step import StepTracker
+from .taylor import TaylorState
 from .tokens import random_token_indices
 
 log = logging.getLogger("fxcache")
@@ -26,7 +27,7 @@ class Runner:
     """
 
     def __init__(self, *, backend, graph_id: int, plan, config: CacheConfig, variants: dict[StepKind, Variant],
-                 lowering: str, mode=None, options=None):
+                 lowering: str, mode=None, options=None, gm=None):
         self.backend = backend
         self.graph_id = graph_id
         self.plan = plan
@@ -36,18 +37,21 @@ class Runner:
         self.mode, self.options = mode, options
         self.tracker = StepTracker()
         self.caches: dict[int, dict[str, torch.Tensor]] = {}
-        self._fns: dict[StepKind, Callable] = {}
+        self.taylor: dict[int, TaylorState] = {}
+        self.gm = gm  # the Dynamo graph, for variants built on first use (ToCa k tables that change per step)
+        self._first_key = schedule_key(config, config.warmup)
+        self._more: dict[tuple[StepKind, int], Variant] = {}
+        self._fns: dict[tuple[StepKind, int], Callable] = {}
         self._indices: dict[str, torch.Tensor] = {}
         self._indices_step = -1
         self._generator: torch.Generator | None = None
-        partial = variants.get(StepKind.PARTIAL)
-        self._idx_specs = [e for e in partial.extra_inputs if e.kind == "idx"] if partial else []
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget caches, token choices and the step position (the next call starts a generation)."""
         self.tracker.reset()
         self.caches.clear()
+        self.taylor.clear()
         self._indices.clear()
         self._indices_step = -1
 
@@ -66,47 +70,102 @@ class Runner:
 
     def _kind(self, step: int, branch: int) -> StepKind:
         kind = self.config.step_kind(step)
+        if kind is StepKind.FULL:
+            return kind
         needed = [e.key for e in self.variants[kind].extra_inputs if e.kind == "cache"]
         have = self.caches.get(branch, {})
         return kind if all(k in have for k in needed) else StepKind.FULL
 
-    def _token_indices(self, step: int, device) -> dict[str, torch.Tensor]:
-        if self._indices_step != step:  # one draw per step, shared by every CFG branch of that step
-            if self._generator is None or self._generator.device != torch.device(device):
-                self._generator = torch.Generator(device=device)
-                self._generator.manual_seed(getattr(self.config, "seed", 0))
-            self._indices = {
-                e.key: random_token_indices(e.shape[0], int(e.key.split(":")[1]), e.shape[1], self._generator, device)
-                for e in self._idx_specs
-            }
+    def _extra_inputs(self, variant: Variant, kind: StepKind, step: int, branch: int, device) -> list:
+        state = self.caches.setdefault(branch, {})
+        taylor = None
+        if self.config.taylor_order is not None:
+            taylor = self.taylor.setdefault(branch, TaylorState(self.config.taylor_order, self.config.warmup))
+        per_step = [e for e in variant.extra_inputs if e.kind in ("idx", "rand")]
+        indices = self._token_indices(step, per_step, device) if per_step else {}
+        extra = []
+        for e in variant.extra_inputs:
+            if e.kind == "idx":
+                extra.append(indices[e.key])
+            elif e.kind in ("cache", "state"):
+                value = state.get(e.key)
+                if value is None:  # FULL without caches (old Taylor factors, scaled by 0) or fresh staleness
+                    value = torch.zeros(e.shape, dtype=e.dtype, device=device)
+                extra.append(value)
+            elif e.kind == "diff":
+                extra.append(taylor.full_inputs(step, device))
+            elif e.kind == "coef":
+                extra.append(taylor.forecast_inputs(step, device))
+            elif e.kind == "rand":  # one draw per step, shared by the CFG branches (like token indices)
+                extra.append(indices[e.key])
+            elif e.kind == "kinit":
+                tokens = int(e.key.split(":")[1])
+                perm = torch.randperm(tokens, generator=self._rng(device), device=device)
+                extra.append(perm[: e.shape[0]])
+            elif e.kind == "warm":
+                warm = any(k.startswith("clustercentroids:") for k in state)
+                extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
+            else:  # pragma: no cover - build_variants only emits the kinds above
+                raise AssertionError(e.kind)
+        if kind is StepKind.FULL and taylor is not None and not any(e.kind == "diff" for e in variant.extra_inputs):
+            taylor.full_inputs(step, device)  # order 0: no diff input, but the FULL step still anchors delta
+        return extra
+
+    def _rng(self, device) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(getattr(self.config, "seed", 0))
+        return self._generator
+
+    def _token_indices(self, step: int, specs, device) -> dict[str, torch.Tensor]:
+        """Per-step random inputs, drawn once per step in `specs` order and shared by every CFG branch."""
+        if self._indices_step != step:
+            g = self._rng(device)
+            self._indices = {}
+            for e in specs:
+                if e.kind == "idx":
+                    value = random_token_indices(e.shape[0], int(e.key.split(":")[1]), e.shape[1], g, device)
+                else:
+                    value = torch.rand(e.shape, generator=g, device=device)
+                self._indices[e.key] = value
             self._indices_step = step
         return self._indices
 
-    def _lowered(self, kind: StepKind, args) -> Callable:
-        fn = self._fns.get(kind)
+    def _variant(self, kind: StepKind, step: int) -> tuple[Variant, int]:
+        key = schedule_key(self.config, step) if kind is StepKind.PARTIAL else 0
+        if kind is not StepKind.PARTIAL or key == self._first_key:
+            return self.variants[kind], key
+        variant = self._more.get((kind, key))
+        if variant is None:
+            log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id, key)
+            variant = self._more[(kind, key)] = build_variant(self.gm, self.plan, self.config, kind, key)
+        return variant, key
+
+    def _lowered(self, kind: StepKind, key: int, variant: Variant, args) -> Callable:
+        fn = self._fns.get((kind, key))
         if fn is None:
             log.info("fxcache: lowering %s variant of graph %d with %s", kind, self.graph_id, self.lowering)
-            fn = get_lowering(self.lowering)(self.variants[kind].gm, args, mode=self.mode, options=self.options)
-            self._fns[kind] = fn
+            fn = get_lowering(self.lowering)(variant.gm, args, mode=self.mode, options=self.options)
+            self._fns[(kind, key)] = fn
         return fn
 
     def __call__(self, *args):
         step, branch, new, t = self._position(args)
         if new:
             self.caches.clear()
+            self.taylor.clear()
             self._indices_step = -1
             if self._generator is not None:
                 self._generator.manual_seed(getattr(self.config, "seed", 0))
         kind = self._kind(step, branch)
-        variant = self.variants[kind]
+        variant, key = self._variant(kind, step)
         state = self.caches.setdefault(branch, {})
-        extra = []
-        if variant.extra_inputs:
-            device = args[self.plan.timestep_index].device
-            indices = self._token_indices(step, device) if kind is StepKind.PARTIAL else {}
-            extra = [indices[e.key] if e.kind == "idx" else state[e.key] for e in variant.extra_inputs]
+        extra = self._extra_inputs(variant, kind, step, branch, args[self.plan.timestep_index].device)
         full_args = list(args) + extra
-        result = self._lowered(kind, full_args)(*full_args)
+        result = self._lowered(kind, key, variant, full_args)(*full_args)
+        if kind is StepKind.FULL:  # per-token staleness restarts with every FULL step
+            for k in [k for k in state if k.startswith("tocastale:")]:
+                del state[k]
         n = variant.num_outputs
         for key, value in zip(variant.extra_outputs, result[n:]):
             state[key] = value

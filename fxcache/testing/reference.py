@@ -9,6 +9,8 @@ first execution) on each PARTIAL step, shared by the CFG branches of a step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import CacheConfig, StepKind
@@ -25,6 +27,7 @@ class HookedReference:
         self.attention, self.token_wise, self.last_block = attention, token_wise, last_block
         self.kind: StepKind = StepKind.FULL
         self.branch = 0
+        self.step = 0
         self.caches: dict[int, dict[str, object]] = {}
         self.order: list[str] = []  # token-wise units in order of first execution
         self.tokens: dict[str, int] = {}
@@ -52,9 +55,33 @@ class HookedReference:
     def _state(self) -> dict:
         return self.caches.setdefault(self.branch, {})
 
+    def _taylor(self, name, out):
+        """TaylorSeer maths, written out: factors by divided differences, forecast by the Taylor sum."""
+        if isinstance(out, tuple):  # e.g. joint attention returns (image, text) outputs
+            return tuple(self._taylor(f"{name}#{i}", o) for i, o in enumerate(out))
+        state, m = self._state(), self.config.taylor_order
+        last = state.get("taylor_last_full")
+        if self.kind is StepKind.FULL:
+            new, old = [out], state.get(("taylor", name), [])
+            if last is not None and self.step >= self.config.warmup - 1 and self.step > last:
+                for i in range(m):
+                    if i >= len(old):
+                        break
+                    new.append((new[i] - old[i]) / (self.step - last))
+            state[("taylor", name)] = new
+            return out
+        delta = self.step - last
+        factors = state[("taylor", name)]
+        total = factors[0] * 1.0
+        for i in range(1, len(factors)):
+            total = total + factors[i] * (delta ** i / math.factorial(i))
+        return total
+
     def _attention_hook(self, name):
         def hook(module, args, out):
             state = self._state()
+            if self.config.taylor_order is not None:
+                return self._taylor(name, out)
             if self.kind is StepKind.FULL:
                 state[name] = out
                 return out
@@ -64,10 +91,12 @@ class HookedReference:
     def _token_hook(self, name):
         def hook(module, args, out):
             state = self._state()
+            if self.kind is StepKind.FULL and name not in self.order:
+                self.order.append(name)
+                self.tokens[name] = out.shape[1]
+            if self.config.taylor_order is not None:
+                return self._taylor(name, out)
             if self.kind is StepKind.FULL:
-                if name not in self.order:
-                    self.order.append(name)
-                    self.tokens[name] = out.shape[1]
                 state[name] = out
                 return out
             if self.kind is StepKind.PARTIAL:
@@ -104,7 +133,7 @@ class HookedReference:
         """One model call at (step, branch); FULL while the branch has no cache, as the runner does."""
         if step == 0 and branch == 0:
             self.new_generation()
-        self.branch = branch
+        self.branch, self.step = branch, step
         kind = self.config.step_kind(step)
         if branch not in self.caches or not self.caches[branch]:
             kind = StepKind.FULL
@@ -112,4 +141,217 @@ class HookedReference:
             self.draw()
         self.kind = kind
         with torch.no_grad():
-            return self.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
+        if kind is StepKind.FULL and self.config.taylor_order is not None:
+            self._state()["taylor_last_full"] = step
+        return out
+
+
+class ClusCaReference(HookedReference):
+    """ClusCa by hooks, written independently of the graph passes (loops over rows and clusters).
+
+    `refreshed`: {token-wise module path: (block path, output position in that block's outputs)}: the block output
+    clustered for that unit's stream. Random draws follow the runner's documented order: on each FULL call one
+    `randperm(tokens)[:K]` per stream (streams in graph order); on each CLUSTER step one `rand(1, tokens)` per
+    stream, shared by the CFG branches.
+    """
+
+    def __init__(self, model, config, *, refreshed: dict[str, tuple[str, int]], **units):
+        super().__init__(model, config, **units)
+        self.refreshed = refreshed
+        self.streams: list[int] = []  # token counts in graph order of first refreshed unit
+        self.features: dict[int, torch.Tensor] = {}
+        self.rand: dict[int, torch.Tensor] = {}
+        self.rand_step = -1
+        mods = dict(model.named_modules())
+        for block in sorted({b for b, _ in refreshed.values()}):
+            self._handles.append(mods[block].register_forward_hook(self._block_hook(block)))
+
+    def _block_hook(self, block):
+        def hook(module, args, out):
+            outs = out if isinstance(out, tuple) else (out,)
+            for name, (b, pos) in self.refreshed.items():
+                if b == block and self.kind is StepKind.FULL:
+                    self.features[outs[pos].shape[1]] = outs[pos]
+            return out
+        return hook
+
+    @staticmethod
+    def _kmeans(x, centroids, iters):
+        x, c = x.float(), centroids.clone()
+        for _ in range(iters):
+            labels = torch.stack([(x[:, None, :] - c[None]).abs().sum(-1).argmin(1)])[0]
+            for k in range(c.shape[0]):
+                members = x[labels == k]
+                if len(members):
+                    c[k] = members.mean(0)
+        return (x[:, None, :] - c[None]).abs().sum(-1).argmin(1), c
+
+    def _taylor(self, name, out):
+        if name not in self.refreshed or self.kind is not StepKind.CLUSTER:
+            return super()._taylor(name, out)
+        state = self._state()
+        tokens = out.shape[1]
+        labels, factors = state[("labels", tokens)], state[("taylor", name)]
+        delta = self.step - state["taylor_last_full"]
+        coefs = [delta ** i / math.factorial(i) for i in range(len(factors))]
+        propagate = tokens == max(self.streams)
+        f0 = factors[0].clone()
+        result = torch.empty_like(out)
+        for b in range(out.shape[0]):
+            higher = sum((factors[i][b] * coefs[i] for i in range(1, len(factors))), torch.zeros_like(out[b]))
+            picked = {}
+            for c in range(self.config.clusters):
+                members = (labels[b] == c).nonzero().flatten()
+                if len(members):
+                    j = members[self.rand[tokens][0, members].argmax()]
+                    picked[c] = out[b, j]
+                    f0[b, j] = out[b, j] - higher[j]
+            forecast = f0[b] + higher
+            if propagate and self.config.gamma > 0:
+                for j in range(tokens):
+                    c = int(labels[b, j])
+                    forecast[j] = forecast[j] + self.config.gamma * (picked[c] - forecast[j])
+                    f0[b, j] = forecast[j] - higher[j]
+            result[b] = forecast
+        factors[0] = f0
+        return result
+
+    def __call__(self, step: int, branch: int, *args, **kwargs):
+        if step == 0 and branch == 0:
+            self.streams, self.rand_step = [], -1
+        kind = self.config.step_kind(step)
+        state = self.caches.get(branch)
+        if not state:
+            kind = StepKind.FULL
+        if kind is StepKind.CLUSTER and self.rand_step != step:
+            self.rand = {t: torch.rand((1, t), generator=self.generator) for t in self.streams}
+            self.rand_step = step
+        if kind is StepKind.FULL:
+            self.features = {}
+        out = super().__call__(step, branch, *args, **kwargs)
+        if self.kind is StepKind.FULL and self.config.interval > 1:
+            if not self.streams:  # streams in the order their first refreshed unit ran
+                self.streams = list(dict.fromkeys(self.tokens[n] for n in self.order if n in self.refreshed))
+            state = self._state()
+            for tokens in self.streams:
+                x = self.features[tokens]
+                init = torch.randperm(tokens, generator=self.generator)[: self.config.clusters]
+                prev = state.get(("centroids", tokens))
+                labels, cents = [], []
+                for b in range(x.shape[0]):
+                    start = prev[b] if prev is not None else x[b, init].float()
+                    lab, c = self._kmeans(x[b], start, self.config.kmeans_iters)
+                    labels.append(lab)
+                    cents.append(c)
+                state[("labels", tokens)], state[("centroids", tokens)] = torch.stack(labels), torch.stack(cents)
+        return out
+
+
+class ToCaReference(HookedReference):
+    """ToCa by hooks, independent of the graph passes: scores from hooked projections / inputs, selection by an
+    explicit loop. Random scores are drawn as the runner documents: on each PARTIAL step (once, shared by CFG
+    branches) one `rand(tokens)` per recomputed unit, in graph order."""
+
+    def __init__(self, model, config, **units):
+        super().__init__(model, config, **units)
+        self.k: dict[str, int] = {}  # unit -> k, set by the test from the ratio schedule
+        self.sources: dict[tuple[str, int], torch.Tensor] = {}  # (block, tokens) -> k/v projection at FULL
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.rand: dict[str, torch.Tensor] = {}
+        self.rand_step = -1
+        mods = dict(model.named_modules())
+        which = {"knorm": ("to_k", "add_k_proj"), "vnorm": ("to_v", "add_v_proj")}.get(config.score, ())
+        for attn in units["attention"]:
+            for leaf in which:
+                if f"{attn}.{leaf}" in mods:
+                    self._handles.append(mods[f"{attn}.{leaf}"].register_forward_hook(self._proj_hook(attn)))
+        # similarity compares the unit's normalised input: the norm output the block modulates (feed-forward),
+        # the fused unit's norm output (FLUX single block), the module input (cross-attention)
+        siblings = {"ff": "norm2", "ff_context": "norm2_context", "proj_out": "norm"}
+        for name in units["token_wise"]:
+            parent, leaf = name.rsplit(".", 1)
+            if leaf in siblings:
+                norm = siblings[leaf]
+                if leaf == "ff" and getattr(mods[parent], "norm_type", "ada_norm_single") != "ada_norm_single":
+                    norm = "norm3"  # diffusers' BasicTransformerBlock (DiT) normalises before its ff with norm3
+                self._handles.append(mods[f"{parent}.{norm}"].register_forward_hook(
+                    lambda m, a, out, name=name: self._record_input(name, out[0] if isinstance(out, tuple) else out)))
+            else:
+                self._handles.append(mods[name].register_forward_pre_hook(
+                    lambda m, a, name=name: self._record_input(name, a[0])))
+        self.heads = {a: mods[a].heads for a in units["attention"]}
+
+    def _proj_hook(self, attn):
+        def hook(module, args, out):
+            if self.kind is StepKind.FULL:
+                self.sources[(attn.rsplit(".", 1)[0], out.shape[1])] = (out, self.heads[attn])
+        return hook
+
+    def _record_input(self, name, x):
+        state = self._state()
+        if self.kind is StepKind.FULL:
+            state[("input", name)] = x
+        self.inputs[name] = x
+
+    def _base(self, name, tokens):
+        c, state = self.config, self._state()
+        if c.score == "random":
+            return self.rand[name].clone()
+        if c.score == "staleness":
+            return torch.zeros(tokens)
+        if c.score == "similarity":
+            ref, cur = state[("input", name)], self.inputs[name]
+            s = torch.stack([1 - torch.nn.functional.cosine_similarity(cur[b], ref[b], dim=-1)
+                             for b in range(cur.shape[0])]).mean(0)
+        else:
+            s = state[("score", name)]
+        return s / s.norm()
+
+    def _select(self, name, tokens):
+        c, state = self.config, self._state()
+        stale = state.setdefault(("stale", name), torch.zeros(tokens))
+        s = self._base(name, tokens) + c.staleness_weight * stale / c.interval
+        side = int(round(tokens ** 0.5))
+        if c.spatial_grid and c.spatial_bonus and side * side == tokens and side % c.spatial_grid == 0:
+            cell = side // c.spatial_grid
+            grid = s.reshape(side, side)
+            boosted = grid.clone()
+            for gy in range(c.spatial_grid):
+                for gx in range(c.spatial_grid):
+                    block = grid[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell]
+                    j = int(block.flatten().argmax())
+                    y, x = gy * cell + j // cell, gx * cell + j % cell
+                    boosted[y, x] = grid[y, x] + c.spatial_bonus * grid[y, x]
+            s = boosted.flatten()
+        idx = torch.sort(torch.topk(s, self.k[name]).indices).values
+        new = stale + 1
+        new[idx] = 0
+        state[("stale", name)] = new
+        return idx
+
+    def _token_hook(self, name):
+        base_hook = super()._token_hook(name)
+
+        def hook(module, args, out):
+            state = self._state()
+            if self.kind is StepKind.FULL and self.config.score in ("knorm", "vnorm"):
+                block = name.rsplit(".", 1)[0]
+                proj, heads = self.sources[(block, out.shape[1])]
+                b, n, d = proj.shape
+                norms = proj.reshape(b, n, heads, d // heads).norm(dim=-1)
+                s = (1 - norms).sum(-1) if self.config.prefer == "low" else norms.sum(-1)
+                state[("score", name)] = s.mean(0)
+            if self.kind is StepKind.FULL:
+                state.pop(("stale", name), None)
+            if self.kind is StepKind.PARTIAL:
+                if self.k.get(name, 0) == 0:
+                    return state[name]
+                self.indices[name] = self._select(name, out.shape[1])
+            return base_hook(module, args, out)
+        return hook
+
+    def draw(self) -> None:
+        if self.config.score == "random":
+            self.rand = {n: torch.rand(self.tokens[n], generator=self.generator)
+                         for n in self.order if self.k.get(n, 0) > 0}

@@ -1,0 +1,64 @@
+"""ClusCa: TaylorSeer plus a cheap spatial refresh: one recomputed token per k-means cluster, propagated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import CacheConfig, StepKind, check_int, register_method
+from ..errors import ConfigError
+from .schedule import cycle_position
+
+
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusCaConfig(CacheConfig):
+    """Cluster-driven caching (ClusCa, arXiv 2509.10312), on TaylorSeer forecasting.
+
+    FULL steps follow the counter schedule (W warm-up steps, then one every N) and update the Taylor factors as
+    TaylorSeer does. They also run k-means (L1 distance, mean centroids, `kmeans_iters` Lloyd iterations,
+    warm-started from the previous centroids) per batch row on the residual stream after the last block that
+    holds a refreshed unit, once per token stream (image, text). Every other step is CLUSTER: every unit is
+    forecast; each refreshed unit (the token-wise feed-forward units of the first block list: FLUX double
+    blocks, DiT/PixArt/SD3 blocks) is recomputed exactly on one random member per cluster, its Taylor anchor F_0
+    moves so the forecast of those rows equals the exact value, and in the largest token stream every token
+    moves by `gamma * (value of its cluster's member - its forecast)`.
+
+    Args:
+        interval: N (FLUX 5). order: Taylor order m (FLUX 1). clusters: K per batch row and stream (16).
+        gamma: propagation weight (FLUX 0.005). warmup_steps: W (FLUX 3). kmeans_iters: Lloyd iterations (10).
+        seed: seed of the k-means initialisation and of the member choice, reseeded every generation.
+    Defaults are the paper's FLUX.1-dev setting.
+    """
+
+    method = "clusca"
+    interval: int = 5
+    order: int = 1
+    clusters: int = 16
+    gamma: float = 0.005
+    warmup_steps: int = 3
+    kmeans_iters: int = 10
+    seed: int = 0
+
+    def _validate(self) -> None:
+        check_int("ClusCaConfig", "interval", self.interval, minimum=1)
+        check_int("ClusCaConfig", "order", self.order, minimum=0)
+        if self.order > 8:
+            raise ConfigError(f"ClusCaConfig.order must be <= 8 (the papers use 1-4), got {self.order}")
+        check_int("ClusCaConfig", "clusters", self.clusters, minimum=1)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"ClusCaConfig.gamma must be a number in [0, 1], got {self.gamma!r}")
+        object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
+        check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0)
+        check_int("ClusCaConfig", "seed", self.seed, minimum=0)
+
+    @property
+    def taylor_order(self) -> int:
+        return self.order
+
+    @property
+    def kinds(self) -> frozenset[StepKind]:
+        return frozenset({StepKind.FULL, StepKind.CLUSTER}) if self.interval > 1 else frozenset({StepKind.FULL})
+
+    def step_kind(self, step: int) -> StepKind:
+        return StepKind.FULL if cycle_position(step, self.interval, self.warmup_steps) == 0 else StepKind.CLUSTER

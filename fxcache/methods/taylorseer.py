@@ -1,0 +1,52 @@
+"""TaylorSeer: forecast every unit from finite-difference Taylor factors instead of reusing it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import CacheConfig, StepKind, check_int, register_method
+from ..errors import ConfigError
+from .schedule import cycle_position
+
+
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaylorSeerConfig(CacheConfig):
+    """TaylorSeer (arXiv 2503.06923).
+
+    FULL when `step < warmup_steps` or `(step - warmup_steps + 1) % interval == 0`. A FULL step at s_k keeps,
+    per unit output Y (before gate and residual), the factors F_0 = Y and F_{i+1} = (F_i - F_i_old) / d
+    (d = steps since the previous FULL step), up to `order`; derivatives start from FULL steps s >= W - 1 and
+    gain one order per FULL step. Every other step is FORECAST: Y = sum_i F_i * delta^i / i!, delta = steps since
+    s_k, with the current timestep's gates and modulation. Order 0 is FORA.
+
+    Args:
+        interval: N, one FULL step every N steps (FLUX paper headline 6; 1 disables caching).
+        order: m, the highest derivative kept (FLUX paper headline 2; the FLUX code default 1).
+        warmup_steps: W, leading FULL steps (FLUX 3).
+    Memory: (order + 1) cached tensors per unit output, per CFG branch.
+    """
+
+    method = "taylorseer"
+    interval: int = 6
+    order: int = 2
+    warmup_steps: int = 3
+
+    def _validate(self) -> None:
+        check_int("TaylorSeerConfig", "interval", self.interval, minimum=1)
+        check_int("TaylorSeerConfig", "order", self.order, minimum=0)
+        if self.order > 8:
+            raise ConfigError(f"TaylorSeerConfig.order must be <= 8 (the papers use 1-4), got {self.order}")
+        check_int("TaylorSeerConfig", "warmup_steps", self.warmup_steps, minimum=1)
+
+    @property
+    def taylor_order(self) -> int:
+        return self.order
+
+    @property
+    def kinds(self) -> frozenset[StepKind]:
+        return frozenset({StepKind.FULL, StepKind.FORECAST}) if self.interval > 1 else frozenset({StepKind.FULL})
+
+    def step_kind(self, step: int) -> StepKind:
+        j = cycle_position(step, self.interval, self.warmup_steps)
+        return StepKind.FULL if j == 0 else StepKind.FORECAST

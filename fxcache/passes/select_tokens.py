@@ -1,0 +1,59 @@
+"""ToCa token selection inside the PARTIAL graph: score, staleness, spatial bonus, top-k (static k).
+
+All functions are called from the variant graphs, so selection happens on the device with no host round trip
+and the chosen indices never leave the graph. Scores are per token (N,), shared by every batch row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def l2_normalise(s: torch.Tensor) -> torch.Tensor:
+    return s / s.norm().clamp_min(1e-12)
+
+
+def norm_score(proj: torch.Tensor, heads: int, prefer_low: bool) -> torch.Tensor:
+    """k-/v-norm score from a key or value projection (B, N, D): sum over heads of per-head norms, low or high."""
+    b, n, d = proj.shape
+    norms = proj.float().reshape(b, n, heads, d // heads).norm(dim=-1)  # (B, N, H)
+    s = (1.0 - norms).sum(-1) if prefer_low else norms.sum(-1)
+    return l2_normalise(s.mean(0))
+
+
+def similarity_score(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """1 - cosine(current input row, its value at the last FULL step): the rows that moved most score highest."""
+    cos = F.cosine_similarity(current.float(), reference.float(), dim=-1)  # (B, N)
+    return l2_normalise((1.0 - cos).mean(0))
+
+
+def spatial_bonus(s: torch.Tensor, grid: int, bonus: float) -> torch.Tensor:
+    """On a square token grid cut into grid x grid cells, each cell's best token gets s += bonus * s."""
+    n = s.shape[0]
+    side = math.isqrt(n)
+    cell = side // grid
+    cells = s.reshape(grid, cell, grid, cell).permute(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+    best = F.one_hot(cells.argmax(1), cell * cell).to(s.dtype)
+    mask = best.reshape(grid, grid, cell, cell).permute(0, 2, 1, 3).reshape(n)
+    return s + bonus * s * mask
+
+
+def bonus_applies(tokens: int, grid: int) -> bool:
+    side = math.isqrt(tokens)
+    return grid > 0 and side * side == tokens and side % grid == 0
+
+
+def select_tokens(base: torch.Tensor, stale: torch.Tensor, k: int, stale_weight: float, interval: int, grid: int,
+                  bonus: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k,) sorted indices of the top-k of base + stale_weight * stale / interval (+ spatial bonus), and the new
+    staleness: +1 everywhere, 0 on the chosen tokens."""
+    s = base
+    if stale_weight:
+        s = s + stale * (stale_weight / interval)
+    if bonus and grid:
+        s = spatial_bonus(s, grid, bonus)
+    idx = s.topk(k).indices.sort().values
+    return idx, (stale + 1.0).index_fill(0, idx, 0.0)

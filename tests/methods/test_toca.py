@@ -1,0 +1,201 @@
+"""ToCa: ratio schedules, in-graph selection, scores, and the equivalences of ALGORITHMS.md 8 on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxcache
+from fxcache import ConfigError, StepKind, ToCaConfig
+from fxcache.methods import RATIO_SCHEDULES
+from fxcache.passes.select_tokens import select_tokens, spatial_bonus
+from fxcache.testing import MODEL_NAMES, expected_units
+from fxcache.testing.reference import ToCaReference
+from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference
+
+STEPS = 9
+
+
+def toca_reference(name, config, model=None):
+    model = model or make_model(name)
+    return ToCaReference(model, config, **expected_units(name, model))
+
+
+# -- config and ratio schedule ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(score="attention-ish"), "score must be one of"), (dict(prefer="mid"), "prefer"),
+    (dict(fresh_ratio=1.5), "fresh_ratio"), (dict(staleness_weight=-1), "staleness_weight"),
+    (dict(ratio_schedule="nope"), "ratio_schedule must be one of"),
+    (dict(ratio_schedule="pixart"), "pass num_steps"), (dict(spatial_grid=-1), "spatial_grid"),
+])
+def test_bad_options_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ToCaConfig(**bad)
+
+
+def test_flux_ratio_schedule_matches_the_reference_percentages():
+    """ALGORITHMS.md 3.4: r=0.1 -> double block 0: 6%, block 18: 3.3%; single block 0: 24%, block 37: 2.1%."""
+    sched = RATIO_SCHEDULES["flux"]
+
+    def r(layer, layers, li):
+        return 0.1 * sched.factor(step=0, num_steps=None, layer=layer, layers=layers, list_index=li, kind="mlp")
+
+    assert r(0, 19, 0) == pytest.approx(0.06)
+    assert r(18, 19, 0) == pytest.approx(0.0333, abs=1e-4)
+    assert r(0, 38, 1) == pytest.approx(0.24)
+    assert r(37, 38, 1) == pytest.approx(0.0207, abs=1e-4)
+
+
+@given(step=st.integers(0, 49))
+def test_dit_ddim50_gives_no_tokens_in_the_first_quarter(step):
+    config = ToCaConfig(ratio_schedule="dit-ddim50", num_steps=50, step_buckets=50, fresh_ratio=0.07)
+    k = config.unit_tokens(step=step, tokens=256, layer=0, layers=28, list_index=0, kind="mlp")
+    p = (step + 1) / 50
+    f_step = -1 + 4 * p
+    expected = int(min(max(0.07 * f_step * 0.8 * (1 + 0.6 * 2.5), 0), 1) * 256 + 1e-9)  # f_layer(l=0) = 1 + w_l
+    assert k == expected
+    if p <= 0.25:
+        assert k == 0
+
+
+@given(t=st.integers(1, 100), buckets=st.integers(1, 10))
+def test_step_buckets_bound_the_number_of_k_tables(t, buckets):
+    config = ToCaConfig(ratio_schedule="pixart", num_steps=t, step_buckets=buckets)
+    keys = {config.schedule_step(s) for s in range(t)}
+    assert len(keys) <= buckets
+    assert all(0 <= k < t for k in keys)
+    assert ToCaConfig().schedule_step(17) == 0  # no step weight: one table
+
+
+# -- selection ---------------------------------------------------------------------------------------------------
+
+
+@given(n=st.integers(1, 64), data=st.data())
+def test_selection_picks_k_unique_sorted_tokens_and_resets_their_staleness(n, data):
+    k = data.draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    base, stale = torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g).float()
+    idx, new = select_tokens(base, stale, k, 0.25, 4, 0, 0.0)
+    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == k
+    assert (new[idx] == 0).all()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(new[rest], stale[rest] + 1)
+    score = base + stale * 0.25 / 4
+    assert score[idx].min() >= score[rest].max() if rest.any() else True
+
+
+def test_staleness_alone_is_round_robin():
+    stale, seen = torch.zeros(8), []
+    for _ in range(4):
+        idx, stale = select_tokens(torch.zeros(8), stale, 2, 1.0, 4, 0, 0.0)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(8))
+
+
+def test_spatial_bonus_boosts_each_cells_best_token_only():
+    s = torch.arange(16, dtype=torch.float32) + 1  # 4x4 grid, 2x2 cells
+    out = spatial_bonus(s, 2, 0.5)
+    boosted = (out != s).nonzero().flatten().tolist()
+    assert boosted == [5, 7, 13, 15]  # the bottom-right token of each 2x2 cell
+    assert torch.equal(out[boosted], s[boosted] * 1.5)
+
+
+# -- model level -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fresh_ratio_zero_equals_fora(name):
+    model = make_model(name)
+    inputs = loop_inputs(name, STEPS)
+    toca, _ = compile_cached(model, "toca", fresh_ratio=0.0, interval=3, staleness_weight=0.25)
+    outs = run(toca, inputs)
+    torch._dynamo.reset()
+    fora = run(compile_cached(model, "fora", interval=3)[0], inputs)
+    assert [r["tokens"] for r in fxcache.stats(toca) if r["kind"] == "partial"] == [0] * 6
+    for o, e in zip(outs, fora):
+        assert torch.equal(o, e)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_interval_one_equals_uncached(name):
+    model = make_model(name)
+    compiled, _ = compile_cached(model, "toca", interval=1)
+    inputs = loop_inputs(name, 4)
+    for o, e in zip(run(compiled, inputs), run(model, inputs)):
+        assert torch.equal(o, e)
+
+
+SCORE_CASES = [
+    dict(score="random"),
+    dict(score="random", fresh_ratio=1.0),  # every token recomputed: token-wise units are exact
+    dict(score="staleness", staleness_weight=0.25),
+    dict(score="vnorm", staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.6),
+    dict(score="knorm", prefer="high"),
+    dict(score="similarity", staleness_weight=0.25),
+]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("opts", SCORE_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_loop_equals_hooked_reference(name, opts, batch):
+    opts = dict(dict(interval=4, fresh_ratio=0.3), **opts)
+    model = make_model(name)
+    compiled, backend = compile_cached(model, "toca", **opts)
+    inputs = loop_inputs(name, STEPS, batch=batch)
+    outs = run(compiled, inputs)
+    ref = toca_reference(name, backend.config)
+    expected = []  # ref.k is set after the first FULL call, when the token counts are known
+    for s, kw in enumerate(inputs):
+        expected.append(ref(s, 0, **kw)[0])
+        if s == 0:
+            ref.k = {n: int(opts["fresh_ratio"] * ref.tokens[n] + 1e-9) for n in ref.order}
+    uncached = run(model, inputs)
+    kinds = [r["kind"] for r in fxcache.stats(compiled)]
+    assert kinds == [backend.config.step_kind(s).value for s in range(STEPS)]
+    for s, (o, e, u) in enumerate(zip(outs, expected, uncached)):
+        assert rel_err(o, e) <= 1e-5, (s, kinds[s])
+        if kinds[s] != "full":
+            assert rel_err(o, u) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart"])
+def test_sequential_cfg_shares_the_choice_and_keeps_caches_per_branch(name):
+    model = make_model(name)
+    compiled, backend = compile_cached(model, "toca", interval=3, fresh_ratio=0.3, staleness_weight=0.25)
+    cond, uncond = loop_inputs(name, STEPS, seed=0), loop_inputs(name, STEPS, seed=3)
+    calls = [kw for pair in zip(cond, uncond) for kw in pair]
+    outs = run(compiled, calls)
+    ref = toca_reference(name, backend.config)
+    expected = []
+    for i, kw in enumerate(calls):
+        expected.append(ref(i // 2, i % 2, **kw)[0])
+        if i == 0:
+            ref.k = {n: int(0.3 * ref.tokens[n] + 1e-9) for n in ref.order}
+    for o, e in zip(outs, expected):
+        assert rel_err(o, e) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["flux", "dit"])
+def test_step_weighted_schedule_builds_one_variant_per_bucket_without_recompiles(name):
+    model = make_model(name)
+    compiled, backend = compile_cached(model, "toca", interval=2, fresh_ratio=0.3, ratio_schedule="pixart",
+                                       num_steps=STEPS, step_buckets=3, fullgraph=True)
+    first = run(compiled, loop_inputs(name, STEPS))
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        second = run(compiled, loop_inputs(name, STEPS))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    runner = backend.runners[0]
+    partial_keys = {k for (kind, k) in runner._fns if kind is StepKind.PARTIAL}
+    assert len(partial_keys) == 3
+    tokens = [r["tokens"] for r in fxcache.stats(compiled)[:STEPS] if r["kind"] == "partial"]
+    assert tokens[0] > tokens[-1]  # the PixArt schedule recomputes fewer tokens as sampling progresses

@@ -120,9 +120,19 @@ def get_method(name: str) -> type[CacheConfig]:
     return cls
 
 
-def make_config(name: str, **options) -> CacheConfig:
-    """`get_method(name)(**options)`, with unknown options named next to the valid ones."""
+def make_config(name: str, *, preset: str | None = None, **options) -> CacheConfig:
+    """`get_method(name)(**options)`, with unknown options named next to the valid ones.
+
+    `preset`: a model family whose published settings start the config (the method's `PRESETS`); `options`
+    override single fields of it.
+    """
     cls = get_method(name)
+    if preset is not None:
+        presets = getattr(cls, "PRESETS", {})
+        if not isinstance(preset, str) or preset.lower() not in presets:
+            raise ConfigError(f"unknown preset {preset!r} for cache method {cls.method!r}; "
+                              f"presets: {', '.join(sorted(presets)) or 'none'}")
+        options = {**presets[preset.lower()], **options}
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in options:
         if key not in fields:

@@ -63,3 +63,72 @@ def find_projection(block: Block, unit: Unit, which: str, batch: int) -> Project
         if heads and s[2] % heads == 0:
             return Projection(n, heads)
     return None
+
+
+@dataclasses.dataclass
+class AttentionSource:
+    """An attention call whose map a score reads, and where the unit's tokens sit among its keys."""
+
+    sdpa: fx.Node
+    offset: int  # first key position of the unit's stream (attention received); 0 for cross-attention
+    length: int
+
+
+def _upstream(start: fx.Node, stop: set) -> set:
+    todo, seen = [start], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x not in stop:
+            todo.extend(x.all_input_nodes)
+    return seen
+
+
+def _child_sdpas(block: Block, child: str) -> list[fx.Node]:
+    return [n for n in block.nodes if _is_sdpa(n) and any(p == child for p, _ in stack_entries(n))]
+
+
+def find_self_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSource | None:
+    """The block's self/joint attention, and the key positions of the unit's stream (joint attention
+    concatenates streams: the offset is found from the key projection of the unit's stream)."""
+    proj = find_projection(block, unit, "k", batch)
+    if proj is None:
+        return None
+    for child in [u.name for u in block.units if u.kind == ATTN]:
+        for sdpa in _child_sdpas(block, child):
+            key = _sdpa_arg(sdpa, 1, "key")
+            ks = _shape(key)
+            if ks is None or len(ks) != 4:
+                continue
+            keys = ks[2]
+            if keys == unit.tokens:
+                return AttentionSource(sdpa, 0, keys)
+            for n in _upstream(key, {proj.node}):
+                if n.op != "call_function" or getattr(n.target, "__name__", "") not in ("cat", "concat"):
+                    continue
+                parts, dim = n.args[0], n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                offset = 0
+                for part in parts:
+                    ps = _shape(part)
+                    if ps is None:
+                        break
+                    if proj.node in _upstream(part, set()):
+                        if ps[dim] == unit.tokens:
+                            return AttentionSource(sdpa, offset, unit.tokens)
+                        break
+                    offset += ps[dim]
+    return None
+
+
+def find_cross_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSource | None:
+    """The block's cross-attention whose queries are the unit's tokens (PixArt-style blocks)."""
+    from .units import XATTN
+
+    for child in [u.name for u in block.units if u.kind == XATTN]:
+        for sdpa in _child_sdpas(block, child):
+            q = _shape(_sdpa_arg(sdpa, 0, "query"))
+            if q is not None and len(q) == 4 and q[0] == batch and q[2] == unit.tokens:
+                return AttentionSource(sdpa, 0, unit.tokens)
+    return None

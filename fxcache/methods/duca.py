@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
 from .schedule import cycle_position
@@ -27,6 +28,16 @@ class DuCaConfig(CacheConfig):
     """
 
     method = "duca"
+    #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896); HunyuanVideo reference: N=5,
+    #: R=90%, W=1 (random tokens, no staleness); DiT README: N=3, r=0.05 (the reference scores by attention,
+    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT/PixArt use the counter
+    #: schedule here, not the reference's progress-dependent interval.
+    PRESETS: ClassVar[dict] = {
+        "flux": dict(interval=5, ratio=0.9, warmup_steps=3),
+        "video": dict(interval=5, ratio=0.9, warmup_steps=1),
+        "dit": dict(interval=3, ratio=0.95, warmup_steps=1),
+        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1),
+    }
     interval: int = 5
     ratio: float = 0.9
     warmup_steps: int = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from ..config import CacheConfig, StepKind, check_int, register_method
 from .schedule import cycle_position
@@ -23,6 +24,13 @@ class FORAConfig(CacheConfig):
     """
 
     method = "fora"
+    #: FORA paper / ToCa README: FLUX.1-dev N=3 (2.82x FLOPs); DiT-XL/2 DDIM-50 N=3 (FID 3.55);
+    #: HunyuanVideo N=5 (5.00x, from the TaylorSeer tables). W=1 everywhere.
+    PRESETS: ClassVar[dict] = {
+        "flux": dict(interval=3, warmup_steps=1),
+        "dit": dict(interval=3, warmup_steps=1),
+        "video": dict(interval=5, warmup_steps=1),
+    }
     interval: int = 3
     warmup_steps: int = 1
 

@@ -4,13 +4,14 @@ token-wise unit and reuse attention whole."""
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
 from ..errors import ConfigError
 from .schedule import cycle_position
 
-SCORES = ("random", "staleness", "knorm", "vnorm", "similarity")
+SCORES = ("random", "staleness", "knorm", "vnorm", "similarity", "attention", "cross_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,13 @@ class ToCaConfig(CacheConfig):
     Score S = base + staleness_weight * staleness / N, then the spatial bonus, then top-k:
       base: "random" (uniform), "staleness" (0: pure cache frequency), "knorm" / "vnorm" (per-token key / value
       norms of the block's attention at the last FULL step, summed over heads; `prefer="low"` picks the smallest),
-      "similarity" (1 - cosine between the unit's current input and its input at the last FULL step).
+      "similarity" (1 - cosine between the unit's current input and its input at the last FULL step),
+      "attention" (s1: attention each token receives at the last FULL step, head- and query-mean; joint
+      attention is sliced to the unit's stream), "cross_entropy" (s2: 1 + entropy of each token's head-mean
+      cross-attention distribution, averaged over batch rows; blocks with cross-attention only).
+      The two attention scores materialise the attention map of every block at FULL steps (one head at a time:
+      B x L x L floats extra, and the QK^T FLOPs again); SDPA keeps running for the block itself. The others
+      cost nearly nothing.
       Scores are averaged over batch rows, so every row (and both halves of a batched CFG call) refreshes the
       same tokens. staleness counts the partial steps since a token was last recomputed; FULL resets it.
       spatial bonus: square token grids only; the grid is cut into `spatial_grid`^2 cells and each cell's best
@@ -88,6 +95,22 @@ class ToCaConfig(CacheConfig):
     """
 
     method = "toca"
+    #: ToCa README defaults (ALGORITHMS.md 3.5): FLUX.1-dev 50 steps N=4, W=3, r=0.1, attention score, lambda3
+    #: 0.25, FLUX ratio schedule (2.94x FLOPs, IR 0.9798); DiT-XL/2 DDIM-50 N=3, r=0.07, attention score,
+    #: lambda3 0.25, ddim50 schedule, spatial bonus 2x2 / 0.6; PixArt-alpha N=3, r=0.3, cross-attention entropy,
+    #: lambda3 0.25, PixArt schedule (20 steps assumed: pass num_steps), bonus 4x4 / 0.4; OpenSora-like video
+    #: N=3, W=3, r=0.1, cross-attention entropy, lambda3 0.25, OpenSora schedule. DiT and PixArt use the counter
+    #: schedule here, not the reference's progress-dependent interval.
+    PRESETS: ClassVar[dict] = {
+        "flux": dict(interval=4, warmup_steps=3, fresh_ratio=0.1, score="attention", staleness_weight=0.25,
+                     ratio_schedule="flux"),
+        "dit": dict(interval=3, warmup_steps=1, fresh_ratio=0.07, score="attention", staleness_weight=0.25,
+                    ratio_schedule="dit-ddim50", num_steps=50, spatial_grid=2, spatial_bonus=0.6),
+        "pixart": dict(interval=3, warmup_steps=1, fresh_ratio=0.3, score="cross_entropy", staleness_weight=0.25,
+                       ratio_schedule="pixart", num_steps=20, spatial_grid=4, spatial_bonus=0.4),
+        "video": dict(interval=3, warmup_steps=3, fresh_ratio=0.1, score="cross_entropy", staleness_weight=0.25,
+                      ratio_schedule="opensora"),
+    }
     interval: int = 4
     fresh_ratio: float = 0.1
     warmup_steps: int = 1

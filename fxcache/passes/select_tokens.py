@@ -24,6 +24,33 @@ def norm_score(proj: torch.Tensor, heads: int, prefer_low: bool) -> torch.Tensor
     return l2_normalise(s.mean(0))
 
 
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask, scale) -> list[torch.Tensor]:
+    """Softmax attention maps (B, Lq, Lk), one head at a time (peak memory one head's map, not all heads')."""
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    maps = []
+    for h in range(q.shape[1]):
+        logits = (q[:, h].float() @ k[:, h].float().transpose(-1, -2)) * s
+        if mask is not None:
+            m = mask if mask.dim() < 4 else mask[:, min(h, mask.shape[1] - 1)]
+            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        maps.append(logits.softmax(-1))
+    return maps
+
+
+def attention_received_score(q, k, mask, scale, offset: int, length: int) -> torch.Tensor:
+    """ToCa s1: attention each key token receives, head- and query-mean, on the unit's slice of the keys."""
+    maps = _attention_probs(q, k, mask, scale)
+    received = sum(m.mean(1) for m in maps) / len(maps)  # (B, Lk)
+    return l2_normalise(received[:, offset:offset + length].mean(0))
+
+
+def cross_entropy_score(q, k, mask, scale) -> torch.Tensor:
+    """ToCa s2: 1 + entropy of each query token's head-mean cross-attention distribution."""
+    c = (sum(_attention_probs(q, k, mask, scale)) / q.shape[1]).mean(0)  # (N, T), averaged over batch rows
+    entropy = -(c * torch.log(c + 1e-7)).sum(-1)
+    return l2_normalise(1.0 + entropy)
+
+
 def similarity_score(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """1 - cosine(current input row, its value at the last FULL step): the rows that moved most score highest."""
     cos = F.cosine_similarity(current.float(), reference.float(), dim=-1)  # (B, N)

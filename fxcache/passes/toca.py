@@ -9,11 +9,24 @@ import torch
 from torch import fx
 
 from ..analysis import Unit
-from ..analysis.projections import find_projection
+from ..analysis.projections import (
+    AttentionSource,
+    find_cross_attention_map,
+    find_projection,
+    find_self_attention_map,
+)
+from ..analysis.units import _sdpa_arg
 from ..errors import UnsupportedGraphError
 from .graph_builder import GraphBuilder
 from .recompute_token_subset import recompute_token_subset
-from .select_tokens import bonus_applies, norm_score, select_tokens, similarity_score
+from .select_tokens import (
+    attention_received_score,
+    bonus_applies,
+    cross_entropy_score,
+    norm_score,
+    select_tokens,
+    similarity_score,
+)
 
 
 @dataclasses.dataclass
@@ -26,6 +39,7 @@ class ScoredUnit:
     list_index: int  # 0 for the first block list, 1 for a second (FLUX single-stream blocks)
     source: fx.Node | None = None  # FULL-step node the score reads (projection or unit input)
     heads: int = 0
+    attention: AttentionSource | None = None  # attention whose map the score reads
 
     @property
     def name(self) -> str:
@@ -53,6 +67,14 @@ def scored_units(plan, config) -> list[ScoredUnit]:
                     su.source, su.heads = proj.node, proj.heads
                 elif config.score == "similarity":
                     su.source = unit.gather[0]
+                elif config.score in ("attention", "cross_entropy"):
+                    find = find_self_attention_map if config.score == "attention" else find_cross_attention_map
+                    su.attention = find(block, unit, plan.batch)
+                    if su.attention is None:
+                        what = "self/joint attention over" if config.score == "attention" else "cross-attention from"
+                        raise UnsupportedGraphError(
+                            f"ToCa score {config.score!r}: no {what} the {unit.tokens} tokens of {unit.name} in "
+                            f"{block.name}; use score='random', 'vnorm' or 'similarity'", block=block.name)
                 out.append(su)
     return out
 
@@ -73,6 +95,19 @@ def add_score_outputs(b: GraphBuilder, units: list[ScoredUnit], config) -> list[
     """FULL: per unit, the score (k-/v-norm) or the reference input (similarity) as an extra output."""
     written = []
     for su in units:
+        if su.attention is not None:
+            a = su.attention
+            q, k = (b.env[_sdpa_arg(a.sdpa, i, n)] for i, n in ((0, "query"), (1, "key")))
+            mask = _sdpa_arg(a.sdpa, 3, "attn_mask")
+            mask = b.env[mask] if isinstance(mask, fx.Node) else None
+            scale = a.sdpa.kwargs.get("scale")
+            if config.score == "attention":
+                args = (q, k, mask, scale, a.offset, a.length)
+                b.extra_outputs.append(b.graph.call_function(attention_received_score, args))
+            else:
+                b.extra_outputs.append(b.graph.call_function(cross_entropy_score, (q, k, mask, scale)))
+            written.append(score_key(su.name))
+            continue
         if su.source is None:
             continue
         src = b.env[su.source]

@@ -281,6 +281,50 @@ class ToCaReference(HookedReference):
                 self._handles.append(mods[name].register_forward_pre_hook(
                     lambda m, a, name=name: self._record_input(name, a[0])))
         self.heads = {a: mods[a].heads for a in units["attention"]}
+        self.maps: dict[str, tuple] = {}  # attention module -> (q, k) of its last call, at FULL steps
+        self.current_attention: str | None = None
+        self.text_first = type(model).__name__.startswith("Flux")  # joint key order: FLUX [txt; img], SD3 [img; txt]
+        if config.score in ("attention", "cross_entropy"):
+            for name, m in mods.items():
+                if type(m).__name__.endswith("Attention") and name.count(".") == 2:
+                    self._handles.append(m.register_forward_pre_hook(
+                        lambda mod, a, name=name: setattr(self, "current_attention", name)))
+
+    def __call__(self, step, branch, *args, **kwargs):
+        if self.config.score not in ("attention", "cross_entropy"):
+            return super().__call__(step, branch, *args, **kwargs)
+        ref = self
+
+        class Record(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.scaled_dot_product_attention and ref.kind is StepKind.FULL:
+                    q = kwargs.get("query", args[0] if args else None)
+                    k = kwargs.get("key", args[1] if len(args) > 1 else None)
+                    ref.maps[ref.current_attention] = (q, k)
+                return func(*args, **kwargs)
+
+        with Record():
+            return super().__call__(step, branch, *args, **kwargs)
+
+    def _map_score(self, name, tokens):
+        block = name.rsplit(".", 1)[0]
+        if self.config.score == "cross_entropy":
+            q, k = self.maps[f"{block}.attn2"]
+        else:
+            attn = next(a for a in self.maps if a.rsplit(".", 1)[0] == block and not a.endswith("attn2"))
+            q, k = self.maps[attn]
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # (B, Lq, Lk)
+        if self.config.score == "cross_entropy":
+            c = probs.mean(0)
+            return 1 + (-(c * torch.log(c + 1e-7)).sum(-1))
+        received = probs.mean(1).mean(0)  # (Lk,)
+        if received.shape[0] == tokens:
+            return received
+        other = received.shape[0] - tokens
+        context = name.endswith("ff_context")
+        offset = (0 if context else other) if self.text_first else (other if context else 0)
+        return received[offset:offset + tokens]
 
     def _proj_hook(self, attn):
         def hook(module, args, out):
@@ -335,6 +379,8 @@ class ToCaReference(HookedReference):
 
         def hook(module, args, out):
             state = self._state()
+            if self.kind is StepKind.FULL and self.config.score in ("attention", "cross_entropy"):
+                state[("score", name)] = self._map_score(name, out.shape[1])
             if self.kind is StepKind.FULL and self.config.score in ("knorm", "vnorm"):
                 block = name.rsplit(".", 1)[0]
                 proj, heads = self.sources[(block, out.shape[1])]

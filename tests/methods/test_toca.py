@@ -137,6 +137,7 @@ SCORE_CASES = [
     dict(score="vnorm", staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.6),
     dict(score="knorm", prefer="high"),
     dict(score="similarity", staleness_weight=0.25),
+    dict(score="attention", staleness_weight=0.25),
 ]
 
 
@@ -199,3 +200,47 @@ def test_step_weighted_schedule_builds_one_variant_per_bucket_without_recompiles
     assert len(partial_keys) == 3
     tokens = [r["tokens"] for r in fxcache.stats(compiled)[:STEPS] if r["kind"] == "partial"]
     assert tokens[0] > tokens[-1]  # the PixArt schedule recomputes fewer tokens as sampling progresses
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cross_attention_entropy_score_equals_hooked_reference(batch):
+    test_loop_equals_hooked_reference("pixart", dict(score="cross_entropy", staleness_weight=0.25,
+                                                     spatial_grid=2, spatial_bonus=0.4), batch)
+
+
+@pytest.mark.parametrize("name", ["dit", "flux", "sd3"])
+def test_cross_attention_score_without_cross_attention_is_a_clear_error(name):
+    compiled, _ = compile_cached(make_model(name), "toca", score="cross_entropy")
+    with pytest.raises(Exception, match="no cross-attention from the"):
+        run(compiled, loop_inputs(name, 1))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_two_generations_one_graph_no_recompile(name):
+    compiled, backend = compile_cached(make_model(name), "toca", interval=3, fresh_ratio=0.3, score="vnorm",
+                                       staleness_weight=0.25, fullgraph=True)
+    first = run(compiled, loop_inputs(name, STEPS))
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        second = run(compiled, loop_inputs(name, STEPS))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert len(backend.runners) == 1
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # staleness and scores reset with the generation
+
+
+@pytest.mark.inductor
+def test_inductor_lowering_equals_hooked_reference():
+    """Top-k selection, staleness and the attention score through Inductor, on FLUX's joint attention."""
+    opts = dict(interval=3, fresh_ratio=0.3, score="attention", staleness_weight=0.25)
+    compiled, backend = compile_cached(make_model("flux"), "toca", lowering="inductor", **opts)
+    inputs = loop_inputs("flux", 5)
+    outs = run(compiled, inputs)
+    ref = toca_reference("flux", backend.config)
+    for s, kw in enumerate(inputs):
+        e = ref(s, 0, **kw)[0]
+        if s == 0:
+            ref.k = {n: int(0.3 * ref.tokens[n] + 1e-9) for n in ref.order}
+        assert rel_err(outs[s], e) <= 2e-5
+    assert {r["kind"] for r in fxcache.stats(compiled)} == {"full", "partial"}

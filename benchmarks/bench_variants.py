@@ -1,9 +1,13 @@
 """Latency vs. FLOPs of fxcache's variants on a FLUX-style transformer, CPU, Inductor lowering.
 
-Three models compiled once each (all `dynamic=False`, Inductor):
+One compiled model per method (all `dynamic=False`, Inductor; `--methods` picks a subset):
     uncached   torch.compile(model)
     duca       torch.compile(model, backend=fxcache.cache_backend("duca", interval=5, ratio=0.9))
-    fora       torch.compile(model, backend=fxcache.cache_backend("fora", interval=3))
+    duca-flux  ... cache_backend("duca", preset="flux")         N=5, R=0.9, W=3 (the DuCa paper's FLUX run)
+    fora       ... cache_backend("fora", interval=3)
+    toca       ... cache_backend("toca", preset="flux")         N=4, W=3, r=0.1, attention score, FLUX ratios
+    taylorseer ... cache_backend("taylorseer", preset="flux")   N=6, order 2, W=3
+    clusca     ... cache_backend("clusca", preset="flux")       N=5, order 1, K=16, gamma=0.005, W=3
 run a whole flow-matching Euler loop of S steps from the same noise. Reported, side by side from one run:
 loop latency (median of R interleaved repeats), loop FLOPs (torch.utils.flop_counter), latency speedup,
 FLOPs speedup, efficiency = latency speedup / FLOPs speedup, the relative L2 error of each final sample vs.
@@ -35,11 +39,17 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     import fxcache
 
-METHODS = {
+#: Every method at the settings its paper reports for FLUX.1-dev (the presets), plus the core issue's DuCa (W=1).
+ALL_METHODS = {
     "uncached": None,
     "duca": dict(method="duca", interval=5, ratio=0.9),
+    "duca-flux": dict(method="duca", preset="flux"),
     "fora": dict(method="fora", interval=3),
+    "toca": dict(method="toca", preset="flux"),
+    "taylorseer": dict(method="taylorseer", preset="flux"),
+    "clusca": dict(method="clusca", preset="flux"),
 }
+METHODS = dict(ALL_METHODS)
 
 FULL_MODEL = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
                   num_attention_heads=8, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
@@ -57,17 +67,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats R of each loop (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--size", type=int, default=None, help="latent side; image tokens = size^2 (default 32; quick 8)")
-    p.add_argument("--text", type=int, default=None, help="text tokens (default 64; quick 8)")
+    p.add_argument("--text", type=int, default=None, help="text tokens (default 64; quick 16)")
     p.add_argument("--double", type=int, default=None, help="double-stream blocks (default 2; quick 1)")
     p.add_argument("--single", type=int, default=None, help="single-stream blocks (default 4; quick 1)")
     p.add_argument("--heads", type=int, default=None,
                    help="attention heads of 64 dims: hidden = 64 * heads (default 8; quick: 2 heads of 16)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke test: size 8, text 8, 1 double + 1 single, heads 2 x 16, steps 10, repeats 1")
+                   help="tiny smoke test: size 8, text 16, 1 double + 1 single, heads 2 x 16, steps 10, repeats 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, noise and conditioning")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated subset of {', '.join(ALL_METHODS)} (uncached is always run)")
     args = p.parse_args(argv)
-    preset = (dict(steps=10, repeats=1, size=8, text=8, double=1, single=1) if args.quick
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    args.methods = ["uncached"] + [m for m in names if m != "uncached"]
+    preset = (dict(steps=10, repeats=1, size=8, text=16, double=1, single=1) if args.quick
               else dict(steps=50, repeats=3, size=32, text=64, double=2, single=4))
     for k, v in preset.items():  # explicit options win over the preset
         if getattr(args, k) is None:
@@ -232,7 +249,9 @@ def fmt(x, spec: str, none: str = "n/a") -> str:
 
 
 def main(argv=None) -> dict:
+    global METHODS
     args = parse_args(argv)
+    METHODS = {name: ALL_METHODS[name] for name in args.methods}
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
     register_cpu_attention_flops()
@@ -282,7 +301,7 @@ def main(argv=None) -> dict:
         loop_s = {name: [] for name in compiled}
         final = {}
         for r in range(args.repeats):
-            for name, cm in compiled.items():  # interleaved: uncached, duca, fora, uncached, ...
+            for name, cm in compiled.items():  # interleaved: uncached, duca, ..., uncached, duca, ...
                 gc.collect()
                 t0 = time.perf_counter()
                 final[name] = sample(cm, noise, cond, ts)
@@ -331,7 +350,7 @@ def main(argv=None) -> dict:
     print()
     print("| method | kind | calls per loop | ms per call | GFLOPs per call |")
     print("|---|---|---:|---:|---:|")
-    order = ["full", "partial", "reuse", "skip"]
+    order = ["full", "partial", "reuse", "skip", "forecast", "cluster"]
     for name, r in results.items():
         for kind in sorted(r["per_kind"], key=lambda k: order.index(k) if k in order else len(order)):
             v = r["per_kind"][kind]

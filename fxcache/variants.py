@@ -189,12 +189,18 @@ def _build_full(gm, plan, layout, keys_needed: bool):
     return b, [], written
 
 
-def _build_forecast(gm, plan, layout):
+def _forecast_all(gm, layout):
+    """Every unit output replaced by its Taylor forecast; returns (builder, extra inputs, {unit node: forecast})."""
     b = GraphBuilder(gm)
     m = layout.taylor_order
-    inputs, _ = forecast_from_factors(b, layout.unit_keys, m)
+    inputs, forecasts = forecast_from_factors(b, layout.unit_keys, m)
     extras = [ExtraInput("coef", "taylor_coef", (m + 1,), torch.float32)]
     extras += [ExtraInput("cache", k, *layout.spec(k)) for k in inputs]
+    return b, extras, forecasts
+
+
+def _build_forecast(gm, plan, layout):
+    b, extras, _ = _forecast_all(gm, layout)
     return b, extras, []
 
 
@@ -207,11 +213,7 @@ def _build_reuse(gm, plan, layout):
 
 
 def _build_cluster(gm, plan, layout):
-    b = GraphBuilder(gm)
-    m = layout.taylor_order
-    inputs, forecasts = forecast_from_factors(b, layout.unit_keys, m)
-    extras = [ExtraInput("coef", "taylor_coef", (m + 1,), torch.float32)]
-    extras += [ExtraInput("cache", k, *layout.spec(k)) for k in inputs]
+    b, extras, forecasts = _forecast_all(gm, layout)
     written = []
     for tokens, group in layout.clusters.items():
         labels = b.add_placeholder(f"cluster_labels_{tokens}")

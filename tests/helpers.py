@@ -27,6 +27,17 @@ def run(model, inputs: list[dict]) -> list[torch.Tensor]:
         return [model(**kw)[0] for kw in inputs]
 
 
+def run_twice_without_recompiles(model, inputs: list[dict]) -> tuple[list, list]:
+    """Two whole generations; the second may not recompile (Dynamo raises if it would)."""
+    first = run(model, inputs)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        second = run(model, inputs)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    return first, second
+
+
 def reference_for(name: str, model, config) -> HookedReference:
     return HookedReference(model, config, **expected_units(name, model))
 
@@ -43,4 +54,4 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = ["compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err", "run",
-           "run_reference", "timesteps"]
+           "run_reference", "run_twice_without_recompiles", "timesteps"]

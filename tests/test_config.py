@@ -25,16 +25,42 @@ ratios = st.one_of(
     st.sampled_from([0, 1]),
 )
 
+orders = st.integers(min_value=0, max_value=8)
+weights = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
+step_counts = st.one_of(st.none(), st.integers(min_value=1, max_value=1000))
+
 fora_configs = st.builds(FORAConfig, interval=intervals, warmup_steps=warmups)
-duca_configs = st.builds(DuCaConfig, interval=intervals, ratio=ratios, warmup_steps=warmups, seed=seeds)
-configs = st.one_of(fora_configs, duca_configs)
+duca_configs = st.builds(DuCaConfig, interval=intervals, ratio=ratios, warmup_steps=warmups, seed=seeds,
+                         num_steps=step_counts)
+toca_configs = st.builds(fxcache.ToCaConfig, interval=intervals, fresh_ratio=ratios, warmup_steps=warmups,
+                         score=st.sampled_from(["random", "vnorm", "attention"]), staleness_weight=weights,
+                         spatial_grid=st.integers(0, 4), ratio_schedule=st.sampled_from(["flat", "flux"]),
+                         seed=seeds)
+taylor_configs = st.builds(fxcache.TaylorSeerConfig, interval=intervals, order=orders, warmup_steps=warmups)
+clusca_configs = st.builds(fxcache.ClusCaConfig, interval=intervals, order=orders, clusters=st.integers(1, 64),
+                           gamma=st.floats(min_value=0.0, max_value=1.0), warmup_steps=warmups, seed=seeds)
+configs = st.one_of(fora_configs, duca_configs, toca_configs, taylor_configs, clusca_configs)
 
 # a valid value for each field that differs from most draws, and a generator of alternatives
 field_values = {
     "interval": intervals,
     "warmup_steps": warmups,
     "ratio": ratios,
+    "fresh_ratio": ratios,
     "seed": seeds,
+    "schedule": st.just("counter"),  # the other schedules need num_steps; tested in test_schedules
+    "num_steps": st.integers(min_value=1, max_value=1000),
+    "order": orders,
+    "clusters": st.integers(1, 64),
+    "gamma": st.floats(min_value=0.0, max_value=1.0),
+    "kmeans_iters": st.integers(0, 200),
+    "score": st.sampled_from(["random", "staleness", "knorm", "vnorm", "similarity", "attention"]),
+    "prefer": st.sampled_from(["low", "high"]),
+    "staleness_weight": weights,
+    "spatial_grid": st.integers(0, 8),
+    "spatial_bonus": weights,
+    "ratio_schedule": st.sampled_from(["flat", "flux", "opensora"]),
+    "step_buckets": st.integers(1, 50),
 }
 
 

@@ -26,7 +26,7 @@ def test_first_step_equals_uncached(name, batch):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("method", ["duca", "fora"])
+@pytest.mark.parametrize("method", ["duca", "fora", "toca", "taylorseer", "clusca"])
 def test_interval_one_equals_uncached_over_a_loop(name, method):
     model = make_model(name)
     compiled, backend = compile_cached(model, method, interval=1)

@@ -7,7 +7,7 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
-from .schedule import cycle_position
+from .schedule import check_schedule, cycle_position, progress_position
 
 
 @register_method
@@ -25,26 +25,31 @@ class DuCaConfig(CacheConfig):
         ratio: fraction of tokens *cached* on a PARTIAL step (paper "R=90%" -> 0.9); 1 - ratio is recomputed.
         warmup_steps: W, leading FULL steps (1; the FLUX references use 3).
         seed: seed of the token choice; reseeded at the start of every generation, so runs repeat.
+        schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
+            follows the sampling progress (need num_steps; see methods.schedule.progress_position).
     """
 
     method = "duca"
     #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896); HunyuanVideo reference: N=5,
     #: R=90%, W=1 (random tokens, no staleness); DiT README: N=3, r=0.05 (the reference scores by attention,
-    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT/PixArt use the counter
-    #: schedule here, not the reference's progress-dependent interval.
+    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT/PixArt use the modulo
+    #: schedule of their references (interval following the progress; num_steps assumed 50 / 20: pass yours).
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=5, ratio=0.9, warmup_steps=3),
         "video": dict(interval=5, ratio=0.9, warmup_steps=1),
-        "dit": dict(interval=3, ratio=0.95, warmup_steps=1),
-        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1),
+        "dit": dict(interval=3, ratio=0.95, warmup_steps=1, schedule="dit", num_steps=50),
+        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1, schedule="pixart", num_steps=20),
     }
     interval: int = 5
     ratio: float = 0.9
     warmup_steps: int = 1
     seed: int = 0
+    schedule: str = "counter"
+    num_steps: int | None = None
 
     def _validate(self) -> None:
         check_int("DuCaConfig", "interval", self.interval, minimum=1)
+        check_schedule("DuCaConfig", self.schedule, self.num_steps)
         check_fraction("DuCaConfig", "ratio", self.ratio)
         object.__setattr__(self, "ratio", float(self.ratio) + 0.0)  # 1 == 1.0, -0.0 == 0.0: one cache_key
         check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
@@ -56,6 +61,8 @@ class DuCaConfig(CacheConfig):
 
     @property
     def kinds(self) -> frozenset[StepKind]:
+        if self.schedule != "counter":
+            return frozenset({StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP})
         kinds = {StepKind.FULL}
         if self.interval >= 2:
             kinds.add(StepKind.PARTIAL)
@@ -64,7 +71,10 @@ class DuCaConfig(CacheConfig):
         return frozenset(kinds)
 
     def step_kind(self, step: int) -> StepKind:
-        j = cycle_position(step, self.interval, self.warmup_steps)
+        if self.schedule == "counter":
+            j = cycle_position(step, self.interval, self.warmup_steps)
+        else:
+            j = progress_position(self.schedule, step, self.interval, self.num_steps)
         if j == 0:
             return StepKind.FULL
         return StepKind.PARTIAL if j % 2 == 1 else StepKind.SKIP

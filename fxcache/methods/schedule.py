@@ -10,3 +10,46 @@ def cycle_position(step: int, interval: int, warmup: int) -> int:
     if step < warmup:
         return 0
     return (step - (warmup - 1)) % interval
+
+
+SCHEDULES = ("counter", "dit", "pixart")
+
+
+def progress_position(schedule: str, step: int, interval: int, num_steps: int) -> int:
+    """j(s) of the DiT / PixArt reference schedules, whose interval Nt follows the sampling progress.
+
+    Walks the steps from 0 (Nt is recomputed at every FULL step, so the position depends on the history):
+      dit:    i = T-1-s counts down; FULL iff i == T-1 or i mod Nt == 0; Nt = round(N / (1.4 - 0.8 i / T)),
+              and Nt = 2 while 0.2 T <= i < 0.4 T (the "sensitive" range); j = i mod Nt.
+      pixart: FULL iff s == 0 or s mod Nt == 0; Nt = round(N / (0.8 + 0.4 s / T)); j = s mod Nt.
+    `round` is half-to-even, as torch.round. Decided once per step, never per block.
+    """
+    if schedule not in ("dit", "pixart"):
+        raise ValueError(f"unknown progress schedule {schedule!r}")
+    nt, j = 1, 0
+    for s in range(step + 1):
+        if schedule == "dit":
+            i = num_steps - 1 - s
+            eff = 2 if 0.2 * num_steps <= i < 0.4 * num_steps else nt
+            full = s == 0 or i % eff == 0
+            if full:
+                nt = max(1, round(interval / (1.4 - 0.8 * i / num_steps)))
+                eff = 2 if 0.2 * num_steps <= i < 0.4 * num_steps else nt
+            j = 0 if full else i % eff
+        else:
+            full = s == 0 or s % nt == 0
+            if full:
+                nt = max(1, round(interval / (0.8 + 0.4 * s / num_steps)))
+            j = 0 if full else s % nt
+    return j
+
+
+def check_schedule(owner: str, schedule, num_steps) -> None:
+    from ..config import ConfigError, check_int
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{owner}.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if num_steps is not None:
+        check_int(owner, "num_steps", num_steps, minimum=1)
+    if schedule != "counter" and num_steps is None:
+        raise ConfigError(f"{owner}.schedule={schedule!r} follows the sampling progress: pass num_steps")

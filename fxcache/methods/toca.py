@@ -9,7 +9,7 @@ import math
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
 from ..errors import ConfigError
-from .schedule import cycle_position
+from .schedule import check_schedule, cycle_position, progress_position
 
 SCORES = ("random", "staleness", "knorm", "vnorm", "similarity", "attention", "cross_entropy")
 
@@ -92,6 +92,8 @@ class ToCaConfig(CacheConfig):
         ratio_schedule: a name of RATIO_SCHEDULES ("flat" default); schedules with a step weight need
         num_steps, and then use `step_buckets` distinct k tables per generation (one compiled variant each).
         seed: seed of the random score.
+        schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
+            follows the sampling progress (need num_steps).
     """
 
     method = "toca"
@@ -99,15 +101,15 @@ class ToCaConfig(CacheConfig):
     #: 0.25, FLUX ratio schedule (2.94x FLOPs, IR 0.9798); DiT-XL/2 DDIM-50 N=3, r=0.07, attention score,
     #: lambda3 0.25, ddim50 schedule, spatial bonus 2x2 / 0.6; PixArt-alpha N=3, r=0.3, cross-attention entropy,
     #: lambda3 0.25, PixArt schedule (20 steps assumed: pass num_steps), bonus 4x4 / 0.4; OpenSora-like video
-    #: N=3, W=3, r=0.1, cross-attention entropy, lambda3 0.25, OpenSora schedule. DiT and PixArt use the counter
-    #: schedule here, not the reference's progress-dependent interval.
+    #: N=3, W=3, r=0.1, cross-attention entropy, lambda3 0.25, OpenSora schedule. DiT and PixArt use their
+    #: references' progress-dependent intervals (schedule="dit" / "pixart").
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=4, warmup_steps=3, fresh_ratio=0.1, score="attention", staleness_weight=0.25,
                      ratio_schedule="flux"),
         "dit": dict(interval=3, warmup_steps=1, fresh_ratio=0.07, score="attention", staleness_weight=0.25,
-                    ratio_schedule="dit-ddim50", num_steps=50, spatial_grid=2, spatial_bonus=0.6),
+                    ratio_schedule="dit-ddim50", num_steps=50, spatial_grid=2, spatial_bonus=0.6, schedule="dit"),
         "pixart": dict(interval=3, warmup_steps=1, fresh_ratio=0.3, score="cross_entropy", staleness_weight=0.25,
-                       ratio_schedule="pixart", num_steps=20, spatial_grid=4, spatial_bonus=0.4),
+                       ratio_schedule="pixart", num_steps=20, spatial_grid=4, spatial_bonus=0.4, schedule="pixart"),
         "video": dict(interval=3, warmup_steps=3, fresh_ratio=0.1, score="cross_entropy", staleness_weight=0.25,
                       ratio_schedule="opensora"),
     }
@@ -123,6 +125,7 @@ class ToCaConfig(CacheConfig):
     num_steps: int | None = None
     step_buckets: int = 4
     seed: int = 0
+    schedule: str = "counter"
 
     def _validate(self) -> None:
         check_int("ToCaConfig", "interval", self.interval, minimum=1)
@@ -148,18 +151,24 @@ class ToCaConfig(CacheConfig):
             raise ConfigError(f"ToCaConfig.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")
         check_int("ToCaConfig", "step_buckets", self.step_buckets, minimum=1)
+        check_schedule("ToCaConfig", self.schedule, self.num_steps)
         check_int("ToCaConfig", "seed", self.seed, minimum=0)
 
     @property
     def kinds(self) -> frozenset[StepKind]:
-        return frozenset({StepKind.FULL, StepKind.PARTIAL}) if self.interval > 1 else frozenset({StepKind.FULL})
+        if self.interval > 1 or self.schedule != "counter":
+            return frozenset({StepKind.FULL, StepKind.PARTIAL})
+        return frozenset({StepKind.FULL})
 
     @property
     def selects_in_graph(self) -> bool:
         return True
 
     def step_kind(self, step: int) -> StepKind:
-        j = cycle_position(step, self.interval, self.warmup_steps)
+        if self.schedule == "counter":
+            j = cycle_position(step, self.interval, self.warmup_steps)
+        else:
+            j = progress_position(self.schedule, step, self.interval, self.num_steps)
         return StepKind.FULL if j == 0 else StepKind.PARTIAL
 
     def schedule_step(self, step: int) -> int:

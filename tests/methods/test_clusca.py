@@ -12,7 +12,7 @@ from fxcache import ClusCaConfig, ConfigError, StepKind
 from fxcache.passes import cluster_members, clusca_refresh, kmeans
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ClusCaReference
-from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference
+from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference, run_twice_without_recompiles
 
 STEPS = 9
 OPTS = dict(interval=4, order=1, clusters=4, warmup_steps=1, kmeans_iters=3)
@@ -160,12 +160,7 @@ def test_sequential_cfg_and_two_generations_without_recompiles(name):
     compiled, backend = compile_cached(model, "clusca", fullgraph=True, **OPTS)
     cond, uncond = loop_inputs(name, STEPS, seed=0), loop_inputs(name, STEPS, seed=5)
     calls = [kw for pair in zip(cond, uncond) for kw in pair]
-    first = run(compiled, calls)
-    torch._dynamo.config.error_on_recompile = True
-    try:
-        second = run(compiled, calls)
-    finally:
-        torch._dynamo.config.error_on_recompile = False
+    first, second = run_twice_without_recompiles(compiled, calls)
     assert len(backend.runners) == 1
     for a, b in zip(first, second):
         assert torch.equal(a, b)
@@ -173,14 +168,6 @@ def test_sequential_cfg_and_two_generations_without_recompiles(name):
     for o, e in zip(first, expected):
         assert rel_err(o, e) <= 1e-5
 
-
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_interval_one_equals_uncached(name):
-    model = make_model(name)
-    compiled, _ = compile_cached(model, "clusca", interval=1)
-    inputs = loop_inputs(name, 4)
-    for o, e in zip(run(compiled, inputs), run(model, inputs)):
-        assert torch.equal(o, e)
 
 
 @pytest.mark.inductor

@@ -7,13 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxcache import StepKind
-from fxcache.methods import DuCaConfig, FORAConfig, cycle_position
+from fxcache.methods import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig, cycle_position
 
 F, P, S, R = StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP, StepKind.REUSE
 
 intervals = st.integers(min_value=1, max_value=16)
 warmups = st.integers(min_value=1, max_value=12)
-method_classes = st.sampled_from([FORAConfig, DuCaConfig])
+ALL_METHODS = [FORAConfig, DuCaConfig, ToCaConfig, TaylorSeerConfig, ClusCaConfig]
+method_classes = st.sampled_from(ALL_METHODS)
 
 
 def spec_full(step: int, interval: int, warmup: int) -> bool:
@@ -83,7 +84,7 @@ def test_cycle_position_rejects_negative_step():
         cycle_position(-1, 5, 1)
 
 
-@pytest.mark.parametrize("cls", [FORAConfig, DuCaConfig])
+@pytest.mark.parametrize("cls", ALL_METHODS)
 def test_counter_schedule_reference_case(cls):
     # ALGORITHMS.md 1.4 / 8.10: T=50, W=3, N=6 -> FULL at 0,1,2,8,14,...,44 (10 FULL steps).
     expected = {0, 1, 2, 8, 14, 20, 26, 32, 38, 44}
@@ -174,3 +175,43 @@ def test_kinds_is_exactly_what_step_kind_emits(cls, interval, warmup):
 )
 def test_kinds_examples(config, kinds):
     assert config.kinds == frozenset(kinds)
+
+
+# -- progress-dependent reference schedules (DiT / PixArt) ---------------------------------------------------------
+
+
+def test_dit_schedule_golden_ten_steps():
+    """Worked by hand from ALGORITHMS.md 3.1 (T=10, N=3): Nt = 4, 4, 3, then 2 in the sensitive range i in [2, 4)."""
+    from fxcache.methods.schedule import progress_position
+
+    assert [progress_position("dit", s, 3, 10) for s in range(10)] == [0, 0, 3, 2, 1, 0, 1, 0, 1, 0]
+    duca = DuCaConfig(interval=3, schedule="dit", num_steps=10)
+    assert [duca.step_kind(s) for s in range(10)] == [F, F, P, S, P, F, P, F, P, F]
+
+
+def test_pixart_schedule_golden_ten_steps():
+    """T=10, N=3: Nt = round(3 / 0.8) = 4 at s=0, round(3 / 0.96) = 3 at s=4, 3 at s=6."""
+    from fxcache.methods.schedule import progress_position
+
+    assert [progress_position("pixart", s, 3, 10) for s in range(10)] == [0, 1, 2, 3, 0, 2, 0, 1, 2, 0]
+
+
+@given(schedule=st.sampled_from(["dit", "pixart"]), interval=st.integers(1, 8), steps=st.integers(2, 80))
+def test_progress_schedules_start_full_and_count_up_to_the_next_full(schedule, interval, steps):
+    from fxcache.methods.schedule import progress_position
+
+    pos = [progress_position(schedule, s, interval, steps) for s in range(steps)]
+    assert pos[0] == 0
+    for s in range(1, steps):
+        assert pos[s] >= 0
+        if pos[s] and pos[s - 1] and schedule == "pixart":
+            assert pos[s] == pos[s - 1] + 1  # PixArt counts up from its last FULL step
+
+
+def test_progress_schedules_need_num_steps():
+    from fxcache import ConfigError
+
+    with pytest.raises(ConfigError, match="pass num_steps"):
+        DuCaConfig(schedule="dit")
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        DuCaConfig(schedule="cosine", num_steps=10)

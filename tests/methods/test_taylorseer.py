@@ -13,7 +13,9 @@ import fxcache
 from fxcache import ConfigError, StepKind, TaylorSeerConfig
 from fxcache.runtime.taylor import TaylorState
 from fxcache.testing import MODEL_NAMES
-from helpers import compile_cached, loop_inputs, make_model, reference_for, rel_err, run, run_reference
+from helpers import (
+    compile_cached, loop_inputs, make_model, reference_for, rel_err, run, run_reference, run_twice_without_recompiles,
+)
 
 STEPS = 10
 
@@ -87,14 +89,6 @@ def test_order_zero_equals_fora(name):
         assert torch.equal(o, e)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_interval_one_equals_uncached(name):
-    model = make_model(name)
-    compiled, _ = compile_cached(model, "taylorseer", interval=1)
-    inputs = loop_inputs(name, STEPS)
-    for o, e in zip(run(compiled, inputs), run(model, inputs)):
-        assert torch.equal(o, e)
-
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("opts", [dict(interval=3, order=2, warmup_steps=1), dict(interval=4, order=1, warmup_steps=3)])
@@ -137,12 +131,7 @@ def test_sequential_cfg_keeps_factors_per_branch(name):
 def test_two_generations_without_recompiles(name):
     model = make_model(name)
     compiled, backend = compile_cached(model, "taylorseer", interval=3, order=2, warmup_steps=1, fullgraph=True)
-    first = run(compiled, loop_inputs(name, STEPS))
-    torch._dynamo.config.error_on_recompile = True
-    try:
-        second = run(compiled, loop_inputs(name, STEPS))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
+    first, second = run_twice_without_recompiles(compiled, loop_inputs(name, STEPS))
     assert len(backend.runners) == 1
     for a, b in zip(first, second):
         assert torch.equal(a, b)

@@ -13,7 +13,7 @@ from fxcache.methods import RATIO_SCHEDULES
 from fxcache.passes.select_tokens import select_tokens, spatial_bonus
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ToCaReference
-from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference
+from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference, run_twice_without_recompiles
 
 STEPS = 9
 
@@ -121,14 +121,6 @@ def test_fresh_ratio_zero_equals_fora(name):
         assert torch.equal(o, e)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_interval_one_equals_uncached(name):
-    model = make_model(name)
-    compiled, _ = compile_cached(model, "toca", interval=1)
-    inputs = loop_inputs(name, 4)
-    for o, e in zip(run(compiled, inputs), run(model, inputs)):
-        assert torch.equal(o, e)
-
 
 SCORE_CASES = [
     dict(score="random"),
@@ -187,12 +179,7 @@ def test_step_weighted_schedule_builds_one_variant_per_bucket_without_recompiles
     model = make_model(name)
     compiled, backend = compile_cached(model, "toca", interval=2, fresh_ratio=0.3, ratio_schedule="pixart",
                                        num_steps=STEPS, step_buckets=3, fullgraph=True)
-    first = run(compiled, loop_inputs(name, STEPS))
-    torch._dynamo.config.error_on_recompile = True
-    try:
-        second = run(compiled, loop_inputs(name, STEPS))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
+    first, second = run_twice_without_recompiles(compiled, loop_inputs(name, STEPS))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     runner = backend.runners[0]
@@ -219,12 +206,7 @@ def test_cross_attention_score_without_cross_attention_is_a_clear_error(name):
 def test_two_generations_one_graph_no_recompile(name):
     compiled, backend = compile_cached(make_model(name), "toca", interval=3, fresh_ratio=0.3, score="vnorm",
                                        staleness_weight=0.25, fullgraph=True)
-    first = run(compiled, loop_inputs(name, STEPS))
-    torch._dynamo.config.error_on_recompile = True
-    try:
-        second = run(compiled, loop_inputs(name, STEPS))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
+    first, second = run_twice_without_recompiles(compiled, loop_inputs(name, STEPS))
     assert len(backend.runners) == 1
     for a, b in zip(first, second):
         assert torch.equal(a, b)  # staleness and scores reset with the generation

@@ -1,4 +1,4 @@
-"""`fxcache demo`: uncached vs. cached sampling on the embedded default model, with a speed/quality table."""
+"""`fxcache demo`: uncached vs. cached sampling on the embedded trained digit model: table, image grid, Pareto plot."""
 
 from __future__ import annotations
 
@@ -10,106 +10,77 @@ import time
 import torch
 
 
-def _demo_model():
-    from .testing.models import make_model
-
-    # The embedded default: a FLUX-style MMDiT (double + single blocks), random init, built from a config.
-    return make_model("flux", num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-                      joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))
-
-
-def _inputs(size: int, text: int, seed: int):
-    from .testing.models import flux_ids
-
-    g = torch.Generator().manual_seed(seed)
-    img_ids, txt_ids = flux_ids(size, size, text)
-    return dict(hidden_states=torch.randn(1, size * size, 16, generator=g),
-                encoder_hidden_states=torch.randn(1, text, 64, generator=g),
-                pooled_projections=torch.randn(1, 64, generator=g), img_ids=img_ids, txt_ids=txt_ids)
-
-
-def _sample(model, cond, steps: int, progress) -> torch.Tensor:
-    x = cond["hidden_states"]
-    ts = [1.0 - s / steps for s in range(steps + 1)]
-    with torch.no_grad():
-        for s in range(steps):
-            kw = dict(cond, hidden_states=x, timestep=torch.tensor([ts[s]]), return_dict=False)
-            x = x + (ts[s + 1] - ts[s]) * model(**kw)[0]
-            progress()
-    return x
+DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer (FLUX preset)", "taylorseer", {"preset": "flux"}),
+                ("FORA N=3", "fora", {}))
 
 
 def demo(argv=None) -> int:
-    import fxcache
+    """Uncached vs. DuCa, TaylorSeer and FORA on the embedded trained FLUX-style digit model."""
+    import os
 
-    p = argparse.ArgumentParser(prog="fxcache demo", description=__doc__)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--size", type=int, default=16, help="latent side: size*size image tokens")
+    import fxcache
+    from fxcache.config import make_config
+    from fxcache.quality.evaluate import evaluate, pareto_plot
+    from fxcache.quality.reference import load
+    from fxcache.quality.sampling import save_grid
+
+    p = argparse.ArgumentParser(prog="fxcache demo", description=demo.__doc__)
+    p.add_argument("--out", default="fxcache-demo", help="output folder (default ./fxcache-demo)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    p.add_argument("--per-class", type=int, default=4, help="images per digit class (default 4: 40 images)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per method, interleaved (default 2)")
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.per_class < 1 or args.repeats < 1:
+        p.error("--steps, --per-class and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
+    os.makedirs(args.out, exist_ok=True)
 
-    model = _demo_model()
-    cond = _inputs(args.size, 16, seed=0)
-    methods = [("uncached", None), ("DuCa N=5 R=0.9", fxcache.DuCaConfig(interval=5, ratio=0.9)),
-               ("FORA N=3", fxcache.FORAConfig(interval=3))]
-    params = sum(p.numel() for p in model.parameters())
-    print(f"fxcache demo: FLUX-style model ({params / 1e6:.1f}M params, random init), {args.size * args.size} image "
-          f"tokens, {args.steps} Euler steps, lowering={args.lowering}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.machine()}")
-    rows, results = [], {}
-    for label, config in methods:
-        if config is None:
-            compiled = model if args.lowering == "eager" else torch.compile(model, dynamic=False)
-        else:
-            compiled = torch.compile(model, backend=fxcache.cache_backend(config, lowering=args.lowering),
-                                     dynamic=False)
-        done = [0]
-        total = args.steps * 2
+    ref = load("flux")
+    params = sum(q.numel() for q in ref.transformer.parameters())
+    print(f"fxcache demo: the embedded FLUX-style digit model ({params / 1e6:.1f}M params, trained on MNIST by "
+          f"benchmarks/train_reference.py), {10 * args.per_class} digits, {args.steps} flow-matching Euler steps, "
+          f"guidance 2 (batched CFG), lowering={args.lowering}, {args.threads} threads, torch {torch.__version__}, "
+          f"{platform.machine()}")
+    methods = {label: make_config(name, **opts) for label, name, opts in DEMO_METHODS}
+    total = (1 + args.repeats) * (1 + len(methods)) + 1 + len(methods)
+    done = [0]
 
-        def progress():
-            done[0] += 1
-            bar = "#" * (30 * done[0] // total)
-            sys.stdout.write(f"\r  {label:<16} [{bar:<30}] {done[0]}/{total}")
-            sys.stdout.flush()
+    def progress(message: str) -> None:
+        done[0] = min(done[0] + 1, total)
+        bar = "#" * (30 * done[0] // total)
+        sys.stdout.write(f"\r[{bar:<30}] {done[0]:>2}/{total} {message:<60.60}")
+        sys.stdout.flush()
 
-        t0 = time.perf_counter()
-        _sample(compiled, cond, args.steps, progress)  # warm-up: compiles every variant it needs
-        warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x = _sample(compiled, cond, args.steps, progress)
-        seconds = time.perf_counter() - t0
-        print()
-        kinds, flops = "", None
-        if config is not None:
-            recs = fxcache.stats(compiled)[-args.steps:]
-            kinds = "".join(r["kind"][0].upper() for r in recs)
-            flops = sum(r["flops"] for r in recs)
-        results[label] = (x, seconds, flops, warm, kinds)
-    base_x, base_s, _, _, _ = results["uncached"]
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(**dict(cond, timestep=torch.tensor([1.0]), return_dict=False))
-    step_flops = fc.get_total_flops()
+    t0 = time.perf_counter()
+    report = evaluate(ref, methods, per_class=args.per_class, steps=args.steps, repeats=args.repeats,
+                      lowering=args.lowering, progress=progress)
+    sys.stdout.write(f"\r[{'#' * 30}] done in {time.perf_counter() - t0:.0f} s{' ' * 60}\n")
+    table = report.table()
     print()
-    print("| method | loop s | latency speedup | FLOPs speedup | rel. L2 vs uncached | steps (F/P/S/R) |")
-    print("|---|---|---|---|---|---|")
-    for label, (x, seconds, flops, warm, kinds) in results.items():
-        err = ((x - base_x).norm() / base_x.norm()).item()
-        fs = step_flops * args.steps / flops if flops else 1.0
-        print(f"| {label} | {seconds:.2f} | {base_s / seconds:.2f}x | {fs:.2f}x | {err:.2e} | {kinds or '-'} |")
-    print("\nF = full, P = partial (10% of tokens through the MLPs), S = skip (no block), R = reuse (FORA).")
-    print("Random weights: errors here show the caching is active, not image quality.")
+    print(table)
+    print("\nPSNR / SSIM / rel. L2: the same noise, against the uncached images. FD: Frechet distance of our digit "
+          "classifier's features to the 5000 real digits (lower is better). accuracy: the classifier agrees with "
+          "the class asked for. The noise floor row is the uncached model on other noise: two unrelated digits of "
+          "the same class.")
+    names = ["uncached"] + list(methods) + ["noise floor"]
+    grid = torch.cat([report.samples[n] for n in names])
+    save_grid(grid, os.path.join(args.out, "grid.png"), nrow=report.images)
+    pareto_plot(report, os.path.join(args.out, "pareto.png"))
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"\nwrote {args.out}/grid.png (rows: {', '.join(names)}; same noise per column), "
+          f"{args.out}/pareto.png and {args.out}/table.md")
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fxcache demo [--steps N] [--size S] [--lowering inductor|eager] [--threads T]")
+        print("usage: fxcache demo [--out DIR] [--steps N] [--per-class N] [--repeats N] "
+              "[--lowering inductor|eager] [--threads T]")
         return 0 if argv else 2
     if argv[0] == "demo":
         return demo(argv[1:])

@@ -1,0 +1,70 @@
+"""Speed vs. quality of every fxcache method on a trained reference digit model, side by side in one run.
+
+    python benchmarks/eval_quality.py --family flux                 # 100 digits, 50 steps, Inductor
+    python benchmarks/eval_quality.py --family dit --per-class 4 --repeats 1 --lowering eager   # quick
+
+Writes <out>/quality_<family>.md (the table) and <out>/quality_<family>.png (latency speedup vs. PSNR, with the
+noise floor and the equal-compute fewer-steps rows), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+
+import torch
+
+try:
+    import fxcache
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    import fxcache
+
+from fxcache.config import make_config
+from fxcache.quality.evaluate import evaluate, pareto_plot
+from fxcache.quality.reference import FAMILIES, load
+
+#: label -> (method, options); presets where the method's paper has one for the family (else its defaults).
+METHODS = {
+    "FORA N=3": ("fora", {"interval": 3}),
+    "DuCa N=5 R=0.9": ("duca", {}),
+    "ToCa N=4 r=0.1 vnorm": ("toca", {"interval": 4, "fresh_ratio": 0.1, "score": "vnorm", "staleness_weight": 0.25}),
+    "TaylorSeer N=6 O=2 W=3": ("taylorseer", {}),
+    "ClusCa N=5 K=16": ("clusca", {"clusters": 8}),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=FAMILIES, default="flux")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = 64
+    ref = load(args.family)
+    methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
+    report = evaluate(ref, methods, per_class=args.per_class, steps=args.steps, repeats=args.repeats,
+                      guidance=args.guidance, lowering=args.lowering,
+                      progress=lambda m: print(m, flush=True))
+    head = (f"{args.family}: {report.images} digits, {args.steps} steps, guidance {args.guidance}, "
+            f"lowering {args.lowering}, {args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
+            f"{datetime.date.today().isoformat()}")
+    print(head)
+    print(report.table())
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"quality_{args.family}.md"), "w") as f:
+        f.write(head + "\n\n" + report.table() + "\n")
+    pareto_plot(report, os.path.join(args.out, f"quality_{args.family}.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The evaluation harness: a reference model, a sampler and cache configs, on the same seeds, side by side.
+
+Rows: the uncached compiled model (the reference every paired metric compares with), each cache config, a noise
+floor (uncached with other noise: how far two unrelated samples of the same classes are) and, per method, the
+uncached sampler with fewer steps at the same compute. Columns: wall-clock of the whole sampling run (methods
+interleaved, median of repeats), its FLOPs, the speedups, paired PSNR / SSIM / relative L2 against the uncached
+images, the Frechet distance of classifier features to the real digits, and the classifier's class accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .. import cache_backend, stats
+from ..config import CacheConfig
+from .classifier import load_classifier, real_feature_stats
+from .metrics import frechet_distance, psnr, rel_l2, ssim
+from .reference import ReferenceModel
+from .sampling import sample
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    kind: str  # "uncached" | "method" | "noise floor" | "fewer steps"
+    steps: int
+    seconds: float | None = None
+    flops: float | None = None
+    latency_speedup: float | None = None
+    flops_speedup: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    rel_l2: float | None = None
+    fd: float | None = None
+    accuracy: float | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    images: int
+    steps: int
+    guidance: float
+    rows: list[Row]
+    samples: dict[str, torch.Tensor]
+
+    def table(self) -> str:
+        head = ("| method | steps | s per run | latency speedup | GFLOPs | FLOPs speedup | PSNR dB | SSIM | rel. L2 | "
+                "FD | accuracy |")
+        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def f(v, spec):
+            return "-" if v is None else format(v, spec)
+
+        for r in self.rows:
+            lines.append(f"| {r.label} | {r.steps} | {f(r.seconds, '.3f')} | {f(r.latency_speedup, '.2f')} | "
+                         f"{f(r.flops and r.flops / 1e9, '.1f')} | {f(r.flops_speedup, '.2f')} | {f(r.psnr, '.2f')} | "
+                         f"{f(r.ssim, '.4f')} | {f(r.rel_l2, '.4f')} | {f(r.fd, '.2f')} | {f(r.accuracy, '.3f')} |")
+        return "\n".join(lines)
+
+
+def _flops_of_call(ref: ReferenceModel, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..passes.propagate_shapes import ensure_cpu_attention_flops
+
+    ensure_cpu_attention_flops()
+    x = torch.zeros(ref.latent_shape(batch))
+    cond = ref.conditioner(torch.zeros(batch, dtype=torch.long))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ref.call(ref.transformer, x, torch.ones(1), cond)
+    return int(counter.get_total_flops())
+
+
+def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_class: int = 10, steps: int = 50,
+             guidance: float = 2.0, seed: int = 0, lowering: str = "inductor", repeats: int = 3,
+             cfg: str = "batched", progress: Callable[[str], None] | None = None) -> Report:
+    """Sample `10 * per_class` images (classes 0-9) uncached and with each method, from the same noise."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    n = labels.shape[0]
+    noise = torch.randn(ref.latent_shape(n), generator=torch.Generator().manual_seed(seed))
+    other = torch.randn(ref.latent_shape(n), generator=torch.Generator().manual_seed(seed + 1000))
+    say = progress or (lambda m: None)
+    classifier = load_classifier()
+    real_feats = real_feature_stats()
+
+    def compiled(config):
+        if config is None:
+            return torch.compile(ref.transformer, dynamic=False) if lowering == "inductor" else ref.transformer
+        backend = config if not isinstance(config, (str, CacheConfig)) else None
+        if backend is None:
+            backend = cache_backend(config, lowering=lowering)
+        return torch.compile(ref.transformer, backend=backend, dynamic=False)
+
+    models = {"uncached": compiled(None)}
+    for name, config in methods.items():
+        models[name] = compiled(config)
+
+    def run(name, model, s=steps, z=noise):
+        return sample(ref, model, labels, steps=s, guidance=guidance, cfg=cfg, noise=z)
+
+    outputs, flops = {}, {}
+    rows_per_call = 2 * n if (guidance != 1.0 and cfg == "batched") else n
+    calls_per_step = 1 if (guidance == 1.0 or cfg == "batched") else 2
+    call_flops = _flops_of_call(ref, rows_per_call)
+    for name, model in models.items():
+        say(f"warm-up {name} (compile + first run)")
+        before = len(stats(model)) if name != "uncached" else 0
+        outputs[name] = run(name, model)
+        if name == "uncached":
+            flops[name] = call_flops * steps * calls_per_step
+        else:
+            recs = stats(model)[before:]
+            flops[name] = sum(r["flops"] for r in recs) if all(r["flops"] is not None for r in recs) else None
+    seconds = {name: [] for name in models}
+    for r in range(repeats):
+        for name, model in models.items():
+            say(f"timed run {r + 1}/{repeats}: {name}")
+            t0 = time.perf_counter()
+            run(name, model)
+            seconds[name].append(time.perf_counter() - t0)
+
+    def judge(row: Row, images: torch.Tensor) -> Row:
+        base = outputs["uncached"]
+        row.psnr = float(psnr(images, base).clamp_max(100).mean())
+        row.ssim = float(ssim(images, base).mean())
+        row.rel_l2 = float(rel_l2(images, base).mean())
+        with torch.no_grad():
+            feats = classifier.features(images)
+            row.accuracy = float((classifier.head(feats).argmax(1) == labels).float().mean())
+        row.fd = frechet_distance(feats, real_feats)
+        return row
+
+    base_s = statistics.median(seconds["uncached"])
+    rows = []
+    for name in models:
+        med = statistics.median(seconds[name])
+        row = Row(name, "uncached" if name == "uncached" else "method", steps, med, flops[name], base_s / med,
+                  (flops["uncached"] / flops[name]) if flops[name] else None)
+        rows.append(judge(row, outputs[name]))
+    say("noise floor: uncached, other noise")
+    floor = run("uncached", models["uncached"], z=other)
+    rows.append(judge(Row("uncached, other noise (noise floor)", "noise floor", steps), floor))
+    samples = dict(outputs)
+    samples["noise floor"] = floor
+    fewer = sorted({max(1, round(steps / r.flops_speedup)) for r in rows if r.kind == "method" and r.flops_speedup})
+    for s in fewer:
+        if s >= steps:
+            continue
+        say(f"fewer steps: uncached with {s} steps")
+        t0 = time.perf_counter()
+        images = run("uncached", models["uncached"], s=s)
+        sec = time.perf_counter() - t0
+        row = Row(f"uncached, {s} steps (equal compute)", "fewer steps", s, sec, call_flops * s * calls_per_step,
+                  base_s / sec, steps / s)
+        rows.append(judge(row, images))
+        samples[f"{s} steps"] = images
+    return Report(getattr(ref, "family", "?"), n, steps, guidance, rows, samples)
+
+
+def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
+    """Latency speedup (x) vs a paired quality metric (y); the noise floor as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in report.rows:
+        value = getattr(r, metric)
+        if r.kind == "noise floor":
+            ax.axhline(value, ls="--", color="grey", label="noise floor (other seeds)")
+            continue
+        if r.latency_speedup is None or value is None:
+            continue
+        marker = {"uncached": "*", "method": "o", "fewer steps": "s"}[r.kind]
+        color = {"uncached": "black", "method": None, "fewer steps": "tab:grey"}[r.kind]
+        shown = min(value, 60.0)
+        ax.scatter([r.latency_speedup], [shown], marker=marker, color=color, s=60, zorder=3)
+        ax.annotate(r.label.split(" (")[0], (r.latency_speedup, shown), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    ax.set_xlabel("latency speedup vs uncached torch.compile")
+    ax.set_ylabel({"psnr": "PSNR vs uncached (dB, capped at 60)", "ssim": "SSIM vs uncached"}.get(metric, metric))
+    ax.set_title(f"{report.model}: {report.images} digits, {report.steps} steps, guidance {report.guidance}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

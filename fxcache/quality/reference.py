@@ -1,0 +1,174 @@
+"""Reference models with learned structure: small diffusers transformers trained on MNIST digits by our scripts.
+
+Each family wraps a real diffusers transformer (loaded with `from_pretrained` from a local folder) and a small
+conditioner that turns a class label into the transformer's conditioning inputs:
+
+- `flux`:   FluxTransformer2DModel (2 double + 2 single blocks); the "text" tokens are 4 learned embeddings of the
+            class, the pooled projection one more. Rectified flow, sampled with FlowMatchEulerDiscreteScheduler.
+- `dit`:    DiTTransformer2DModel, class-conditional through its own label embedding (class 10 = unconditional).
+            Rectified flow as well (timestep = 1000 t), FlowMatchEulerDiscreteScheduler.
+- `pixart`: PixArtTransformer2DModel, cross-attention to 4 learned class tokens.
+
+Images are 32x32 (MNIST padded), one channel, in [-1, 1]; FLUX sees them as 8x8 tokens of 4x4 pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from torch import nn
+
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+FAMILIES = ("flux", "dit", "pixart")
+NULL_CLASS = 10  # the unconditional "class" used for classifier-free guidance
+TEXT_TOKENS = 4
+IMAGE = 32
+FLUX_PATCH = 4
+
+
+def transformer_config(family: str) -> tuple[type, dict]:
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
+
+    if family == "flux":
+        return FluxTransformer2DModel, dict(
+            patch_size=1, in_channels=FLUX_PATCH * FLUX_PATCH, num_layers=2, num_single_layers=2,
+            attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+            guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+    if family == "dit":
+        return DiTTransformer2DModel, dict(
+            num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=4,
+            sample_size=IMAGE, patch_size=4, num_embeds_ada_norm=NULL_CLASS)
+    if family == "pixart":
+        return PixArtTransformer2DModel, dict(
+            sample_size=IMAGE, num_layers=4, attention_head_dim=32, num_attention_heads=4, in_channels=1,
+            out_channels=1, cross_attention_dim=128, caption_channels=64, patch_size=4,
+            norm_type="ada_norm_single", use_additional_conditions=False)
+    raise ValueError(f"unknown reference family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+class Conditioner(nn.Module):
+    """Class label -> the transformer's conditioning inputs (learned tokens; labels for DiT)."""
+
+    def __init__(self, family: str):
+        super().__init__()
+        self.family = family
+        if family in ("flux", "pixart"):
+            self.tokens = nn.Embedding(NULL_CLASS + 1, TEXT_TOKENS * 64)
+        if family == "flux":
+            self.pooled = nn.Embedding(NULL_CLASS + 1, 64)
+
+    def forward(self, labels: torch.Tensor) -> dict:
+        b = labels.shape[0]
+        if self.family == "dit":
+            return dict(class_labels=labels)
+        out = dict(encoder_hidden_states=self.tokens(labels).reshape(b, TEXT_TOKENS, 64))
+        if self.family == "flux":
+            out["pooled_projections"] = self.pooled(labels)
+        else:
+            out["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return out
+
+
+def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    side = IMAGE // FLUX_PATCH
+    img = torch.zeros(side, side, 3)
+    img[..., 1] = torch.arange(side)[:, None]
+    img[..., 2] = torch.arange(side)[None, :]
+    return img.reshape(side * side, 3), torch.zeros(TEXT_TOKENS, 3)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 32, 32) -> (B, 64, 16) tokens of 4x4 pixels (FLUX layout)."""
+    b, s, p = x.shape[0], IMAGE // FLUX_PATCH, FLUX_PATCH
+    return x.reshape(b, s, p, s, p).permute(0, 1, 3, 2, 4).reshape(b, s * s, p * p)
+
+
+def unpack(t: torch.Tensor) -> torch.Tensor:
+    b, s, p = t.shape[0], IMAGE // FLUX_PATCH, FLUX_PATCH
+    return t.reshape(b, s, s, p, p).permute(0, 1, 3, 2, 4).reshape(b, 1, IMAGE, IMAGE)
+
+
+@dataclasses.dataclass
+class ReferenceModel:
+    """A trained (or freshly initialised) reference: transformer + conditioner, and how to call them."""
+
+    family: str
+    transformer: nn.Module
+    conditioner: Conditioner
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, 1, IMAGE, IMAGE)
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Velocity prediction v = noise - x0 at time t in [0, 1] (1 = pure noise), image layout in and out."""
+        b = x.shape[0]
+        if self.family == "flux":
+            img_ids, txt_ids = flux_ids()
+            out = model(hidden_states=pack(x), timestep=t.expand(b).to(x.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                        return_dict=False, **cond)[0]
+            return unpack(out)
+        return model(hidden_states=x, timestep=(1000.0 * t).expand(b).to(x.dtype), return_dict=False, **cond)[0]
+
+
+def build(family: str, seed: int = 0) -> ReferenceModel:
+    cls, cfg = transformer_config(family)
+    torch.manual_seed(seed)
+    return ReferenceModel(family, cls(**cfg).eval(), Conditioner(family).eval(), dict(family=family))
+
+
+class _quiet_diffusers:
+    """Silence diffusers' loading chatter (accelerate hints, dtype notes) for the committed checkpoints."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dl
+
+        self.level = dl.get_verbosity()
+        dl.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging as dl
+
+        dl.set_verbosity(self.level)
+
+
+def save(ref: ReferenceModel, folder: str) -> None:
+    from safetensors.torch import save_file
+
+    import copy
+
+    os.makedirs(folder, exist_ok=True)
+    # float16 on disk halves the committed size; `load` computes in float32 (the rounding is far below the noise
+    # floor of the digits: see tests/quality)
+    with _quiet_diffusers():
+        copy.deepcopy(ref.transformer).to(torch.float16).save_pretrained(os.path.join(folder, "transformer"))
+    save_file({k: v.contiguous() for k, v in ref.conditioner.state_dict().items()},
+              os.path.join(folder, "conditioner.safetensors"))
+    with open(os.path.join(folder, "reference.json"), "w") as f:
+        json.dump(ref.meta, f, indent=2, sort_keys=True)
+
+
+def load(family_or_folder: str = "flux") -> ReferenceModel:
+    """A committed reference (`"flux"`, `"dit"`, `"pixart"`) or a folder written by `save`, via `from_pretrained`."""
+    from safetensors.torch import load_file
+
+    folder = family_or_folder
+    if not os.path.isdir(folder):
+        folder = os.path.join(CHECKPOINTS, family_or_folder)
+    meta_path = os.path.join(folder, "reference.json")
+    if not os.path.exists(meta_path):
+        have = sorted(d for d in os.listdir(CHECKPOINTS)) if os.path.isdir(CHECKPOINTS) else []
+        raise FileNotFoundError(f"no reference model at {folder!r} (reference.json missing); committed ones: "
+                                f"{', '.join(have) or 'none'}; train one with benchmarks/train_reference.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    family = meta["family"]
+    cls, _ = transformer_config(family)
+    with _quiet_diffusers():
+        transformer = cls.from_pretrained(os.path.join(folder, "transformer"), torch_dtype=torch.float32).eval()
+    conditioner = Conditioner(family)
+    conditioner.load_state_dict(load_file(os.path.join(folder, "conditioner.safetensors")))
+    return ReferenceModel(family, transformer, conditioner.eval(), meta)

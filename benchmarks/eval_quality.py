@@ -33,7 +33,7 @@ METHODS = {
     "DuCa N=5 R=0.9": ("duca", {}),
     "ToCa N=4 r=0.1 vnorm": ("toca", {"interval": 4, "fresh_ratio": 0.1, "score": "vnorm", "staleness_weight": 0.25}),
     "TaylorSeer N=6 O=2 W=3": ("taylorseer", {}),
-    "ClusCa N=5 K=16": ("clusca", {"clusters": 8}),
+    "ClusCa N=5 K=16": ("clusca", {}),
 }
 
 

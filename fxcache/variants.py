@@ -129,9 +129,7 @@ def cluster_groups(plan: GraphPlan, config: CacheConfig) -> dict[int, ClusterGro
     if not groups:
         raise UnsupportedGraphError("ClusCa: no token-wise feed-forward unit can be recomputed on a token subset")
     for g in groups.values():
-        if g.clusters > g.tokens:
-            raise UnsupportedGraphError(f"ClusCa: {g.clusters} clusters for a stream of only {g.tokens} tokens; "
-                                        "lower `clusters`")
+        g.clusters = min(g.clusters, g.tokens)  # a short stream (a few text tokens): every token its own cluster
     groups[max(groups)].propagate = True
     return groups
 

@@ -25,7 +25,8 @@ class ClusCaConfig(CacheConfig):
     moves by `gamma * (value of its cluster's member - its forecast)`.
 
     Args:
-        interval: N (FLUX 5). order: Taylor order m (FLUX 1). clusters: K per batch row and stream (16).
+        interval: N (FLUX 5). order: Taylor order m (FLUX 1). clusters: K per batch row and stream (16); a
+            stream with fewer tokens than K gets one cluster per token.
         gamma: propagation weight (FLUX 0.005). warmup_steps: W (FLUX 3). kmeans_iters: Lloyd iterations (10).
         seed: seed of the k-means initialisation and of the member choice, reseeded every generation.
     Defaults are the paper's FLUX.1-dev setting.

@@ -15,7 +15,11 @@ REAL_STATS = os.path.join(CHECKPOINTS, "real_digit_features.safetensors")
 
 
 class DigitClassifier(nn.Module):
-    """32x32 digits in [-1, 1] -> 10 logits; `features` gives the 128-d penultimate activations."""
+    """32x32 digits in [-1, 1] -> 10 logits; `features` gives the 128-d penultimate activations.
+
+    Frechet distances use the 10 logits (`fd_features`): a harness compares sets of 40-100 samples, too few for
+    a stable 128 x 128 covariance.
+    """
 
     def __init__(self):
         super().__init__()
@@ -32,6 +36,9 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def fd_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 8, seed: int = 0,
@@ -81,7 +88,7 @@ def save_classifier(model: DigitClassifier, images: torch.Tensor, path: str = WE
 
     save_file(model.state_dict(), path)
     with torch.no_grad():
-        mu, cov = feature_stats(model.eval().features(images))
+        mu, cov = feature_stats(model.eval().fd_features(images))
     save_file({"mean": mu, "cov": cov}, stats_path)
 
 

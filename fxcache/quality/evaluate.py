@@ -131,9 +131,9 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_
         row.ssim = float(ssim(images, base).mean())
         row.rel_l2 = float(rel_l2(images, base).mean())
         with torch.no_grad():
-            feats = classifier.features(images)
-            row.accuracy = float((classifier.head(feats).argmax(1) == labels).float().mean())
-        row.fd = frechet_distance(feats, real_feats)
+            logits = classifier.fd_features(images)
+            row.accuracy = float((logits.argmax(1) == labels).float().mean())
+        row.fd = frechet_distance(logits, real_feats)
         return row
 
     base_s = statistics.median(seconds["uncached"])
@@ -182,8 +182,8 @@ def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
         color = {"uncached": "black", "method": None, "fewer steps": "tab:grey"}[r.kind]
         shown = min(value, 60.0)
         ax.scatter([r.latency_speedup], [shown], marker=marker, color=color, s=60, zorder=3)
-        ax.annotate(r.label.split(" (")[0], (r.latency_speedup, shown), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
+        name = r.label.split(" (")[0].replace("uncached, ", "")
+        ax.annotate(name, (r.latency_speedup, shown), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xlabel("latency speedup vs uncached torch.compile")
     ax.set_ylabel({"psnr": "PSNR vs uncached (dB, capped at 60)", "ssim": "SSIM vs uncached"}.get(metric, metric))
     ax.set_title(f"{report.model}: {report.images} digits, {report.steps} steps, guidance {report.guidance}")

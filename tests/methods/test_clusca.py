@@ -54,12 +54,14 @@ def test_bad_options_are_refused(bad):
         ClusCaConfig(**bad)
 
 
-def test_more_clusters_than_tokens_is_a_clear_error():
-    model = make_model("dit")
-    backend = fxcache.cache_backend("clusca", clusters=64, lowering="eager", strict=True)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with pytest.raises(Exception, match="64 clusters for a stream of only 16 tokens"):
-        run(compiled, loop_inputs("dit", 1))
+def test_a_stream_shorter_than_k_gets_one_cluster_per_token():
+    model = make_model("flux")  # 64 image tokens, 8 text tokens
+    compiled, backend = compile_cached(model, "clusca", clusters=16, interval=3, warmup_steps=1)
+    run(compiled, loop_inputs("flux", 2))
+    state = backend.runners[0].caches[0]
+    assert state["clustercentroids:64"].shape[1] == 16
+    assert state["clustercentroids:8"].shape[1] == 8
+    assert sorted(state["clusterlabels:8"][0].tolist()) == list(range(8))  # each text token is its own cluster
 
 
 # -- the in-graph pieces ------------------------------------------------------------------------------------------

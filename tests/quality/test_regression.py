@@ -64,3 +64,14 @@ def test_the_trained_model_draws_the_digits_asked_for(setup):
     with torch.no_grad():
         accuracy = (load_classifier()(base).argmax(1) == labels).float().mean().item()
     assert accuracy >= MIN_ACCURACY
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_every_committed_reference_draws_the_digits_asked_for(family):
+    ref = load(family)
+    assert ref.meta["family"] == family and ref.meta["steps"] > 0
+    labels = torch.arange(10).repeat_interleave(2)
+    images = sample(ref, ref.transformer, labels, steps=30, seed=0)
+    with torch.no_grad():
+        accuracy = (load_classifier()(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= MIN_ACCURACY

@@ -13,7 +13,8 @@ from .runtime import lowering_names, register_lowering
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DuCaConfig", "Explanation", "FORAConfig", "FxCacheError",
-    "FxCacheWarning", "StepKind", "TaylorSeerConfig", "ToCaConfig", "UnsupportedGraphError", "cache_backend", "explain", "get_method",
-    "lowering_names", "method_names", "register_lowering", "register_method", "reset", "stats", "step",
+    "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DuCaConfig", "Explanation", "FORAConfig",
+    "FxCacheError", "FxCacheWarning", "StepKind", "TaylorSeerConfig", "ToCaConfig", "UnsupportedGraphError",
+    "cache_backend", "explain", "get_method", "lowering_names", "method_names", "register_lowering",
+    "register_method", "reset", "stats", "step",
 ]

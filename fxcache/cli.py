@@ -62,7 +62,8 @@ def demo(argv=None) -> int:
     print()
     print(table)
     print("\nPSNR / SSIM / rel. L2: the same noise, against the uncached images. FD: Frechet distance of our digit "
-          "classifier's logits to those of the 5000 real digits (lower is better). accuracy: the classifier agrees with "
+          "classifier's logits to those of the 5000 real digits (lower is better). accuracy: the classifier "
+          "agrees with "
           "the class asked for. The noise floor row is the uncached model on other noise: two unrelated digits of "
           "the same class.")
     names = ["uncached"] + list(methods) + ["noise floor"]

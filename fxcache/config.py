@@ -144,11 +144,13 @@ def make_config(name: str, *, preset: str | None = None, **options) -> CacheConf
     return cls(**options)
 
 
-def check_int(owner: str, name: str, value, *, minimum: int) -> None:
+def check_int(owner: str, name: str, value, *, minimum: int, maximum: int | None = None, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{owner}.{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{owner}.{name} must be <= {maximum}{f' ({why})' if why else ''}, got {value}")
 
 
 def check_fraction(owner: str, name: str, value) -> None:

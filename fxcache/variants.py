@@ -22,6 +22,7 @@ from .passes import (
     propagate_shapes,
     read_units_from_cache,
     recompute_token_subset,
+    safe_name,
     update_taylor_factors,
 )
 from .passes.toca import (
@@ -234,6 +235,16 @@ def ktable(layout: CacheLayout, sched_step: int) -> dict[str, int]:
                                    list_index=su.list_index, kind=su.unit.kind) for su in layout.scored}
 
 
+def _reclaim_unit_output(b: GraphBuilder, unit: Unit, cached: dict) -> tuple[fx.Node, dict]:
+    """Before recomputing `unit` on a subset: the users its cache placeholder took over go back to the unit's
+    output node (which the recompute then replaces). Returns (the unit's cache placeholder, the other caches)."""
+    out = unit.outputs[0]
+    cache_in = cached[out]
+    for u in list(cache_in.users):
+        u.replace_input_with(cache_in, b.env[out])
+    return cache_in, {n: p for n, p in cached.items() if n is not out}
+
+
 def _build_partial_selected(gm, plan, layout, sched_step):
     b = GraphBuilder(gm)
     config, ks = layout.config, ktable(layout, sched_step)
@@ -248,16 +259,11 @@ def _build_partial_selected(gm, plan, layout, sched_step):
         elif config.score != "staleness":
             keys.append((score_key(su.name), "cache", *score_spec(su, config)))
         for key, kind, shape, dtype in keys:
-            inputs[key] = b.add_placeholder(key.replace(":", "_").replace(".", "_"))
+            inputs[key] = b.add_placeholder(safe_name(key))
             extras.append(ExtraInput(kind, key, shape, dtype))
     written = []
     for su in active:
-        out = su.unit.outputs[0]
-        cache_in = cached[out]
-        anchor = b.env[out]
-        for u in list(cache_in.users):  # give the users back to the region's output, as in _build_partial
-            u.replace_input_with(cache_in, anchor)
-        others = {n: p for n, p in cached.items() if n is not out}
+        cache_in, others = _reclaim_unit_output(b, su.unit, cached)
         new_cache, new_stale = add_selected_recompute(b, su, ks[su.name], config, cache_in, others, inputs)
         b.extra_outputs += [new_cache, new_stale]
         written += [unit_cache_keys(su.unit)[0][0], stale_key(su.name)]
@@ -278,16 +284,9 @@ def _build_partial(gm, plan, layout):
     written = []
     for tokens, units in layout.idx_groups.items():
         for pos, unit in enumerate(units):
-            out = unit.outputs[0]
-            cache_in = cached[out]
-            # The region's copy must feed the users the cache placeholder took over: give them back first.
-            users = list(cache_in.users)
-            anchor = b.env[out]
-            for u in users:
-                u.replace_input_with(cache_in, anchor)
-            with b.graph.inserting_before(anchor):
+            cache_in, others = _reclaim_unit_output(b, unit, cached)
+            with b.graph.inserting_before(b.env[unit.outputs[0]]):
                 idx_row = b.graph.call_function(torch.select, (idx_nodes[tokens], 0, pos))
-            others = {n: p for n, p in cached.items() if n is not out}
             written_node = recompute_token_subset(b, unit, idx_row, cache_in, others)
             b.extra_outputs.append(written_node)
             written.append(unit_cache_keys(unit)[0][0])
@@ -303,9 +302,10 @@ def _build_skip(gm, plan, layout):
 
 
 def build_variant(gm: fx.GraphModule, plan: GraphPlan, config: CacheConfig, kind: StepKind,
-                  sched_step: int = 0) -> Variant:
-    """One variant. `sched_step`: the step whose ratio schedule sets ToCa's k table (PARTIAL only)."""
-    layout = cache_layout(plan, config)
+                  sched_step: int = 0, layout: CacheLayout | None = None) -> Variant:
+    """One variant. `sched_step`: the step whose ratio schedule sets ToCa's k table (PARTIAL only); `layout`:
+    `cache_layout(plan, config)` when the caller already has it."""
+    layout = layout or cache_layout(plan, config)
     selected_k = None
     if kind is StepKind.PARTIAL and layout.scored is not None:
         b, extras, written, selected_k = _build_partial_selected(gm, plan, layout, sched_step)
@@ -355,8 +355,8 @@ def build_variants(gm: fx.GraphModule, plan: GraphPlan, config: CacheConfig) -> 
 
     Methods whose k changes with the step (ToCa ratio schedules with a step weight) get further PARTIAL variants
     from the runner, built on first use."""
-    first = schedule_key(config, config.warmup)
-    return {kind: build_variant(gm, plan, config, kind, first) for kind in StepKind if kind in config.kinds}
+    first, layout = schedule_key(config, config.warmup), cache_layout(plan, config)
+    return {kind: build_variant(gm, plan, config, kind, first, layout) for kind in StepKind if kind in config.kinds}
 
 
 def schedule_key(config: CacheConfig, step: int) -> int:

@@ -49,9 +49,24 @@ def run_reference(ref: HookedReference, inputs: list[dict], branches: int = 1) -
     return outs
 
 
+def assert_loop_matches(compiled, config, outs, expected, uncached=None, tol: float = 1e-5) -> list[str]:
+    """The run followed the method's schedule, equals `expected` within `tol`, and (given the uncached outputs)
+    every cached step differs from the uncached model, so the caching was really active. Returns the kinds."""
+    kinds = [r["kind"] for r in fxcache.stats(compiled)]
+    assert kinds == [config.step_kind(s).value for s in range(len(outs))]
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= tol, (s, kinds[s])
+        if uncached is not None and kinds[s] != "full":
+            assert rel_err(o, uncached[s]) > 1e-4, \
+                f"step {s} ({kinds[s]}) equals the uncached model: caching is inactive"
+    return kinds
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-__all__ = ["compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err", "run",
-           "run_reference", "run_twice_without_recompiles", "timesteps"]
+__all__ = [
+    "assert_loop_matches", "compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err",
+    "run", "run_reference", "run_twice_without_recompiles", "timesteps",
+]

@@ -114,7 +114,7 @@ def find_self_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSo
                     ps = _shape(part)
                     if ps is None:
                         break
-                    if proj.node in _upstream(part, set()):
+                    if proj.node in _upstream(part, {proj.node}):
                         if ps[dim] == unit.tokens:
                             return AttentionSource(sdpa, offset, unit.tokens)
                         break

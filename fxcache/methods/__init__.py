@@ -7,4 +7,6 @@ from .schedule import cycle_position
 from .taylorseer import TaylorSeerConfig
 from .toca import RATIO_SCHEDULES, ToCaConfig
 
-__all__ = ["ClusCaConfig", "DuCaConfig", "FORAConfig", "RATIO_SCHEDULES", "TaylorSeerConfig", "ToCaConfig", "cycle_position"]
+__all__ = [
+    "ClusCaConfig", "DuCaConfig", "FORAConfig", "RATIO_SCHEDULES", "TaylorSeerConfig", "ToCaConfig", "cycle_position",
+]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_int, register_method
-from ..errors import ConfigError
+from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
 from .schedule import cycle_position
 
 
@@ -51,12 +50,9 @@ class ClusCaConfig(CacheConfig):
 
     def _validate(self) -> None:
         check_int("ClusCaConfig", "interval", self.interval, minimum=1)
-        check_int("ClusCaConfig", "order", self.order, minimum=0)
-        if self.order > 8:
-            raise ConfigError(f"ClusCaConfig.order must be <= 8 (the papers use 1-4), got {self.order}")
+        check_int("ClusCaConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
         check_int("ClusCaConfig", "clusters", self.clusters, minimum=1)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"ClusCaConfig.gamma must be a number in [0, 1], got {self.gamma!r}")
+        check_fraction("ClusCaConfig", "gamma", self.gamma)
         object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
         check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
         check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0)

@@ -7,7 +7,7 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
-from .schedule import check_schedule, cycle_position, progress_position
+from .schedule import check_schedule, schedule_position
 
 
 @register_method
@@ -71,10 +71,7 @@ class DuCaConfig(CacheConfig):
         return frozenset(kinds)
 
     def step_kind(self, step: int) -> StepKind:
-        if self.schedule == "counter":
-            j = cycle_position(step, self.interval, self.warmup_steps)
-        else:
-            j = progress_position(self.schedule, step, self.interval, self.num_steps)
+        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
         if j == 0:
             return StepKind.FULL
         return StepKind.PARTIAL if j % 2 == 1 else StepKind.SKIP

@@ -53,3 +53,10 @@ def check_schedule(owner: str, schedule, num_steps) -> None:
         check_int(owner, "num_steps", num_steps, minimum=1)
     if schedule != "counter" and num_steps is None:
         raise ConfigError(f"{owner}.schedule={schedule!r} follows the sampling progress: pass num_steps")
+
+
+def schedule_position(schedule: str, step: int, interval: int, warmup: int, num_steps: int | None) -> int:
+    """j(s) under `schedule`: the counter schedule, or a progress-dependent reference schedule."""
+    if schedule == "counter":
+        return cycle_position(step, interval, warmup)
+    return progress_position(schedule, step, interval, num_steps)

@@ -6,7 +6,6 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import CacheConfig, StepKind, check_int, register_method
-from ..errors import ConfigError
 from .schedule import cycle_position
 
 
@@ -42,9 +41,7 @@ class TaylorSeerConfig(CacheConfig):
 
     def _validate(self) -> None:
         check_int("TaylorSeerConfig", "interval", self.interval, minimum=1)
-        check_int("TaylorSeerConfig", "order", self.order, minimum=0)
-        if self.order > 8:
-            raise ConfigError(f"TaylorSeerConfig.order must be <= 8 (the papers use 1-4), got {self.order}")
+        check_int("TaylorSeerConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
         check_int("TaylorSeerConfig", "warmup_steps", self.warmup_steps, minimum=1)
 
     @property

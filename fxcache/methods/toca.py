@@ -9,7 +9,7 @@ import math
 
 from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
 from ..errors import ConfigError
-from .schedule import check_schedule, cycle_position, progress_position
+from .schedule import check_schedule, schedule_position
 
 SCORES = ("random", "staleness", "knorm", "vnorm", "similarity", "attention", "cross_entropy")
 
@@ -145,13 +145,11 @@ class ToCaConfig(CacheConfig):
         if self.ratio_schedule not in RATIO_SCHEDULES:
             raise ConfigError(f"ToCaConfig.ratio_schedule must be one of {', '.join(RATIO_SCHEDULES)}, "
                               f"got {self.ratio_schedule!r}")
-        if self.num_steps is not None:
-            check_int("ToCaConfig", "num_steps", self.num_steps, minimum=1)
+        check_schedule("ToCaConfig", self.schedule, self.num_steps)
         if RATIO_SCHEDULES[self.ratio_schedule].step_weight and self.num_steps is None:
             raise ConfigError(f"ToCaConfig.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")
         check_int("ToCaConfig", "step_buckets", self.step_buckets, minimum=1)
-        check_schedule("ToCaConfig", self.schedule, self.num_steps)
         check_int("ToCaConfig", "seed", self.seed, minimum=0)
 
     @property
@@ -165,10 +163,7 @@ class ToCaConfig(CacheConfig):
         return True
 
     def step_kind(self, step: int) -> StepKind:
-        if self.schedule == "counter":
-            j = cycle_position(step, self.interval, self.warmup_steps)
-        else:
-            j = progress_position(self.schedule, step, self.interval, self.num_steps)
+        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
         return StepKind.FULL if j == 0 else StepKind.PARTIAL
 
     def schedule_step(self, step: int) -> int:

@@ -42,6 +42,7 @@ class Runner:
         self._first_key = schedule_key(config, config.warmup)
         self._more: dict[tuple[StepKind, int], Variant] = {}
         self._fns: dict[tuple[StepKind, int], Callable] = {}
+        self._state_keys = {e.key for v in variants.values() for e in v.extra_inputs if e.kind == "state"}
         self._indices: dict[str, torch.Tensor] = {}
         self._indices_step = -1
         self._generator: torch.Generator | None = None
@@ -83,9 +84,11 @@ class Runner:
             taylor = self.taylor.setdefault(branch, TaylorState(self.config.taylor_order, self.config.warmup))
         per_step = [e for e in variant.extra_inputs if e.kind in ("idx", "rand")]
         indices = self._token_indices(step, per_step, device) if per_step else {}
+        # a FULL step anchors the Taylor deltas even when the variant takes no `taylor_diff` (order 0)
+        diff = taylor.full_inputs(step, device) if kind is StepKind.FULL and taylor is not None else None
         extra = []
         for e in variant.extra_inputs:
-            if e.kind == "idx":
+            if e.kind in ("idx", "rand"):  # one draw per step, shared by the CFG branches
                 extra.append(indices[e.key])
             elif e.kind in ("cache", "state"):
                 value = state.get(e.key)
@@ -93,11 +96,9 @@ class Runner:
                     value = torch.zeros(e.shape, dtype=e.dtype, device=device)
                 extra.append(value)
             elif e.kind == "diff":
-                extra.append(taylor.full_inputs(step, device))
+                extra.append(diff)
             elif e.kind == "coef":
                 extra.append(taylor.forecast_inputs(step, device))
-            elif e.kind == "rand":  # one draw per step, shared by the CFG branches (like token indices)
-                extra.append(indices[e.key])
             elif e.kind == "kinit":
                 tokens = int(e.key.split(":")[1])
                 perm = torch.randperm(tokens, generator=self._rng(device), device=device)
@@ -107,8 +108,6 @@ class Runner:
                 extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
             else:  # pragma: no cover - build_variants only emits the kinds above
                 raise AssertionError(e.kind)
-        if kind is StepKind.FULL and taylor is not None and not any(e.kind == "diff" for e in variant.extra_inputs):
-            taylor.full_inputs(step, device)  # order 0: no diff input, but the FULL step still anchors delta
         return extra
 
     def _rng(self, device) -> torch.Generator:
@@ -139,6 +138,7 @@ class Runner:
         if variant is None:
             log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id, key)
             variant = self._more[(kind, key)] = build_variant(self.gm, self.plan, self.config, kind, key)
+            self._state_keys |= {e.key for e in variant.extra_inputs if e.kind == "state"}
         return variant, key
 
     def _lowered(self, kind: StepKind, key: int, variant: Variant, args) -> Callable:
@@ -163,8 +163,8 @@ class Runner:
         extra = self._extra_inputs(variant, kind, step, branch, args[self.plan.timestep_index].device)
         full_args = list(args) + extra
         result = self._lowered(kind, key, variant, full_args)(*full_args)
-        if kind is StepKind.FULL:  # per-token staleness restarts with every FULL step
-            for k in [k for k in state if k.startswith("tocastale:")]:
+        if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
+            for k in self._state_keys & state.keys():
                 del state[k]
         n = variant.num_outputs
         for key, value in zip(variant.extra_outputs, result[n:]):

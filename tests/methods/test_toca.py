@@ -13,7 +13,9 @@ from fxcache.methods import RATIO_SCHEDULES
 from fxcache.passes.select_tokens import select_tokens, spatial_bonus
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ToCaReference
-from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference, run_twice_without_recompiles
+from helpers import (
+    assert_loop_matches, compile_cached, loop_inputs, make_model, rel_err, run, run_twice_without_recompiles,
+)
 
 STEPS = 9
 
@@ -148,13 +150,7 @@ def test_loop_equals_hooked_reference(name, opts, batch):
         expected.append(ref(s, 0, **kw)[0])
         if s == 0:
             ref.k = {n: int(opts["fresh_ratio"] * ref.tokens[n] + 1e-9) for n in ref.order}
-    uncached = run(model, inputs)
-    kinds = [r["kind"] for r in fxcache.stats(compiled)]
-    assert kinds == [backend.config.step_kind(s).value for s in range(STEPS)]
-    for s, (o, e, u) in enumerate(zip(outs, expected, uncached)):
-        assert rel_err(o, e) <= 1e-5, (s, kinds[s])
-        if kinds[s] != "full":
-            assert rel_err(o, u) > 1e-4
+    assert_loop_matches(compiled, backend.config, outs, expected, run(model, inputs))
 
 
 @pytest.mark.parametrize("name", ["flux", "pixart"])

@@ -1,7 +1,11 @@
-"""Speed vs. quality of every fxcache method on a trained reference digit model, side by side in one run.
+"""Speed vs. quality of every fxcache method and its peers on a trained reference digit model, side by side in one run.
 
-    python benchmarks/eval_quality.py --family flux                 # 100 digits, 50 steps, Inductor
-    python benchmarks/eval_quality.py --family dit --per-class 4 --repeats 1 --lowering eager   # quick
+    python benchmarks/eval_quality.py --family flux                 # 100 digits, 50 steps, Inductor, with peers
+    python benchmarks/eval_quality.py --family dit --per-class 4 --repeats 1 --lowering eager --no-peers  # quick
+
+Peers: diffusers' cache hooks (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache) and cache-dit (DBCache,
+its TaylorSeer calibrator) at two to four settings each, each on its own copy of the same model, same sampler and
+same noise (`fxcache.quality.peers`); compiled with plain torch.compile, as their users would.
 
 Writes <out>/quality_<family>.md (the table) and <out>/quality_<family>.png (latency speedup vs. PSNR, with the
 noise floor and the equal-compute fewer-steps rows), and prints the table.
@@ -25,6 +29,7 @@ except ImportError:  # running from a checkout without the package installed
 
 from fxcache.config import make_config
 from fxcache.quality.evaluate import evaluate, pareto_plot
+from fxcache.quality.peers import all_peers, cachedit_available
 from fxcache.quality.reference import FAMILIES, load
 
 #: label -> (method, options); presets where the method's paper has one for the family (else its defaults).
@@ -46,12 +51,17 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peers", action="store_true", help="fxcache methods only")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
     ref = load(args.family)
     methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
+    if not args.no_peers:
+        if not cachedit_available():
+            print("cache-dit is not installed (pip install cache-dit): its rows are left out", flush=True)
+        methods.update({peer.label: peer for peer in all_peers(ref, args.steps, args.guidance)})
     report = evaluate(ref, methods, per_class=args.per_class, steps=args.steps, repeats=args.repeats,
                       guidance=args.guidance, lowering=args.lowering,
                       progress=lambda m: print(m, flush=True))

@@ -20,6 +20,7 @@ from .. import cache_backend, stats
 from ..config import CacheConfig
 from .classifier import load_classifier, real_feature_stats
 from .metrics import frechet_distance, psnr, rel_l2, ssim
+from .peers import Peer, PeerModel
 from .reference import ReferenceModel
 from .sampling import sample
 
@@ -27,7 +28,7 @@ from .sampling import sample
 @dataclasses.dataclass
 class Row:
     label: str
-    kind: str  # "uncached" | "method" | "noise floor" | "fewer steps"
+    kind: str  # "uncached" | "method" (fxcache) | "peer" (another library) | "noise floor" | "fewer steps"
     steps: int
     seconds: float | None = None
     flops: float | None = None
@@ -38,6 +39,8 @@ class Row:
     rel_l2: float | None = None
     fd: float | None = None
     accuracy: float | None = None
+    graphs: int | None = None  # graphs Dynamo compiled for this row (warm-up run)
+    graph_breaks: int | None = None
 
 
 @dataclasses.dataclass
@@ -51,8 +54,8 @@ class Report:
 
     def table(self) -> str:
         head = ("| method | steps | s per run | latency speedup | GFLOPs | FLOPs speedup | PSNR dB | SSIM | rel. L2 | "
-                "FD | accuracy |")
-        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "FD | accuracy | graphs / breaks |")
+        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def f(v, spec):
             return "-" if v is None else format(v, spec)
@@ -60,7 +63,8 @@ class Report:
         for r in self.rows:
             lines.append(f"| {r.label} | {r.steps} | {f(r.seconds, '.3f')} | {f(r.latency_speedup, '.2f')} | "
                          f"{f(r.flops and r.flops / 1e9, '.1f')} | {f(r.flops_speedup, '.2f')} | {f(r.psnr, '.2f')} | "
-                         f"{f(r.ssim, '.4f')} | {f(r.rel_l2, '.4f')} | {f(r.fd, '.2f')} | {f(r.accuracy, '.3f')} |")
+                         f"{f(r.ssim, '.4f')} | {f(r.rel_l2, '.4f')} | {f(r.fd, '.2f')} | {f(r.accuracy, '.3f')} | "
+                         f"{'-' if r.graphs is None else f'{r.graphs} / {r.graph_breaks}'} |")
         return "\n".join(lines)
 
 
@@ -77,10 +81,30 @@ def _flops_of_call(ref: ReferenceModel, batch: int) -> int:
     return int(counter.get_total_flops())
 
 
-def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_class: int = 10, steps: int = 50,
+def _flops_of_generation(model: PeerModel, generate: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one whole generation of a hooked peer model, counted on its eager path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    compiled_run = model._run
+    model.eager()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            generate()
+    finally:
+        model._run = compiled_run
+    return int(counter.get_total_flops())
+
+
+def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], *, per_class: int = 10, steps: int = 50,
              guidance: float = 2.0, seed: int = 0, lowering: str = "inductor", repeats: int = 3,
              cfg: str = "batched", progress: Callable[[str], None] | None = None) -> Report:
-    """Sample `10 * per_class` images (classes 0-9) uncached and with each method, from the same noise."""
+    """Sample `10 * per_class` images (classes 0-9) uncached and with each method, from the same noise.
+
+    A `Peer` (another library's cache, `fxcache.quality.peers`) gets its own hooked copy of the transformer, compiled
+    with plain `torch.compile` under `lowering="inductor"`; its FLOPs are counted on one eager run of the hooked copy
+    (its caching decisions are the same ones: same model, same noise).
+    """
+    from torch._dynamo.utils import counters
     labels = torch.arange(10).repeat_interleave(per_class)
     n = labels.shape[0]
     noise = torch.randn(ref.latent_shape(n), generator=torch.Generator().manual_seed(seed))
@@ -90,6 +114,9 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_
     real_feats = real_feature_stats()
 
     def compiled(config):
+        if isinstance(config, Peer):
+            model = config.make(ref, steps)
+            return model.compile(dynamic=False) if lowering == "inductor" else model
         if config is None:
             return torch.compile(ref.transformer, dynamic=False) if lowering == "inductor" else ref.transformer
         backend = config if not isinstance(config, (str, CacheConfig)) else None
@@ -102,18 +129,26 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_
         models[name] = compiled(config)
 
     def run(name, model, s=steps, z=noise):
+        if isinstance(model, PeerModel):
+            model.reset()  # what a pipeline does between generations
         return sample(ref, model, labels, steps=s, guidance=guidance, cfg=cfg, noise=z)
 
     outputs, flops = {}, {}
     rows_per_call = 2 * n if (guidance != 1.0 and cfg == "batched") else n
     calls_per_step = 1 if (guidance == 1.0 or cfg == "batched") else 2
     call_flops = _flops_of_call(ref, rows_per_call)
+    dynamo = {}
     for name, model in models.items():
         say(f"warm-up {name} (compile + first run)")
-        before = len(stats(model)) if name != "uncached" else 0
+        before = len(stats(model)) if name not in ("uncached",) and not isinstance(model, PeerModel) else 0
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         outputs[name] = run(name, model)
+        if lowering == "inductor":
+            dynamo[name] = (counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks)
         if name == "uncached":
             flops[name] = call_flops * steps * calls_per_step
+        elif isinstance(model, PeerModel):
+            flops[name] = _flops_of_generation(model, lambda: run(name, model))
         else:
             recs = stats(model)[before:]
             flops[name] = sum(r["flops"] for r in recs) if all(r["flops"] is not None for r in recs) else None
@@ -140,8 +175,10 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str], *, per_
     rows = []
     for name in models:
         med = statistics.median(seconds[name])
-        row = Row(name, "uncached" if name == "uncached" else "method", steps, med, flops[name], base_s / med,
+        kind = "uncached" if name == "uncached" else "peer" if isinstance(models[name], PeerModel) else "method"
+        row = Row(name, kind, steps, med, flops[name], base_s / med,
                   (flops["uncached"] / flops[name]) if flops[name] else None)
+        row.graphs, row.graph_breaks = dynamo.get(name, (None, None))
         rows.append(judge(row, outputs[name]))
     say("noise floor: uncached, other noise")
     floor = run("uncached", models["uncached"], z=other)
@@ -170,7 +207,7 @@ def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=130)
     for r in report.rows:
         value = getattr(r, metric)
         if r.kind == "noise floor":
@@ -178,17 +215,21 @@ def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
             continue
         if r.latency_speedup is None or value is None:
             continue
-        marker = {"uncached": "*", "method": "o", "fewer steps": "s"}[r.kind]
-        color = {"uncached": "black", "method": None, "fewer steps": "tab:grey"}[r.kind]
+        marker = {"uncached": "*", "method": "o", "peer": "^", "fewer steps": "s"}[r.kind]
+        color = {"uncached": "black", "method": "tab:blue", "peer": "tab:orange", "fewer steps": "tab:grey"}[r.kind]
         shown = min(value, 60.0)
-        ax.scatter([r.latency_speedup], [shown], marker=marker, color=color, s=60, zorder=3)
+        ax.scatter([r.latency_speedup], [shown], marker=marker, color=color, s=40, zorder=3,
+                   label={"method": "fxcache", "peer": "peers (diffusers hooks, cache-dit)",
+                          "fewer steps": "uncached, fewer steps"}.get(r.kind))
         name = r.label.split(" (")[0].replace("uncached, ", "")
-        ax.annotate(name, (r.latency_speedup, shown), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(name, (r.latency_speedup, shown), textcoords="offset points", xytext=(4, 3), fontsize=5.5)
     ax.set_xlabel("latency speedup vs uncached torch.compile")
     ax.set_ylabel({"psnr": "PSNR vs uncached (dB, capped at 60)", "ssim": "SSIM vs uncached"}.get(metric, metric))
     ax.set_title(f"{report.model}: {report.images} digits, {report.steps} steps, guidance {report.guidance}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles))  # one legend entry per kind
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,5 +1,6 @@
 """Sampling loops for the reference models: diffusers' FlowMatchEulerDiscreteScheduler, classifier-free guidance
-batched (one call with cond + uncond rows, as PixArt/SD3/DiT pipelines do) or sequential (two calls per step)."""
+batched (one call with uncond + cond rows, in that order, as PixArt/SD3/DiT pipelines do) or sequential (two calls
+per step)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ def sample(ref: ReferenceModel, model, labels: torch.Tensor, *, steps: int = 50,
     with torch.no_grad():
         cond = ref.conditioner(labels)
         uncond = ref.conditioner(torch.full_like(labels, NULL_CLASS))
-        both = _cat(cond, uncond)
+        both = _cat(uncond, cond)
         for i, t in enumerate(sched.timesteps):
             sigma = (t / 1000.0).reshape(1)
             if guidance == 1.0:
                 v = ref.call(model, x, sigma, cond)
             elif cfg == "batched":
-                v_c, v_u = ref.call(model, torch.cat([x, x]), sigma, both).chunk(2)
+                v_u, v_c = ref.call(model, torch.cat([x, x]), sigma, both).chunk(2)
                 v = v_u + guidance * (v_c - v_u)
             else:
                 v_c = ref.call(model, x, sigma, cond)

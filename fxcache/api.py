@@ -33,7 +33,9 @@ class CacheBackend:
     def __init__(self, config: CacheConfig, *, lowering: str = "inductor", strict: bool = False,
                  block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
                  max_records: int = 100_000):
-        get_lowering(lowering)  # validate early
+        check = getattr(get_lowering(lowering), "check", None)  # validate early: the name, and what it needs
+        if check is not None:
+            check()
         if not isinstance(block_lists, tuple) or not block_lists or not all(isinstance(b, str) for b in block_lists):
             raise ConfigError(f"block_lists must be a non-empty tuple of module-list names, got {block_lists!r}")
         self.config = config

@@ -1,4 +1,5 @@
-"""`fxcache demo`: uncached vs. cached sampling on the embedded trained digit model: table, image grid, Pareto plot."""
+"""Command line: `fxcache demo` (uncached vs. cached sampling on the embedded trained digit model: table, image grid,
+Pareto plot) and `fxcache export` (a cached transformer to ONNX / TensorRT artifacts and a manifest)."""
 
 from __future__ import annotations
 
@@ -77,16 +78,103 @@ def demo(argv=None) -> int:
     return 0
 
 
+def _option(text: str) -> tuple[str, object]:
+    import ast
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"options are NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value  # a bare string such as score=knorm
+
+
+def export_cmd(argv=None) -> int:
+    """Export a cached transformer: one artifact per variant (weights as constants) and manifest.json."""
+    import os
+
+    import fxcache
+
+    p = argparse.ArgumentParser(prog="fxcache export", description=export_cmd.__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--reference", default="flux", choices=("flux", "dit", "pixart"),
+                     help="a committed trained digit model (default flux)")
+    src.add_argument("--model", help="a diffusers transformer folder (from save_pretrained); needs --inputs")
+    p.add_argument("--inputs", help="safetensors file of the example call's keyword tensors (with --model)")
+    p.add_argument("--batch", type=int, default=1, help="images per call for --reference (default 1)")
+    p.add_argument("--no-cfg", action="store_true", help="--reference: no batched CFG rows")
+    p.add_argument("--method", default="duca", help=f"one of {', '.join(fxcache.method_names())} (default duca)")
+    p.add_argument("--preset", help="the method's preset (flux, dit, pixart, video)")
+    p.add_argument("--option", "-o", action="append", type=_option, default=[], metavar="NAME=VALUE",
+                   help="a method option, e.g. -o interval=3 -o ratio=0.9 (repeatable)")
+    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
+    p.add_argument("--num-steps", type=int, default=50, help="sampler steps the schedule covers (default 50)")
+    p.add_argument("--out", default="fxcache-export", help="output folder (default ./fxcache-export)")
+    args = p.parse_args(argv)
+    if args.model:
+        if not args.inputs:
+            p.error("--model needs --inputs (a safetensors file of the example keyword tensors)")
+        from diffusers import AutoModel
+        from safetensors.torch import load_file
+
+        transformer = AutoModel.from_pretrained(args.model).eval()
+        inputs = load_file(args.inputs)
+        what = args.model
+    else:
+        from fxcache.quality.reference import load
+
+        ref = load(args.reference)
+        transformer, inputs = ref.transformer, ref.example_inputs(args.batch, cfg=not args.no_cfg)
+        what = f"the {args.reference} reference"
+    options = dict(args.option)
+    if args.preset:
+        options["preset"] = args.preset
+    config = fxcache.config.make_config(args.method, **options)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+    print(f"exporting {what} with {config!r} to {args.format} in {args.out}/ ({shapes})", flush=True)
+    t0 = time.perf_counter()
+    manifest = fxcache.export(transformer, inputs, config, format=args.format, out_dir=args.out,
+                              num_steps=args.num_steps)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    for a in manifest.artifacts:
+        size = os.path.getsize(os.path.join(args.out, a.file)) / 1e6
+        caches = sum(1 for t in a.inputs if t.role.startswith("extra:cache:"))
+        print(f"  {a.file:<16} {a.kind:<9} {size:7.1f} MB  {a.flops / 1e9:7.2f} GFLOPs  {caches:3d} cache inputs  "
+              f"max |runtime - torch| {a.max_abs_error:.1e}")
+    letters = {"full": "F", "partial": "P", "skip": "S", "reuse": "R", "forecast": "T", "cluster": "C"}
+    kinds = "".join(letters.get(s["kind"], "?") for s in manifest.schedule)
+    print(f"schedule ({manifest.num_steps} steps; F full, P partial, S skip, R reuse, T Taylor forecast, C cluster): "
+          f"{kinds}\nrun it: fxcache.deploy.CachedSession({args.out!r})")
+    return 0
+
+
+COMMANDS = {"demo": demo, "export": export_cmd}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fxcache demo [--out DIR] [--steps N] [--per-class N] [--repeats N] "
-              "[--lowering inductor|eager] [--threads T]")
+              "[--lowering inductor|eager] [--threads T]\n"
+              "       fxcache export [--reference flux|dit|pixart | --model DIR --inputs FILE] [--method M] "
+              "[-o NAME=VALUE] [--format onnx|tensorrt] [--num-steps N] [--out DIR]\n"
+              "       fxcache COMMAND --help")
         return 0 if argv else 2
-    if argv[0] == "demo":
-        return demo(argv[1:])
-    print(f"fxcache: unknown command {argv[0]!r}; commands: demo", file=sys.stderr)
+    if argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except fxcache_errors() as exc:
+            print(f"fxcache {argv[0]}: {exc}", file=sys.stderr)
+            return 1
+    print(f"fxcache: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
+
+
+def fxcache_errors():
+    from fxcache.errors import FxCacheError
+
+    return FxCacheError
 
 
 if __name__ == "__main__":

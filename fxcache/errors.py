@@ -36,3 +36,11 @@ class UnsupportedGraphError(FxCacheError):
         if summary:
             parts.append("what the analysis found:\n" + summary)
         super().__init__("\n".join(parts))
+
+
+class ExportError(FxCacheError):
+    """A model, variant or op could not be exported, or an exported artifact is missing or does not match."""
+
+
+class MissingDependencyError(FxCacheError, ImportError):
+    """An optional dependency (onnx, onnxruntime, torch-tensorrt, CUDA) is needed for what was asked."""

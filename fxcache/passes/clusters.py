@@ -16,6 +16,17 @@ from .graph_builder import GraphBuilder
 from .recompute_token_subset import gather_rows, recompute_region, scatter_rows
 
 
+def l1_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(B, N, K) L1 distances of tokens x (B, N, D) to centroids c (B, K, D).
+
+    `torch.cdist` has no ONNX translation; for export, one broadcast difference per centroid (K of them) computes
+    the same values with (B, N, D) memory each instead of a (B, N, K, D) intermediate.
+    """
+    if torch.compiler.is_exporting():
+        return torch.stack([(x - c[:, j:j + 1]).abs().sum(-1) for j in range(c.shape[1])], dim=-1)
+    return torch.cdist(x, c, p=1)
+
+
 def kmeans(x: torch.Tensor, prev: torch.Tensor, init_idx: torch.Tensor, warm: torch.Tensor,
            iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means per batch row, L1 assignment, mean centroids, fixed `iters` (ALGORITHMS.md 5).
@@ -28,11 +39,11 @@ def kmeans(x: torch.Tensor, prev: torch.Tensor, init_idx: torch.Tensor, warm: to
     k = init_idx.shape[0]
     c = torch.where(warm.reshape(1, 1, 1) > 0, prev, torch.index_select(x, 1, init_idx))
     for _ in range(iters):
-        onehot = F.one_hot(torch.cdist(x, c, p=1).argmin(-1), k).to(x.dtype)  # (B, N, K)
+        onehot = F.one_hot(l1_distances(x, c).argmin(-1), k).to(x.dtype)  # (B, N, K)
         counts = onehot.sum(1).unsqueeze(-1)  # (B, K, 1)
         sums = onehot.transpose(1, 2) @ x  # (B, K, D)
         c = torch.where(counts > 0, sums / counts.clamp_min(1.0), c)
-    return torch.cdist(x, c, p=1).argmin(-1), c
+    return l1_distances(x, c).argmin(-1), c
 
 
 def cluster_members(labels: torch.Tensor, rand: torch.Tensor, k: int) -> torch.Tensor:

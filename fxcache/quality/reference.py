@@ -103,15 +103,26 @@ class ReferenceModel:
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, 1, IMAGE, IMAGE)
 
-    def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """Velocity prediction v = noise - x0 at time t in [0, 1] (1 = pure noise), image layout in and out."""
+    def inputs(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
+        """The transformer's keyword arguments for images x at time t in [0, 1] (1 = pure noise)."""
         b = x.shape[0]
         if self.family == "flux":
             img_ids, txt_ids = flux_ids()
-            out = model(hidden_states=pack(x), timestep=t.expand(b).to(x.dtype), img_ids=img_ids, txt_ids=txt_ids,
-                        return_dict=False, **cond)[0]
-            return unpack(out)
-        return model(hidden_states=x, timestep=(1000.0 * t).expand(b).to(x.dtype), return_dict=False, **cond)[0]
+            return dict(hidden_states=pack(x), timestep=t.expand(b).to(x.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                        **cond)
+        return dict(hidden_states=x, timestep=(1000.0 * t).expand(b).to(x.dtype), **cond)
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Velocity prediction v = noise - x0 at time t in [0, 1] (1 = pure noise), image layout in and out."""
+        out = model(**self.inputs(x, t, cond), return_dict=False)[0]
+        return unpack(out) if self.family == "flux" else out
+
+    def example_inputs(self, batch: int = 1, cfg: bool = True) -> dict:
+        """One call's inputs at the shapes of sampling `batch` images (doubled rows with batched CFG)."""
+        rows = 2 * batch if cfg else batch
+        labels = torch.arange(rows) % (NULL_CLASS + 1)
+        with torch.no_grad():
+            return self.inputs(torch.zeros(self.latent_shape(rows)), torch.ones(1), self.conditioner(labels))
 
 
 def build(family: str, seed: int = 0) -> ReferenceModel:

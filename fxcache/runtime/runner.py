@@ -46,6 +46,7 @@ class Runner:
         self._indices: dict[str, torch.Tensor] = {}
         self._indices_step = -1
         self._generator: torch.Generator | None = None
+        self.example_args: tuple | None = None  # the first call's arguments, kept only for export
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -150,6 +151,8 @@ class Runner:
         return fn
 
     def __call__(self, *args):
+        if self.example_args is None and getattr(self.backend, "capture_args", False):
+            self.example_args = args
         step, branch, new, t = self._position(args)
         if new:
             self.caches.clear()

@@ -1,0 +1,204 @@
+"""`CachedSession`: runs an exported cached transformer, a drop-in for the transformer in a sampling loop.
+
+It is the compiled runner's own logic (`fxcache.runtime.Runner`: the timestep rule for steps and CFG branches,
+FULL while a branch lacks caches, token indices drawn once per step from the config's seed, Taylor scalars,
+state cleared at FULL steps) with the variants read from the manifest and executed by onnxruntime or TensorRT,
+so an exported loop makes the same choices as `torch.compile(..., backend=fxcache.cache_backend(...))`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import types
+from typing import Callable
+
+import torch
+
+from ..config import CacheConfig, StepKind
+from ..errors import ConfigError, ExportError
+from ..export.graph import dtype_from_name
+from ..export.manifest import Artifact, Manifest, read_manifest
+from ..runtime.runner import Runner
+from ..variants import ExtraInput, schedule_key
+
+_CALLS = itertools.count()
+
+
+@dataclasses.dataclass
+class VariantSpec:
+    """What the runner needs to know of a variant, read from an artifact of the manifest."""
+
+    kind: StepKind
+    extra_inputs: list[ExtraInput]
+    extra_outputs: list[str]
+    num_outputs: int
+    single_output: bool
+    flops: int
+    tokens: int
+    artifact: Artifact
+
+    @classmethod
+    def of(cls, a: Artifact) -> "VariantSpec":
+        extras = []
+        for t in a.inputs:
+            if t.role.startswith("extra:"):
+                _, kind, key = t.role.split(":", 2)
+                extras.append(ExtraInput(kind, key, tuple(t.shape), dtype_from_name(t.dtype)))
+        caches = [t.role.split(":", 1)[1] for t in a.outputs if t.role.startswith("cache:")]
+        return cls(StepKind(a.kind), extras, caches, a.num_outputs, a.single_output, a.flops, a.tokens, a)
+
+
+class _SessionRunner(Runner):
+    """The compiled runner with variants from the manifest and executors instead of lowerings."""
+
+    def __init__(self, session: "CachedSession", manifest: Manifest, config: CacheConfig, make_executor):
+        specs = {}
+        first = schedule_key(config, config.warmup)
+        for a in manifest.artifacts:
+            kind = StepKind(a.kind)
+            if kind is not StepKind.PARTIAL or a.schedule_key == first or kind not in specs:
+                specs[kind] = VariantSpec.of(a)
+        plan = types.SimpleNamespace(timestep_index=manifest.timestep_input)
+        super().__init__(backend=session, graph_id=0, plan=plan, config=config, variants=specs, lowering="eager")
+        self._first_key = specs[StepKind.PARTIAL].artifact.schedule_key if StepKind.PARTIAL in specs else first
+        self.manifest = manifest
+        self.make_executor = make_executor
+        self._specs: dict[tuple[StepKind, int], VariantSpec] = {}
+
+    def _variant(self, kind: StepKind, step: int):
+        key = schedule_key(self.config, step) if kind is StepKind.PARTIAL else 0
+        spec = self._specs.get((kind, key))
+        if spec is None:
+            spec = self._specs[(kind, key)] = VariantSpec.of(self.manifest.artifact(kind.value, key))
+            self._state_keys |= {e.key for e in spec.extra_inputs if e.kind == "state"}
+        return spec, key
+
+    def _lowered(self, kind: StepKind, key: int, variant: VariantSpec, args) -> Callable:
+        fn = self._fns.get((kind, key))
+        if fn is None:
+            fn = self._fns[(kind, key)] = self.make_executor(variant.artifact)
+        return fn
+
+
+class CachedSession:
+    """Run an export folder: `session(**transformer_kwargs)` like the transformer, one call per model evaluation.
+
+    Args:
+        folder: written by `fxcache.export` (`manifest.json` + one artifact per variant).
+        providers: onnxruntime providers (default CPU; e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]).
+
+    For diffusers pipelines it offers `config` (the transformer's config), `dtype`, `device` and a no-op
+    `cache_context`; `reset()` starts a new generation early; `stats()` has one record per call.
+    """
+
+    def __init__(self, folder: str, providers: list[str] | None = None):
+        self.folder = folder
+        self.manifest = read_manifest(folder)
+        m = self.manifest
+        try:
+            self.cache_config = CacheConfig.from_dict(m.config)
+        except Exception as exc:  # an unknown method or option from another fxcache version
+            raise ExportError(f"the manifest's cache config cannot be read: {exc}") from None
+        self.providers = providers
+        self.override = None
+        self.records: list[dict] = []
+        self.config = _model_config(m.model_config)
+        self.dtype = dtype_from_name(m.user_inputs[0].dtype) if m.user_inputs else torch.float32
+        self.device = torch.device("cuda" if providers and any("CUDA" in p or "Tensorrt" in p for p in providers)
+                                   else "cpu") if m.format == "onnx" else torch.device("cuda")
+        # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
+        self._executors = {(a.kind, a.schedule_key): self._executor(a) for a in m.artifacts}
+        self._runner = _SessionRunner(self, m, self.cache_config, lambda a: self._executors[(a.kind, a.schedule_key)])
+
+    def _executor(self, artifact: Artifact):
+        path = os.path.join(self.folder, artifact.file)
+        if self.manifest.format == "onnx":
+            from ..export.onnx import OnnxExecutor
+
+            return OnnxExecutor(path, artifact.inputs, artifact.outputs, self.providers)
+        from ..export.tensorrt import TensorRTExecutor
+
+        return TensorRTExecutor(path)
+
+    # -- the runner's backend interface ----------------------------------------------------------------------
+    def _record(self, **record) -> None:
+        self.records.append(record)
+
+    # -- user interface --------------------------------------------------------------------------------------
+    def __call__(self, *args, return_dict: bool = True, **kwargs):
+        if args:  # diffusers transformers take hidden_states first
+            if "hidden_states" in kwargs or len(args) > 1:
+                raise ConfigError("pass the transformer inputs as keyword arguments (hidden_states=..., ...)")
+            kwargs["hidden_states"] = args[0]
+        inputs = [self._input(spec, kwargs) for spec in self.manifest.user_inputs]
+        with torch.no_grad():
+            out = self._runner(*inputs)
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        structure = self.manifest.output_structure
+        if structure == "tensor":
+            return outs[0]
+        if return_dict and structure == "model_output":
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=outs[0])
+        return tuple(outs)
+
+    forward = __call__
+
+    def _input(self, spec, kwargs) -> torch.Tensor:
+        value = kwargs
+        for part in spec.name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                given = ", ".join(sorted(kwargs))
+                raise ConfigError(f"missing input {spec.name!r}; the export takes "
+                                  f"{', '.join(s.name for s in self.manifest.user_inputs)} (given: {given})")
+            value = value[part]
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        want = dtype_from_name(spec.dtype)
+        if list(value.shape) != list(spec.shape):
+            raise ConfigError(f"input {spec.name!r} has shape {tuple(value.shape)}, but {self.folder!r} was exported "
+                              f"for {tuple(spec.shape)}; shapes are static: export again with inputs of this shape")
+        if value.dtype != want:
+            raise ConfigError(f"input {spec.name!r} has dtype {value.dtype}, the export takes {want}")
+        return value
+
+    def reset(self) -> None:
+        """Free the caches; the next call starts a new generation (the timestep rule also does this)."""
+        self._runner.reset()
+
+    def stats(self) -> list[dict]:
+        return [dict(r) for r in self.records]
+
+    def cache_bytes(self) -> int:
+        return self._runner.cache_bytes()
+
+    @contextlib.contextmanager
+    def step(self, index: int, branch: int = 0):
+        """Calls inside run as step `index` of CFG branch `branch` (for samplers whose timesteps repeat)."""
+        previous, self.override = self.override, (index, branch)
+        try:
+            yield self
+        finally:
+            self.override = previous
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers pipelines wrap each call in `transformer.cache_context(...)`; the session needs nothing."""
+        yield
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{a.kind}" + (f"@{a.schedule_key}" if a.schedule_key else "") for a in self.manifest.artifacts)
+        return f"CachedSession({self.folder!r}, {self.manifest.method}, {self.manifest.format}: {kinds})"
+
+
+def _model_config(data: dict):
+    try:
+        from diffusers.configuration_utils import FrozenDict
+
+        return FrozenDict(data)
+    except ImportError:  # attribute access without diffusers
+        return types.SimpleNamespace(**data)

@@ -1,0 +1,106 @@
+"""ONNX artifacts: `torch.onnx.export` (dynamo exporter) of a lifted variant, and an onnxruntime executor."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+from .graph import dtype_from_name
+
+INSTALL = "pip install 'fxcache[onnx]' (onnx, onnxscript, onnxruntime; onnxruntime-gpu for the CUDA provider)"
+
+
+def _require():
+    from .api import require
+
+    require("onnx", INSTALL, "ONNX export")
+    require("onnxscript", INSTALL, "ONNX export")
+
+
+class OnnxWriter:
+    suffix = ".onnx"
+
+    def write(self, gm, inputs, in_specs, out_specs, stem: str, kind: str) -> str:
+        _require()
+        path = stem + self.suffix
+        # one self-contained file unless the weights pass protobuf's 2 GB limit (then `<file>.data` beside it)
+        weight_bytes = sum(b.numel() * b.element_size() for b in gm.buffers())
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(gm, tuple(inputs), path, dynamo=True, optimize=True, verbose=False,
+                                  external_data=weight_bytes > 1_800_000_000,
+                                  input_names=[s.name for s in in_specs], output_names=[s.name for s in out_specs])
+        except Exception as exc:  # the exporter raises many types; name the variant and the op
+            text = str(exc)
+            ops = sorted(set(re.findall(r"(aten\.\w+(?:\.\w+)?)", text)))
+            op = f"; ops named in the exporter's message: {', '.join(ops[:8])}" if ops else ""
+            raise ExportError(f"the {kind} variant could not be exported to ONNX: {type(exc).__name__}: "
+                              f"{text.strip().splitlines()[0] if text.strip() else ''}{op}") from exc
+        return path.rsplit("/", 1)[-1]
+
+    def run(self, path, inputs, in_specs, out_specs) -> list[torch.Tensor]:
+        return OnnxExecutor(path, in_specs, out_specs)(*inputs)
+
+
+class _quiet:
+    """The exporter and its ONNX libraries log progress and notes at INFO / WARNING; keep the user's console clean."""
+
+    names = ("torch.onnx", "onnx_ir", "onnxscript")
+
+    def __enter__(self):
+        self.levels = {n: logging.getLogger(n).level for n in self.names}
+        for n in self.names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+class OnnxExecutor:
+    """One artifact in an onnxruntime session; called with torch tensors in manifest order, returns torch tensors."""
+
+    def __init__(self, path: str, in_specs, out_specs, providers=None):
+        from .api import require
+
+        ort = require("onnxruntime", INSTALL, "running ONNX artifacts")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        # the exporter drops inputs a variant does not read (SKIP ignores the text tokens): feed only the others
+        self.feed = [(i, s.name) for i, s in enumerate(in_specs) if s.name in graph_inputs]
+        unknown = graph_inputs - {s.name for s in in_specs}
+        if unknown:
+            raise ExportError(f"{path} takes inputs the manifest does not list: {', '.join(sorted(unknown))}")
+        self.out_names = [s.name for s in out_specs]
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        if set(self.out_names) - graph_outputs:
+            raise ExportError(f"{path} lacks outputs {', '.join(sorted(set(self.out_names) - graph_outputs))}")
+        self.out_dtypes = [dtype_from_name(s.dtype) for s in out_specs]
+
+    def __call__(self, *args) -> list[torch.Tensor]:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        feeds = {name: _numpy(args[i]) for i, name in self.feed}
+        outs = self.session.run(self.out_names, feeds)
+        return [torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=d)
+                for o, d in zip(outs, self.out_dtypes)]
+
+
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            raise ExportError("bfloat16 inputs cannot go through numpy to onnxruntime; export in float16 / float32")
+        return t.contiguous().numpy()
+    return np.asarray(value)

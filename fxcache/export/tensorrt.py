@@ -1,0 +1,81 @@
+"""TensorRT: saved engines per variant (`format="tensorrt"`) and `lowering="tensorrt"` for torch.compile.
+
+Both go through torch-tensorrt's dynamo path (AOT: torch.export -> `torch_tensorrt.dynamo.compile`). torch-tensorrt
+must match torch's minor version exactly: `pip install 'fxcache[tensorrt]'` pins the matching release. Both need
+CUDA; without it, or without torch-tensorrt, they raise MissingDependencyError saying what to install.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ExportError, MissingDependencyError
+from ..runtime.lowering import register_lowering
+
+INSTALL = ("pip install 'fxcache[tensorrt]' (torch-tensorrt of the same minor version as torch "
+           f"{torch.__version__.split('+')[0]}, and a CUDA GPU)")
+
+
+def require_tensorrt(why: str):
+    """torch_tensorrt, or MissingDependencyError naming what is missing (CUDA, the package, a version match)."""
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(f"{why} needs a CUDA GPU (torch.cuda.is_available() is False) and "
+                                     f"torch-tensorrt: {INSTALL}")
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise MissingDependencyError(f"{why} needs torch-tensorrt: {INSTALL}") from None
+    want = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    have = ".".join(torch_tensorrt.__version__.split("+")[0].split(".")[:2])
+    if want != have:
+        raise MissingDependencyError(f"{why}: torch-tensorrt {torch_tensorrt.__version__} does not match torch "
+                                     f"{torch.__version__} (the minor versions must be equal): {INSTALL}")
+    return torch_tensorrt
+
+
+def compile_engine(gm, inputs, precisions=(torch.float32,)):
+    trt = require_tensorrt("TensorRT")
+    try:
+        program = torch.export.export(gm, tuple(inputs), strict=False)
+        return trt.dynamo.compile(program, arg_inputs=list(inputs), enabled_precisions=set(precisions),
+                                  min_block_size=1)
+    except Exception as exc:
+        raise ExportError(f"torch-tensorrt could not build an engine: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+
+
+class TensorRTWriter:
+    suffix = ".ep"
+
+    def write(self, gm, inputs, in_specs, out_specs, stem: str, kind: str) -> str:
+        trt = require_tensorrt(f"format='tensorrt' ({kind} variant)")
+        cuda_inputs = [t.cuda() for t in inputs]
+        engine = compile_engine(gm.cuda(), cuda_inputs)
+        path = stem + self.suffix
+        trt.save(engine, path, output_format="exported_program", arg_inputs=cuda_inputs, retrace=True)
+        return path.rsplit("/", 1)[-1]
+
+    def run(self, path, inputs, in_specs, out_specs) -> list[torch.Tensor]:
+        outs = TensorRTExecutor(path)(*[t.cuda() for t in inputs])
+        return [o.to(inputs[0].device) for o in outs]
+
+
+class TensorRTExecutor:
+    def __init__(self, path: str, in_specs=None, out_specs=None, providers=None):
+        require_tensorrt("running TensorRT artifacts")
+        self.module = torch.export.load(path).module()
+
+    def __call__(self, *args) -> list[torch.Tensor]:
+        out = self.module(*args)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@register_lowering("tensorrt")
+def lower_tensorrt(gm, example_inputs, *, mode=None, options=None):
+    """Each variant becomes a TensorRT engine (torch-tensorrt's dynamo path); weights stay graph inputs."""
+    require_tensorrt("lowering='tensorrt'")
+    engine = compile_engine(gm, [t for t in example_inputs], **(options or {}))
+    return lambda *args: engine(*args)
+
+
+lower_tensorrt.check = lambda: require_tensorrt("lowering='tensorrt'")  # fail at cache_backend(), not mid-run

@@ -1,0 +1,56 @@
+"""`fxcache export` on a committed reference and on a saved diffusers transformer with an inputs file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fxcache.cli import main
+from fxcache.deploy import CachedSession
+from fxcache.export import read_manifest
+
+from helpers import loop_inputs, make_model
+
+pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
+
+
+def test_export_a_reference_then_run_it(tmp_path, capsys):
+    out = str(tmp_path / "dit")
+    assert main(["export", "--reference", "dit", "--method", "fora", "-o", "interval=2", "--num-steps", "6",
+                 "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "full.onnx" in text and "reuse.onnx" in text and "FRFRFR" in text
+    manifest = read_manifest(out)
+    assert manifest.method == "fora" and manifest.config["interval"] == 2
+    session = CachedSession(out)
+    from fxcache.quality.reference import load
+
+    ref = load("dit")
+    kw = ref.example_inputs(1)
+    assert session(**kw, return_dict=False)[0].shape == kw["hidden_states"].shape
+
+
+def test_export_a_saved_model_with_an_inputs_file(tmp_path):
+    from safetensors.torch import save_file
+
+    model = make_model("sd3")
+    model.save_pretrained(str(tmp_path / "model"))
+    kw = {k: v for k, v in loop_inputs("sd3", 1, batch=2)[0].items() if isinstance(v, torch.Tensor)}
+    save_file(kw, str(tmp_path / "inputs.safetensors"))
+    out = str(tmp_path / "export")
+    assert main(["export", "--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "inputs.safetensors"),
+                 "--num-steps", "4", "--out", out]) == 0
+    assert sorted(os.listdir(out)) == ["full.onnx", "manifest.json", "partial.onnx", "skip.onnx"]
+
+
+def test_export_errors_are_reported_not_raised(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["export", "--format", "tensorrt", "--out", str(tmp_path)]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(tmp_path)])  # --model without --inputs
+    assert "--model needs --inputs" in capsys.readouterr().err
+    assert main(["export", "--method", "nope", "--out", str(tmp_path)]) == 1
+    assert "unknown cache method 'nope'" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""What cannot be exported, and broken or mismatched artifacts, give errors that say what and how to fix it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import fxcache
+from fxcache import ConfigError, ExportError, MissingDependencyError
+from fxcache.deploy import CachedSession
+
+from helpers import loop_inputs, make_model
+
+pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("pixart_duca"))
+    fxcache.export(make_model("pixart"), loop_inputs("pixart", 1, batch=2)[0], "duca", out_dir=folder, num_steps=6)
+    return folder
+
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(exported, dst)
+    return dst
+
+
+def test_missing_folder_and_manifest(tmp_path):
+    with pytest.raises(ExportError, match="no export folder"):
+        CachedSession(str(tmp_path / "nope"))
+    with pytest.raises(ExportError, match="no manifest.json"):
+        CachedSession(str(tmp_path))
+
+
+def test_corrupt_manifest(copy):
+    path = os.path.join(copy, "manifest.json")
+    with open(path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        CachedSession(copy)
+
+
+def test_manifest_from_another_format_version(copy):
+    path = os.path.join(copy, "manifest.json")
+    data = json.load(open(path))
+    data["format_version"] = 99
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ExportError, match="format_version 99 is not supported"):
+        CachedSession(copy)
+
+
+def test_missing_and_broken_artifacts(copy):
+    os.rename(os.path.join(copy, "skip.onnx"), os.path.join(copy, "skip.moved"))
+    with pytest.raises(ExportError, match="'skip.onnx' \\(skip variant\\).* is missing"):
+        CachedSession(copy)
+    with open(os.path.join(copy, "skip.onnx"), "wb") as f:
+        f.write(b"definitely not an onnx model")
+    with pytest.raises(ExportError, match="onnxruntime could not load .*skip.onnx"):
+        CachedSession(copy)
+
+
+def test_inputs_that_do_not_match_the_export(exported):
+    session = CachedSession(exported)
+    kw = loop_inputs("pixart", 1, batch=1)[0]
+    with pytest.raises(ConfigError, match="shape .*exported for .*shapes are static"):
+        session(**kw)
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    del kw["encoder_hidden_states"]
+    with pytest.raises(ConfigError, match="missing input 'encoder_hidden_states'"):
+        session(**kw)
+
+
+def test_bad_export_requests(tmp_path):
+    model, kw = make_model("pixart"), loop_inputs("pixart", 1, batch=2)[0]
+    with pytest.raises(ConfigError, match="format must be one of onnx, tensorrt"):
+        fxcache.export(model, kw, "duca", format="engine", out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="example_inputs must be a non-empty dict"):
+        fxcache.export(model, [kw["hidden_states"]], "duca", out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown cache method .nope."):
+        fxcache.export(model, kw, "nope", out_dir=str(tmp_path))
+
+
+class Broken(torch.nn.Module):
+    """A transformer whose forward breaks the Dynamo graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model("pixart")
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        torch._dynamo.graph_break()
+        return out
+
+
+def test_graph_breaks_and_uncacheable_models_are_refused(tmp_path):
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    with pytest.raises(ExportError, match="whole transformer in one graph"):
+        fxcache.export(Broken(), kw, "duca", out_dir=str(tmp_path))
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    class NoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, hidden_states, timestep, return_dict=False):
+            return (self.mlp(hidden_states) * timestep[:, None],)
+
+    with pytest.raises(ExportError, match="cannot be cached"):
+        fxcache.export(NoBlocks(), dict(hidden_states=torch.randn(2, 4), timestep=torch.ones(2)), "duca",
+                       out_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
+def test_tensorrt_without_cuda_says_what_to_install(tmp_path):
+    with pytest.raises(MissingDependencyError, match="CUDA GPU.*pip install 'fxcache\\[tensorrt\\]'"):
+        fxcache.export(make_model("pixart"), loop_inputs("pixart", 1, batch=2)[0], "duca", format="tensorrt",
+                       out_dir=str(tmp_path))
+    with pytest.raises(MissingDependencyError, match="lowering='tensorrt' needs a CUDA GPU"):
+        fxcache.cache_backend("duca", lowering="tensorrt")

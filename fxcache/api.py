@@ -32,7 +32,7 @@ class CacheBackend:
 
     def __init__(self, config: CacheConfig, *, lowering: str = "inductor", strict: bool = False,
                  block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
-                 max_records: int = 100_000):
+                 max_records: int = 100_000, inplace: bool | None = None):
         check = getattr(get_lowering(lowering), "check", None)  # validate early: the name, and what it needs
         if check is not None:
             check()
@@ -43,6 +43,9 @@ class CacheBackend:
         self.strict = bool(strict)
         self.block_lists = block_lists
         self.timestep_input = timestep_input
+        if inplace is not None and not isinstance(inplace, bool):
+            raise ConfigError(f"inplace must be True, False or None (automatic), got {inplace!r}")
+        self.inplace = inplace
         self.runners: list[Runner | UncachedRunner] = []
         self.records: collections.deque = collections.deque(maxlen=max_records)
         self.override: tuple[int, int] | None = None
@@ -71,8 +74,10 @@ class CacheBackend:
                                     options=options, reason=exc.reason)
         else:
             log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
+            inplace = self.inplace if self.inplace is not None else (
+                mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs")))
             runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
-                            lowering=self.lowering, mode=mode, options=options, gm=gm)
+                            lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=inplace)
         self.runners.append(runner)
         return runner
 
@@ -119,7 +124,7 @@ class CacheBackend:
 
 def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str = "inductor", strict: bool = False,
                   block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
-                  **options) -> CacheBackend:
+                  inplace: bool | None = None, **options) -> CacheBackend:
     """The backend for `torch.compile(model, backend=fxcache.cache_backend("duca"), dynamic=False)`.
 
     Args:
@@ -130,6 +135,8 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
         block_lists: names of the module lists that hold the transformer blocks.
         timestep_input: the timestep input (index among user inputs, or name substring) when no diffusers
             `Timesteps` module reveals it.
+        inplace: keep caches in persistent buffers the variants update in place (static addresses, as CUDA graphs
+            need). None (default): on for `mode="reduce-overhead"`, off otherwise.
         **options: fields of the method's config (only with a method name).
     """
     if isinstance(method_or_config, CacheConfig):
@@ -146,7 +153,7 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
             f"cache_backend takes a method name or a CacheConfig, got {type(method_or_config).__name__}"
         )
     return CacheBackend(config, lowering=lowering, strict=strict, block_lists=block_lists,
-                        timestep_input=timestep_input)
+                        timestep_input=timestep_input, inplace=inplace)
 
 
 def _find_backend(model) -> CacheBackend:

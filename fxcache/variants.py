@@ -59,6 +59,7 @@ class Variant:
     single_output: bool
     flops: int
     tokens: int  # rows of the largest token stream recomputed through token-wise units
+    writes: list[str] = dataclasses.field(default_factory=list)  # in-place variants: cache keys updated in buffers
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..config import CacheConfig, StepKind
+from ..passes.inplace_caches import CACHE_KINDS, make_inplace
 from ..variants import Variant, build_variant, schedule_key
 from .lowering import get_lowering
 from .step import StepTracker
@@ -24,10 +25,13 @@ class Runner:
 
     Per call: read t -> (step, branch) -> step kind from the method (FULL while the branch lacks caches) ->
     lower that variant on first use -> run it with indices and caches appended -> keep the caches it wrote.
+
+    `inplace`: caches live in persistent buffers per CFG branch that the variants update in place (and per-step
+    inputs in persistent buffers too), as CUDA graphs need; the default for `mode="reduce-overhead"`.
     """
 
     def __init__(self, *, backend, graph_id: int, plan, config: CacheConfig, variants: dict[StepKind, Variant],
-                 lowering: str, mode=None, options=None, gm=None):
+                 lowering: str, mode=None, options=None, gm=None, inplace: bool = False):
         self.backend = backend
         self.graph_id = graph_id
         self.plan = plan
@@ -39,6 +43,14 @@ class Runner:
         self.caches: dict[int, dict[str, torch.Tensor]] = {}
         self.taylor: dict[int, TaylorState] = {}
         self.gm = gm  # the Dynamo graph, for variants built on first use (ToCa k tables that change per step)
+        self.inplace = bool(inplace)
+        self.cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+        if self.inplace:
+            variants = {kind: make_inplace(v) for kind, v in variants.items()}
+            self.variants = variants
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # in-place: branch -> key -> persistent cache buffer
+        self.valid: dict[int, set[str]] = {}  # in-place: branch -> keys written in this generation
+        self.step_buffers: dict[str, torch.Tensor] = {}  # in-place: persistent per-step inputs (indices, scalars)
         self._first_key = schedule_key(config, config.warmup)
         self._more: dict[tuple[StepKind, int], Variant] = {}
         self._fns: dict[tuple[StepKind, int], Callable] = {}
@@ -53,12 +65,16 @@ class Runner:
         """Forget caches, token choices and the step position (the next call starts a generation)."""
         self.tracker.reset()
         self.caches.clear()
+        self.buffers.clear()
+        self.valid.clear()
+        self.step_buffers.clear()
         self.taylor.clear()
         self._indices.clear()
         self._indices_step = -1
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for c in self.caches.values() for t in c.values())
+        held = list(self.caches.values()) + list(self.buffers.values())
+        return sum(t.numel() * t.element_size() for c in held for t in c.values())
 
     # -- dispatch ----------------------------------------------------------------------------------------
     def _position(self, args) -> tuple[int, int, bool, float]:
@@ -75,7 +91,7 @@ class Runner:
         if kind is StepKind.FULL:
             return kind
         needed = [e.key for e in self.variants[kind].extra_inputs if e.kind == "cache"]
-        have = self.caches.get(branch, {})
+        have = self.valid.get(branch, set()) if self.inplace else self.caches.get(branch, {})
         return kind if all(k in have for k in needed) else StepKind.FULL
 
     def _extra_inputs(self, variant: Variant, kind: StepKind, step: int, branch: int, device) -> list:
@@ -91,6 +107,8 @@ class Runner:
         for e in variant.extra_inputs:
             if e.kind in ("idx", "rand"):  # one draw per step, shared by the CFG branches
                 extra.append(indices[e.key])
+            elif e.kind == "buffer" or (self.inplace and e.kind in CACHE_KINDS):  # _into_buffers supplies these
+                extra.append(torch.empty(0, device=device))
             elif e.kind in ("cache", "state"):
                 value = state.get(e.key)
                 if value is None:  # FULL without caches (old Taylor factors, scaled by 0) or fresh staleness
@@ -105,11 +123,35 @@ class Runner:
                 perm = torch.randperm(tokens, generator=self._rng(device), device=device)
                 extra.append(perm[: e.shape[0]])
             elif e.kind == "warm":
-                warm = any(k.startswith("clustercentroids:") for k in state)
+                have = self.valid.get(branch, set()) if self.inplace else state
+                warm = any(k.startswith("clustercentroids:") for k in have)
                 extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
             else:  # pragma: no cover - build_variants only emits the kinds above
                 raise AssertionError(e.kind)
-        return extra
+        return self._into_buffers(variant, extra, branch) if self.inplace else extra
+
+    def _into_buffers(self, variant, values: list, branch: int) -> list:
+        """In-place mode: caches are the branch's persistent buffers (zeroed where this generation has not written
+        them: the 'zeros when absent' rule), per-step values are copied into persistent buffers of their own."""
+        buffers = self.buffers.setdefault(branch, {})
+        valid = self.valid.setdefault(branch, set())
+        out = []
+        for e, value in zip(variant.extra_inputs, values):
+            if e.kind in CACHE_KINDS or e.kind == "buffer":
+                buf = buffers.get(e.key)
+                if buf is None:
+                    buf = buffers[e.key] = torch.zeros(e.shape, dtype=e.dtype, device=value.device)
+                    torch._dynamo.mark_static_address(buf)
+                elif e.key not in valid and e.kind != "buffer":
+                    buf.zero_()
+            else:
+                buf = self.step_buffers.get(e.key)
+                if buf is None or buf.shape != value.shape:
+                    buf = self.step_buffers[e.key] = torch.empty_like(value)
+                    torch._dynamo.mark_static_address(buf)
+                buf.copy_(value)
+            out.append(buf)
+        return out
 
     def _rng(self, device) -> torch.Generator:
         if self._generator is None or self._generator.device != torch.device(device):
@@ -138,7 +180,10 @@ class Runner:
         variant = self._more.get((kind, key))
         if variant is None:
             log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id, key)
-            variant = self._more[(kind, key)] = build_variant(self.gm, self.plan, self.config, kind, key)
+            variant = build_variant(self.gm, self.plan, self.config, kind, key)
+            if self.inplace:
+                variant = make_inplace(variant)
+            self._more[(kind, key)] = variant
             self._state_keys |= {e.key for e in variant.extra_inputs if e.kind == "state"}
         return variant, key
 
@@ -156,6 +201,7 @@ class Runner:
         step, branch, new, t = self._position(args)
         if new:
             self.caches.clear()
+            self.valid.clear()
             self.taylor.clear()
             self._indices_step = -1
             if self._generator is not None:
@@ -165,18 +211,29 @@ class Runner:
         state = self.caches.setdefault(branch, {})
         extra = self._extra_inputs(variant, kind, step, branch, args[self.plan.timestep_index].device)
         full_args = list(args) + extra
-        result = self._lowered(kind, key, variant, full_args)(*full_args)
-        if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
-            for k in self._state_keys & state.keys():
-                del state[k]
+        fn = self._lowered(kind, key, variant, full_args)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        result = fn(*full_args)
         n = variant.num_outputs
-        for key, value in zip(variant.extra_outputs, result[n:]):
-            state[key] = value
+        if self.inplace:
+            valid = self.valid.setdefault(branch, set())
+            valid.update(variant.writes)
+            if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
+                valid.difference_update(self._state_keys)
+        else:
+            if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
+                for k in self._state_keys & state.keys():
+                    del state[k]
+            for key, value in zip(variant.extra_outputs, result[n:]):
+                state[key] = value
         self.backend._record(
             graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=kind.value,
             tokens=variant.tokens, flops=variant.flops, t=t, cached=True,
         )
         outs = result[:n]
+        if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
+            outs = [o.clone() for o in outs]
         return outs[0] if variant.single_output else tuple(outs)
 
 

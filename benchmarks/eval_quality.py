@@ -55,7 +55,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch._dynamo.config.cache_size_limit = 64
+    # twenty compiled copies of one model class in one process: room for all their graphs
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
     ref = load(args.family)
     methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
     if not args.no_peers:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,7 @@ class PeerModel(nn.Module):
                  name: str = "cond_uncond"):
         super().__init__()
         self.inner = copy.deepcopy(transformer)
+        _own_forward(self.inner)
         self.library = library
         self.family = family
         self.num_steps = num_steps
@@ -82,6 +84,22 @@ class PeerModel(nn.Module):
             if self.uses_context:
                 _set_cache_context(self.inner, None)
             self.step_index += 1
+
+
+def _own_forward(module: nn.Module) -> None:
+    """Give this copy a forward whose code object no other module shares.
+
+    Dynamo keeps state per code object: its cache entries, and the mark "run this frame eagerly" that compiling a
+    hooked copy can set when the hooks break the graph at the top frame. Sharing the class's forward with the
+    fxcache and uncached models would then make those fall back to eager (measured: FORA 5x slower after a
+    FirstBlockCache copy ran). Skips diffusers' LoRA-scale wrapper, a no-op without PEFT adapters.
+    """
+    cls = type(module)
+    fn = getattr(cls.forward, "__wrapped__", cls.forward)
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    fresh.__kwdefaults__ = fn.__kwdefaults__
+    fresh.__qualname__ = fn.__qualname__
+    module.__class__ = type(cls.__name__, (cls,), {"forward": fresh, "__module__": cls.__module__})
 
 
 @dataclasses.dataclass

@@ -80,3 +80,26 @@ def test_peer_rows_in_the_harness(setup):
     assert "FBCache" in report.table()
     # the fewer-steps rows are sized for fxcache methods only
     assert all("equal compute" in r.label for r in report.rows if r.kind == "fewer steps")
+
+
+def _graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_a_compiled_peer_leaves_other_compiled_models_alone(setup):
+    """Compiling a hooked copy once made the fxcache model of the same class drop to eager at its top frame (its
+    blocks then compiled one by one; with `_own_forward` patched out this test fails on torch 2.13): each peer
+    copy gets a forward code object of its own."""
+    import fxcache
+
+    ref, labels, _ = setup
+    fora = torch.compile(ref.transformer, backend=fxcache.cache_backend("fora", lowering="eager"), dynamic=False)
+    sample(ref, fora, labels, steps=4, seed=0)
+    peer = P.first_block_cache(0.2).make(ref, 4).compile(backend="eager", dynamic=False)
+    peer.reset()
+    sample(ref, peer, labels, steps=4, seed=0)
+    before = _graphs()
+    sample(ref, fora, labels, steps=4, seed=0)
+    assert _graphs() == before, "the fxcache model was traced again after the peer ran"

@@ -133,7 +133,8 @@ class CachedSession:
             if "hidden_states" in kwargs or len(args) > 1:
                 raise ConfigError("pass the transformer inputs as keyword arguments (hidden_states=..., ...)")
             kwargs["hidden_states"] = args[0]
-        inputs = [self._input(spec, kwargs) for spec in self.manifest.user_inputs]
+        inputs = [self._input(spec, kwargs, i == self.manifest.timestep_input)
+                  for i, spec in enumerate(self.manifest.user_inputs)]
         with torch.no_grad():
             out = self._runner(*inputs)
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
@@ -148,7 +149,7 @@ class CachedSession:
 
     forward = __call__
 
-    def _input(self, spec, kwargs) -> torch.Tensor:
+    def _input(self, spec, kwargs, is_timestep: bool) -> torch.Tensor:
         value = kwargs
         for part in spec.name.split("."):
             if not isinstance(value, dict) or part not in value:
@@ -159,6 +160,10 @@ class CachedSession:
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
         want = dtype_from_name(spec.dtype)
+        if is_timestep:  # pipelines pass t as a scalar, a 0-d or a (B,) tensor, in their scheduler's dtype
+            if value.numel() == 1:
+                value = value.reshape(1).expand(spec.shape)
+            value = value.to(want)
         if list(value.shape) != list(spec.shape):
             raise ConfigError(f"input {spec.name!r} has shape {tuple(value.shape)}, but {self.folder!r} was exported "
                               f"for {tuple(spec.shape)}; shapes are static: export again with inputs of this shape")

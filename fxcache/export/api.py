@@ -92,6 +92,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
         artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, out_dir, check,
                                          tolerance, eager_tensors))
 
+    runner.example_args = None  # Dynamo keeps the backend alive: do not let it pin the example tensors
     manifest = Manifest(
         format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
         user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,

@@ -137,3 +137,12 @@ def test_an_op_without_onnx_translation_names_the_variant_and_the_op(tmp_path, m
     config = fxcache.ClusCaConfig(interval=3, clusters=4, warmup_steps=1, kmeans_iters=1)
     with pytest.raises(ExportError, match="the full variant could not be exported to ONNX.*aten._cdist_forward"):
         fxcache.export(make_model("dit"), loop_inputs("dit", 1, batch=2)[0], config, out_dir=str(tmp_path))
+
+
+def test_scalar_timesteps_are_broadcast_like_the_transformer_does(exported):
+    session = CachedSession(exported)
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    expected = session(**kw)[0]
+    session.reset()
+    kw["timestep"] = float(kw["timestep"][0])
+    assert torch.equal(session(**kw)[0], expected)

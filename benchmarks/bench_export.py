@@ -32,6 +32,7 @@ except ImportError:  # running from a checkout without the package installed
 
 from fxcache.config import make_config
 from fxcache.deploy import CachedSession
+from fxcache.testing.models import flux_ids
 
 SIZES = {
     # (double blocks, single blocks, heads, head dim, image tokens per side, text tokens)
@@ -55,13 +56,12 @@ def flux_model(size: str, dtype: torch.dtype, device: str):
 def flux_inputs(size: str, dtype, device, t: float, seed: int) -> dict:
     _, _, _, _, side, text = SIZES[size]
     g = torch.Generator().manual_seed(seed)
-    img = torch.zeros(side, side, 3)
-    img[..., 1], img[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    img_ids, txt_ids = flux_ids(side, side, text)
     return dict(hidden_states=torch.randn(1, side * side, 64, generator=g).to(device, dtype),
                 encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(device, dtype),
                 pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
                 timestep=torch.full((1,), t).to(device, dtype),
-                img_ids=img.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(text, 3).to(device, dtype))
+                img_ids=img_ids.to(device, dtype), txt_ids=txt_ids.to(device, dtype))
 
 
 def uncached_engine(model, example: dict, fmt: str, folder: str, providers):

@@ -31,6 +31,8 @@ except ImportError:  # running from a checkout without the package installed
     import fxcache
 
 from fxcache.config import make_config
+from fxcache.passes.propagate_shapes import eager_flops
+from fxcache.testing.models import flux_ids
 
 #: arch -> (diffusers class, config, image tokens per side, text tokens, CFG batch rows)
 ARCHS = {
@@ -103,14 +105,12 @@ def loop_inputs(model, arch: str, side: int, text: int, rows: int, steps: int, d
     for s in range(steps):
         t = 1.0 - s / steps
         if arch == "flux-dev":
-            ids = torch.zeros(side, side, 3)
-            ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+            img_ids, txt_ids = flux_ids(side, side, text)
             kw = dict(hidden_states=rnd(rows, side * side, c.in_channels),
                       encoder_hidden_states=rnd(rows, text, c.joint_attention_dim),
                       pooled_projections=rnd(rows, c.pooled_projection_dim),
                       timestep=torch.full((rows,), t, device=device, dtype=dtype),
-                      img_ids=ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(text, 3, device=device,
-                                                                                         dtype=dtype))
+                      img_ids=img_ids.to(device, dtype), txt_ids=txt_ids.to(device, dtype))
             if c.guidance_embeds:
                 kw["guidance"] = torch.full((rows,), 3.5, device=device, dtype=dtype)
         else:
@@ -148,17 +148,6 @@ class Timer:
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000.0
         return time.perf_counter() - t0
-
-
-def uncached_call_flops(model, kw) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fxcache.passes.propagate_shapes import ensure_cpu_attention_flops
-
-    ensure_cpu_attention_flops()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**kw, return_dict=False)
-    return int(counter.get_total_flops())
 
 
 def make_row(name: str, model):
@@ -205,7 +194,7 @@ def main(argv=None) -> None:
         model, side, text, batch = build(arch, args.tiny, args.device, dtype)
         weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
         inputs = loop_inputs(model, arch, side, text, batch, args.steps, args.device, dtype)
-        full_flops = uncached_call_flops(model, inputs[0]) * args.steps
+        full_flops = eager_flops(lambda: model(**inputs[0], return_dict=False)) * args.steps
         timer = Timer(args.device)
         measured = {}
         # cache-dit patches the model in place: it goes last

@@ -39,6 +39,8 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     import fxcache
 
+from fxcache.passes.propagate_shapes import eager_flops
+
 #: Every method at the settings its paper reports for FLUX.1-dev (the presets), plus the core issue's DuCa (W=1).
 ALL_METHODS = {
     "uncached": None,
@@ -110,14 +112,6 @@ def register_cpu_attention_flops() -> bool:
     missing = op is not None and op not in flop_registry
     ensure_cpu_attention_flops()
     return missing
-
-
-def eager_flops(model, inputs: dict) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    return int(counter.get_total_flops())
 
 
 # -- model, inputs, loop ------------------------------------------------------------------------------------
@@ -276,7 +270,7 @@ def main(argv=None) -> dict:
 
     with torch.no_grad():
         # FLOPs of one uncached call: eager plain model
-        flops_call = eager_flops(model, dict(hidden_states=noise, timestep=torch.ones(1), **cond))
+        flops_call = eager_flops(lambda: model(hidden_states=noise, timestep=torch.ones(1), **cond))
         t0 = time.perf_counter()
         sample(model, noise, cond, timesteps(1))
         eager_call_s = time.perf_counter() - t0

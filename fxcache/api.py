@@ -74,10 +74,8 @@ class CacheBackend:
                                     options=options, reason=exc.reason)
         else:
             log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
-            inplace = self.inplace if self.inplace is not None else (
-                mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs")))
             runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
-                            lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=inplace)
+                            lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=self.inplace)
         self.runners.append(runner)
         return runner
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
 import types
 from typing import Callable
@@ -23,9 +22,6 @@ from ..export.graph import dtype_from_name
 from ..export.manifest import Artifact, Manifest, read_manifest
 from ..runtime.runner import Runner
 from ..variants import ExtraInput, schedule_key
-
-_CALLS = itertools.count()
-
 
 @dataclasses.dataclass
 class VariantSpec:
@@ -54,7 +50,8 @@ class VariantSpec:
 class _SessionRunner(Runner):
     """The compiled runner with variants from the manifest and executors instead of lowerings."""
 
-    def __init__(self, session: "CachedSession", manifest: Manifest, config: CacheConfig, make_executor):
+    def __init__(self, session: "CachedSession", manifest: Manifest, config: CacheConfig,
+                 executors: dict[tuple[str, int], Callable]):
         specs = {}
         first = schedule_key(config, config.warmup)
         for a in manifest.artifacts:
@@ -63,9 +60,8 @@ class _SessionRunner(Runner):
                 specs[kind] = VariantSpec.of(a)
         plan = types.SimpleNamespace(timestep_index=manifest.timestep_input)
         super().__init__(backend=session, graph_id=0, plan=plan, config=config, variants=specs, lowering="eager")
-        self._first_key = specs[StepKind.PARTIAL].artifact.schedule_key if StepKind.PARTIAL in specs else first
         self.manifest = manifest
-        self.make_executor = make_executor
+        self.executors = executors
         self._specs: dict[tuple[StepKind, int], VariantSpec] = {}
 
     def _variant(self, kind: StepKind, step: int):
@@ -77,10 +73,7 @@ class _SessionRunner(Runner):
         return spec, key
 
     def _lowered(self, kind: StepKind, key: int, variant: VariantSpec, args) -> Callable:
-        fn = self._fns.get((kind, key))
-        if fn is None:
-            fn = self._fns[(kind, key)] = self.make_executor(variant.artifact)
-        return fn
+        return self.executors[(kind.value, key)]
 
 
 class CachedSession:
@@ -110,8 +103,8 @@ class CachedSession:
         self.device = torch.device("cuda" if providers and any("CUDA" in p or "Tensorrt" in p for p in providers)
                                    else "cpu") if m.format == "onnx" else torch.device("cuda")
         # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
-        self._executors = {(a.kind, a.schedule_key): self._executor(a) for a in m.artifacts}
-        self._runner = _SessionRunner(self, m, self.cache_config, lambda a: self._executors[(a.kind, a.schedule_key)])
+        executors = {(a.kind, a.schedule_key): self._executor(a) for a in m.artifacts}
+        self._runner = _SessionRunner(self, m, self.cache_config, executors)
 
     def _executor(self, artifact: Artifact):
         path = os.path.join(self.folder, artifact.file)

@@ -26,6 +26,15 @@ def ensure_cpu_attention_flops() -> None:
         return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
 
 
+def eager_flops(fn) -> int:
+    """FLOPs of running `fn()` as it is (no grad), counted by torch.utils.flop_counter with CPU attention included:
+    the uncached or hooked models the caches are compared with."""
+    ensure_cpu_attention_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 class _Prop(fx.Interpreter):
     def run_node(self, n):
         result = super().run_node(n)

@@ -19,6 +19,7 @@ import torch
 from .. import cache_backend, stats
 from ..config import CacheConfig
 from .classifier import load_classifier, real_feature_stats
+from ..passes.propagate_shapes import eager_flops
 from .metrics import frechet_distance, psnr, rel_l2, ssim
 from .peers import Peer, PeerModel
 from .reference import ReferenceModel
@@ -69,30 +70,20 @@ class Report:
 
 
 def _flops_of_call(ref: ReferenceModel, batch: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..passes.propagate_shapes import ensure_cpu_attention_flops
-
-    ensure_cpu_attention_flops()
     x = torch.zeros(ref.latent_shape(batch))
-    cond = ref.conditioner(torch.zeros(batch, dtype=torch.long))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        ref.call(ref.transformer, x, torch.ones(1), cond)
-    return int(counter.get_total_flops())
+    with torch.no_grad():
+        cond = ref.conditioner(torch.zeros(batch, dtype=torch.long))
+    return eager_flops(lambda: ref.call(ref.transformer, x, torch.ones(1), cond))
 
 
 def _flops_of_generation(model: PeerModel, generate: Callable[[], torch.Tensor]) -> int:
     """FLOPs of one whole generation of a hooked peer model, counted on its eager path."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     compiled_run = model._run
     model.eager()
     try:
-        with FlopCounterMode(display=False) as counter:
-            generate()
+        return eager_flops(generate)
     finally:
         model._run = compiled_run
-    return int(counter.get_total_flops())
 
 
 def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], *, per_class: int = 10, steps: int = 50,
@@ -140,7 +131,7 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], 
     dynamo = {}
     for name, model in models.items():
         say(f"warm-up {name} (compile + first run)")
-        before = len(stats(model)) if name not in ("uncached",) and not isinstance(model, PeerModel) else 0
+        before = len(stats(model)) if name != "uncached" and not isinstance(model, PeerModel) else 0
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         outputs[name] = run(name, model)
         if lowering == "inductor":

@@ -21,6 +21,8 @@ import os
 import torch
 from torch import nn
 
+from ..testing.models import flux_ids
+
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 FAMILIES = ("flux", "dit", "pixart")
 NULL_CLASS = 10  # the unconditional "class" used for classifier-free guidance
@@ -72,14 +74,6 @@ class Conditioner(nn.Module):
         return out
 
 
-def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
-    side = IMAGE // FLUX_PATCH
-    img = torch.zeros(side, side, 3)
-    img[..., 1] = torch.arange(side)[:, None]
-    img[..., 2] = torch.arange(side)[None, :]
-    return img.reshape(side * side, 3), torch.zeros(TEXT_TOKENS, 3)
-
-
 def pack(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, 32, 32) -> (B, 64, 16) tokens of 4x4 pixels (FLUX layout)."""
     b, s, p = x.shape[0], IMAGE // FLUX_PATCH, FLUX_PATCH
@@ -107,7 +101,8 @@ class ReferenceModel:
         """The transformer's keyword arguments for images x at time t in [0, 1] (1 = pure noise)."""
         b = x.shape[0]
         if self.family == "flux":
-            img_ids, txt_ids = flux_ids()
+            side = IMAGE // FLUX_PATCH
+            img_ids, txt_ids = flux_ids(side, side, TEXT_TOKENS)
             return dict(hidden_states=pack(x), timestep=t.expand(b).to(x.dtype), img_ids=img_ids, txt_ids=txt_ids,
                         **cond)
         return dict(hidden_states=x, timestep=(1000.0 * t).expand(b).to(x.dtype), **cond)

@@ -27,11 +27,12 @@ class Runner:
     lower that variant on first use -> run it with indices and caches appended -> keep the caches it wrote.
 
     `inplace`: caches live in persistent buffers per CFG branch that the variants update in place (and per-step
-    inputs in persistent buffers too), as CUDA graphs need; the default for `mode="reduce-overhead"`.
+    inputs in persistent buffers too), as CUDA graphs need; None: on exactly when CUDA graphs are
+    (`mode="reduce-overhead"` or `triton.cudagraphs`).
     """
 
     def __init__(self, *, backend, graph_id: int, plan, config: CacheConfig, variants: dict[StepKind, Variant],
-                 lowering: str, mode=None, options=None, gm=None, inplace: bool = False):
+                 lowering: str, mode=None, options=None, gm=None, inplace: bool | None = None):
         self.backend = backend
         self.graph_id = graph_id
         self.plan = plan
@@ -43,8 +44,8 @@ class Runner:
         self.caches: dict[int, dict[str, torch.Tensor]] = {}
         self.taylor: dict[int, TaylorState] = {}
         self.gm = gm  # the Dynamo graph, for variants built on first use (ToCa k tables that change per step)
-        self.inplace = bool(inplace)
         self.cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+        self.inplace = self.cudagraphs if inplace is None else bool(inplace)
         if self.inplace:
             variants = {kind: make_inplace(v) for kind, v in variants.items()}
             self.variants = variants
@@ -91,8 +92,12 @@ class Runner:
         if kind is StepKind.FULL:
             return kind
         needed = [e.key for e in self.variants[kind].extra_inputs if e.kind == "cache"]
-        have = self.valid.get(branch, set()) if self.inplace else self.caches.get(branch, {})
+        have = self._written(branch)
         return kind if all(k in have for k in needed) else StepKind.FULL
+
+    def _written(self, branch: int):
+        """The cache keys this branch has written in the current generation."""
+        return self.valid.get(branch, set()) if self.inplace else self.caches.get(branch, {}).keys()
 
     def _extra_inputs(self, variant: Variant, kind: StepKind, step: int, branch: int, device) -> list:
         state = self.caches.setdefault(branch, {})
@@ -108,7 +113,7 @@ class Runner:
             if e.kind in ("idx", "rand"):  # one draw per step, shared by the CFG branches
                 extra.append(indices[e.key])
             elif e.kind == "buffer" or (self.inplace and e.kind in CACHE_KINDS):  # _into_buffers supplies these
-                extra.append(torch.empty(0, device=device))
+                extra.append(None)
             elif e.kind in ("cache", "state"):
                 value = state.get(e.key)
                 if value is None:  # FULL without caches (old Taylor factors, scaled by 0) or fresh staleness
@@ -123,14 +128,13 @@ class Runner:
                 perm = torch.randperm(tokens, generator=self._rng(device), device=device)
                 extra.append(perm[: e.shape[0]])
             elif e.kind == "warm":
-                have = self.valid.get(branch, set()) if self.inplace else state
-                warm = any(k.startswith("clustercentroids:") for k in have)
+                warm = any(k.startswith("clustercentroids:") for k in self._written(branch))
                 extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
             else:  # pragma: no cover - build_variants only emits the kinds above
                 raise AssertionError(e.kind)
-        return self._into_buffers(variant, extra, branch) if self.inplace else extra
+        return self._into_buffers(variant, extra, branch, device) if self.inplace else extra
 
-    def _into_buffers(self, variant, values: list, branch: int) -> list:
+    def _into_buffers(self, variant, values: list, branch: int, device) -> list:
         """In-place mode: caches are the branch's persistent buffers (zeroed where this generation has not written
         them: the 'zeros when absent' rule), per-step values are copied into persistent buffers of their own."""
         buffers = self.buffers.setdefault(branch, {})
@@ -140,7 +144,7 @@ class Runner:
             if e.kind in CACHE_KINDS or e.kind == "buffer":
                 buf = buffers.get(e.key)
                 if buf is None:
-                    buf = buffers[e.key] = torch.zeros(e.shape, dtype=e.dtype, device=value.device)
+                    buf = buffers[e.key] = torch.zeros(e.shape, dtype=e.dtype, device=device)
                     torch._dynamo.mark_static_address(buf)
                 elif e.key not in valid and e.kind != "buffer":
                     buf.zero_()

@@ -1,21 +1,27 @@
 """fxcache: training-free feature caching for diffusion transformers, as a torch.compile backend.
 
-    model = torch.compile(transformer, backend=fxcache.cache_backend("duca"), dynamic=False)
+    fxcache.enable(pipe, "duca")                                                    # a diffusers pipeline
+    model = torch.compile(transformer, backend=fxcache.cache_backend("duca"), dynamic=False)   # any loop
 """
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
-from .api import CacheBackend, Explanation, FxCacheWarning, cache_backend, explain, reset, stats, step
+from .api import (CacheBackend, Explanation, FxCacheWarning, cache_backend, cache_bytes, explain, request, reset, stats,
+                  step)
 from .config import CacheConfig, StepKind, get_method, method_names, register_method
-from .errors import ConfigError, ExportError, FxCacheError, MissingDependencyError, UnsupportedGraphError
+from .errors import (ConfigError, ExportError, FxCacheError, MissingDependencyError, UnknownOptionError,
+                     UnsupportedGraphError)
 from .export import export
 from .methods import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig
+from .pipelines import disable, enable
 from .runtime import lowering_names, register_lowering
+from .runtime.requests import Request
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DuCaConfig", "ExportError", "Explanation", "FORAConfig",
-    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "StepKind", "TaylorSeerConfig", "ToCaConfig", "UnsupportedGraphError",
-    "cache_backend", "explain", "export", "get_method", "lowering_names", "method_names", "register_lowering",
-    "register_method", "reset", "stats", "step",
+    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig", "ToCaConfig",
+    "UnknownOptionError", "UnsupportedGraphError", "cache_backend", "cache_bytes", "disable", "enable", "explain",
+    "export", "get_method", "lowering_names", "method_names", "register_lowering", "register_method", "request",
+    "reset", "stats", "step",
 ]

@@ -1,19 +1,22 @@
-"""Public entry points: cache_backend(), CacheBackend, stats(), reset(), step(), explain()."""
+"""Public entry points: cache_backend(), CacheBackend, request(), stats(), reset(), step(), explain()."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import logging
+import threading
 import warnings
 
 import torch
 
 from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
+from .analysis.inputs import forward_parameters
 from .config import CacheConfig, make_config
-from .errors import ConfigError, UnsupportedGraphError
+from .errors import ConfigError, UnknownOptionError, UnsupportedGraphError
 from .runtime import Runner, UncachedRunner, get_lowering
+from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
+from .runtime.recompiles import watch
+from .runtime.requests import Request, RequestScope
 from .variants import build_variants
 
 log = logging.getLogger("fxcache")
@@ -23,33 +26,84 @@ class FxCacheWarning(UserWarning):
     """fxcache runs a graph uncached (or otherwise falls back); the message says why."""
 
 
+class FailedRunner:
+    """strict=True and a graph the analysis does not understand: every call raises the analysis error itself.
+
+    Raised at call time, not inside Dynamo's compile, so the caller sees `UnsupportedGraphError` and not Dynamo's
+    `BackendCompilerFailed` wrapper."""
+
+    def __init__(self, *, backend, graph_id: int, error: UnsupportedGraphError):
+        self.backend, self.graph_id, self.error, self.scope = backend, graph_id, error, backend.scope
+
+    def reset(self) -> None:
+        pass
+
+    def cache_bytes(self) -> int:
+        return 0
+
+    def __call__(self, *args):
+        raise self.error
+
+
+def _check_bool(name: str, value, *, none: bool = False) -> None:
+    if not (isinstance(value, bool) or (none and value is None)):
+        accepted = "True, False or None" if none else "True or False"
+        raise ConfigError(f"{name} must be {accepted}, got {value!r}")
+
+
+def _check_timestep_input(value) -> None:
+    if value is None or (isinstance(value, str) and value):
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return
+    raise ConfigError(f"timestep_input must be the name of the forward's timestep parameter (e.g. 'timestep', or a "
+                      f"dotted path into a dict argument), its index among the forward's parameters (an int >= 0), "
+                      f"or None to find it by data flow; got {value!r}")
+
+
 class CacheBackend:
     """A `torch.compile` backend that rewrites each graph into cache-aware variants and runs one per step.
 
     Dynamo calls it once per traced graph (per input shape, batch size and grad mode); each call returns a
-    `Runner` with its own caches. Obtain one with `fxcache.cache_backend(...)`.
+    `Runner`. The state of every call (caches, step positions) belongs to its request: see `fxcache.request`.
+    Obtain one with `fxcache.cache_backend(...)`.
     """
 
     def __init__(self, config: CacheConfig, *, lowering: str = "inductor", strict: bool = False,
                  block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
-                 max_records: int = 100_000, inplace: bool | None = None):
+                 max_records: int = 100_000, inplace: bool | None = None, max_branches: int = 3,
+                 keep_caches: bool | None = None, time_direction: str = "auto"):
+        if not isinstance(config, CacheConfig):
+            raise ConfigError(f"CacheBackend takes a CacheConfig, got {type(config).__name__}")
         check = getattr(get_lowering(lowering), "check", None)  # validate early: the name, and what it needs
         if check is not None:
             check()
-        if not isinstance(block_lists, tuple) or not block_lists or not all(isinstance(b, str) for b in block_lists):
+        _check_bool("strict", strict)
+        if not isinstance(block_lists, tuple) or not block_lists or not all(isinstance(b, str) and b
+                                                                            for b in block_lists):
             raise ConfigError(f"block_lists must be a non-empty tuple of module-list names, got {block_lists!r}")
+        _check_timestep_input(timestep_input)
+        _check_bool("inplace", inplace, none=True)
+        _check_bool("keep_caches", keep_caches, none=True)
+        for name, value in (("max_branches", max_branches), ("max_records", max_records)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if time_direction not in ("auto", "falling", "rising"):
+            raise ConfigError(f"time_direction must be 'auto', 'falling' or 'rising', got {time_direction!r}")
         self.config = config
         self.lowering = lowering
-        self.strict = bool(strict)
+        self.strict = strict
         self.block_lists = block_lists
         self.timestep_input = timestep_input
-        if inplace is not None and not isinstance(inplace, bool):
-            raise ConfigError(f"inplace must be True, False or None (automatic), got {inplace!r}")
         self.inplace = inplace
-        self.runners: list[Runner | UncachedRunner] = []
-        self.records: collections.deque = collections.deque(maxlen=max_records)
-        self.override: tuple[int, int] | None = None
+        # in-place buffers have static addresses (CUDA graphs record them): keep them for the next request
+        keep = bool(inplace) if keep_caches is None else keep_caches
+        self.scope = RequestScope(max_branches=max_branches, max_records=max_records, keep_caches=keep,
+                                  time_direction=time_direction)
+        self.runners: list = []
+        self._codes: set[str] = set()  # code objects Dynamo compiled with this backend (recompile-limit warning)
         self._warned: set[str] = set()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"CacheBackend({self.config!r}, lowering={self.lowering!r})"
@@ -57,89 +111,116 @@ class CacheBackend:
     # -- Dynamo entry --------------------------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
         mode, options = kwargs.get("mode"), kwargs.get("options")
-        graph_id = len(self.runners)
-        try:
-            if torch.is_grad_enabled():
-                raise UnsupportedGraphError(
-                    "the model was called with autograd enabled; caching is for inference: call it under "
-                    "torch.no_grad() or torch.inference_mode() (diffusers pipelines do)"
-                )
-            plan = analyse(gm, block_lists=self.block_lists, timestep_input=self.timestep_input)
-            variants = build_variants(gm, plan, self.config)
-        except UnsupportedGraphError as exc:
-            if self.strict:
-                raise
-            self._warn_once(f"fxcache: running graph {graph_id} uncached: {exc.reason}")
-            runner = UncachedRunner(backend=self, graph_id=graph_id, gm=gm, lowering=self.lowering, mode=mode,
-                                    options=options, reason=exc.reason)
-        else:
-            log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
-            runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
-                            lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=self.inplace)
-        self.runners.append(runner)
+        module, code = traced_frame()
+        if module is not None:
+            attach(module, self)
+        if code is not None:
+            self._codes.add(code_label(code))
+            watch(self)
+        with self._lock:
+            graph_id = len(self.runners)
+            try:
+                if torch.is_grad_enabled():
+                    raise UnsupportedGraphError(
+                        "the model was called with autograd enabled; caching is for inference: call it under "
+                        "torch.no_grad() or torch.inference_mode() (diffusers pipelines do)"
+                    )
+                plan = analyse(gm, block_lists=self.block_lists, timestep_input=self.timestep_input,
+                               forward_params=forward_parameters(module) if module is not None else None)
+                variants = build_variants(gm, plan, self.config)
+            except UnsupportedGraphError as exc:
+                if self.strict:
+                    runner = FailedRunner(backend=self, graph_id=graph_id, error=exc)
+                else:
+                    self._warn_once(f"fxcache: running graph {graph_id} uncached: {exc.reason}")
+                    runner = UncachedRunner(backend=self, graph_id=graph_id, gm=gm, lowering=self.lowering,
+                                            mode=mode, options=options, reason=exc.reason)
+            else:
+                log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
+                runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
+                                lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=self.inplace)
+            self.runners.append(runner)
         return runner
 
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
+    def _new_model(self, parameter) -> None:
+        """A model this backend had not run before calls one of its graphs: hear its pipeline's signals."""
+        module = calling_module(parameter)
+        if module is not None:
+            attach(module, self)
+
+    def _warn_once(self, message: str, key: str | None = None) -> None:
+        key = key or message
+        if key not in self._warned:
+            self._warned.add(key)
             warnings.warn(message, FxCacheWarning, stacklevel=3)
 
-    def _record(self, **record) -> None:
-        self.records.append(record)
-
     # -- user controls --------------------------------------------------------------------------------------
+    @property
+    def records(self):
+        return self.scope.records
+
     @property
     def plans(self) -> list[GraphPlan]:
         return [r.plan for r in self.runners if isinstance(r, Runner)]
 
     def reset(self) -> None:
-        """Start a new generation on the next call of every graph and free the caches."""
-        for r in self.runners:
-            r.reset()
+        """Free the caches of every request (all threads); the next call of every graph starts over."""
+        self.scope.reset()
 
-    @contextlib.contextmanager
+    def request(self) -> Request:
+        """A new request on this backend's models: `with backend.request(): ...` (see `fxcache.request`)."""
+        return Request((self.scope,))
+
     def step(self, index: int, branch: int = 0):
-        """Calls inside the block run as step `index`, CFG branch `branch` (step 0 branch 0 starts a generation).
+        """Calls inside the block run as step `index`, CFG branch `branch` (step 0 starts that branch over).
 
-        For schedulers whose timesteps repeat or do not fall (Heun-type, img2img restarts).
+        For schedulers whose timesteps repeat or do not fall in ways the step rule cannot follow.
         """
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ConfigError(f"step index must be an int >= 0, got {index!r}")
-        if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
-            raise ConfigError(f"branch must be an int >= 0, got {branch!r}")
-        previous, self.override = self.override, (index, branch)
-        try:
-            yield self
-        finally:
-            self.override = previous
+        _check_step(index, branch)
+        return self.scope.step(index, branch)
 
     def stats(self) -> list[dict]:
-        return [dict(r) for r in self.records]
+        return [dict(r) for r in self.scope.records]
 
     def cache_bytes(self) -> int:
-        return sum(r.cache_bytes() for r in self.runners)
+        """Bytes of caches held now, over every request."""
+        return self.scope.cache_bytes()
+
+
+def _check_step(index, branch) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ConfigError(f"step index must be an int >= 0, got {index!r}")
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise ConfigError(f"branch must be an int >= 0, got {branch!r}")
 
 
 def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str = "inductor", strict: bool = False,
                   block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
-                  inplace: bool | None = None, **options) -> CacheBackend:
+                  inplace: bool | None = None, max_branches: int = 3, keep_caches: bool | None = None,
+                  time_direction: str = "auto", **options) -> CacheBackend:
     """The backend for `torch.compile(model, backend=fxcache.cache_backend("duca"), dynamic=False)`.
 
     Args:
         method_or_config: a registered method name ("duca", "fora", ...) or a config instance.
         lowering: "inductor" (default; honours torch.compile's mode= and options=) or "eager".
-        strict: raise UnsupportedGraphError for a graph the analysis does not understand, instead of warning
-            once and running it uncached.
+        strict: raise UnsupportedGraphError (at the first call) for a graph the analysis does not understand,
+            instead of warning once and running it uncached.
         block_lists: names of the module lists that hold the transformer blocks.
-        timestep_input: the timestep input (index among user inputs, or name substring) when no diffusers
-            `Timesteps` module reveals it.
+        timestep_input: the forward's timestep parameter (name, dotted path into a dict argument, or index among
+            the forward's parameters) when no diffusers `Timesteps` module reveals it.
         inplace: keep caches in persistent buffers the variants update in place (static addresses, as CUDA graphs
             need). None (default): on for `mode="reduce-overhead"`, off otherwise.
+        max_branches: CFG branches (or interleaved unmarked requests) one request keeps caches for; beyond it
+            the least recently used is dropped (and runs FULL when it calls again), with a warning.
+        keep_caches: when a request ends, keep its cache buffers allocated for the next request of the same shape
+            (None: only for in-place caches, whose addresses CUDA graphs record).
+        time_direction: "auto" (falling, unless t is seen rising during sampling, as in Lumina), "falling" or
+            "rising".
         **options: fields of the method's config (only with a method name).
     """
     if isinstance(method_or_config, CacheConfig):
         if options:
-            raise TypeError(
+            raise UnknownOptionError(
                 f"options {sorted(options)} given with a config instance; use "
                 f"dataclasses.replace(config, ...) instead"
             )
@@ -151,13 +232,19 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
             f"cache_backend takes a method name or a CacheConfig, got {type(method_or_config).__name__}"
         )
     return CacheBackend(config, lowering=lowering, strict=strict, block_lists=block_lists,
-                        timestep_input=timestep_input, inplace=inplace)
+                        timestep_input=timestep_input, inplace=inplace, max_branches=max_branches,
+                        keep_caches=keep_caches, time_direction=time_direction)
 
 
-def _find_backend(model) -> CacheBackend:
-    if isinstance(model, CacheBackend):
+def _find_backend(model):
+    """The CacheBackend (or CachedSession) serving `model`: the backend itself, a module compiled with one
+    (`torch.compile(...)` or in place with `module.compile(...)`), or a session."""
+    if isinstance(model, CacheBackend) or hasattr(model, "scope") and isinstance(model.scope, RequestScope):
         return model
     todo, seen = [getattr(model, "dynamo_ctx", None)], set()
+    for m in (model, getattr(model, "_orig_mod", None)):
+        impl = getattr(m, "__dict__", {}).get("_compiled_call_impl")
+        todo += [c.cell_contents for c in (getattr(impl, "__closure__", None) or ())]
     while todo:
         obj = todo.pop()
         if obj is None or id(obj) in seen:
@@ -167,25 +254,53 @@ def _find_backend(model) -> CacheBackend:
             return obj
         for attr in ("callback", "_torchdynamo_orig_backend", "compiler_fn", "__wrapped__", "_orig_backend"):
             todo.append(getattr(obj, attr, None))
+    for m in (model, getattr(model, "_orig_mod", None)):  # a module whose graph a backend serves
+        if isinstance(m, torch.nn.Module) and backends_of(m):
+            return backends_of(m)[-1]
     raise ConfigError(
-        f"{type(model).__name__} was not compiled with an fxcache backend; pass the module returned by "
-        "torch.compile(..., backend=fxcache.cache_backend(...)) or the backend itself"
+        f"{type(model).__name__} was not compiled with an fxcache backend; pass the module compiled with "
+        "torch.compile(..., backend=fxcache.cache_backend(...)) (or module.compile(backend=...)), a pipeline "
+        "enabled with fxcache.enable(pipe), or the backend itself"
     )
 
 
 def stats(model) -> list[dict]:
-    """One record per call of the compiled model: graph, step, branch, kind, tokens, flops, t."""
+    """One record per call of the compiled model: graph, request, step, branch, kind, tokens, flops, t,
+    cache_bytes (held by that graph in that request after the call)."""
     return _find_backend(model).stats()
 
 
 def reset(model) -> None:
-    """Free the caches; the next call starts a new generation."""
+    """Free the caches of every request; the next call starts a new generation."""
     _find_backend(model).reset()
 
 
+def cache_bytes(model) -> int:
+    """Bytes of caches the model's backend holds now, over every request."""
+    return _find_backend(model).cache_bytes()
+
+
 def step(model, index: int, branch: int = 0):
-    """Context manager: calls inside run as step `index` of branch `branch` (overrides the timestep rule)."""
+    """Context manager: calls inside run as step `index` of branch `branch` (overrides the step rule)."""
     return _find_backend(model).step(index, branch)
+
+
+def request(*models) -> Request:
+    """A request boundary: `with fxcache.request(model): ...` runs the calls inside with caches of their own,
+    freed when the block ends (exceptions included). Without it, each thread has one implicit request, which a
+    diffusers pipeline ends at the end of its call and the step rule otherwise follows from the timesteps.
+
+    `models`: compiled models, backends or sessions (none: every fxcache model). For requests interleaved in one
+    thread keep the object and enter `req.resume()` around each of its calls, then `req.end()`.
+    """
+    if not models:
+        return Request(None)
+    scopes = []
+    for m in models:
+        scope = _find_backend(m).scope
+        if scope not in scopes:
+            scopes.append(scope)
+    return Request(tuple(scopes))
 
 
 @dataclasses.dataclass
@@ -203,19 +318,31 @@ class Explanation:
         for i, (plan, err) in enumerate(zip(self.plans, self.errors)):
             lines.append(f"Graph {i}:")
             lines.append("  " + (plan.summary().replace("\n", "\n  ") if plan else f"not cacheable: {err}"))
+        lines.append(REQUEST_BOUNDARIES)
         return "\n".join(lines)
+
+
+REQUEST_BOUNDARIES = (
+    "Request boundaries: calls inside `with fxcache.request(model):` (or a pipeline enabled with "
+    "fxcache.enable(pipe)) are one request. Otherwise a diffusers pipeline's end-of-call reset ends the request, "
+    "and without any signal the step rule guesses from the timesteps and conditioning inputs: a request whose first "
+    "t is below the last one seen, with the same conditioning, cannot be told from a continuation. Mark requests "
+    "in custom loops and servers."
+)
 
 
 def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
             timestep_input: int | str | None = None, **kwargs) -> Explanation:
     """Trace `model(*args, **kwargs)` with Dynamo, print and return what fxcache finds in each graph."""
+    _check_timestep_input(timestep_input)
     module = getattr(model, "_orig_mod", model)
     with torch.no_grad():
         out = torch._dynamo.explain(module)(*args, **kwargs)
     plans, errors = [], []
+    params = forward_parameters(module)
     for gm in out.graphs:
         try:
-            plans.append(analyse(gm, block_lists=block_lists, timestep_input=timestep_input))
+            plans.append(analyse(gm, block_lists=block_lists, timestep_input=timestep_input, forward_params=params))
             errors.append("")
         except UnsupportedGraphError as exc:
             plans.append(None)

@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownOptionError
 
 
 class StepKind(str, enum.Enum):
@@ -138,10 +138,17 @@ def make_config(name: str, *, preset: str | None = None, **options) -> CacheConf
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(
+            raise UnknownOptionError(
                 f"unknown option {key!r} for cache method {cls.method!r}{hint}; valid options: {', '.join(fields)}"
             )
     return cls(**options)
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
+
+
+def check_seed(owner: str, value) -> None:
+    check_int(owner, "seed", value, minimum=0, maximum=SEED_MAX, why="a 64-bit generator seed")
 
 
 def check_int(owner: str, name: str, value, *, minimum: int, maximum: int | None = None, why: str = "") -> None:

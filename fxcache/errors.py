@@ -11,6 +11,10 @@ class ConfigError(FxCacheError, ValueError):
     """A cache method, option or lowering was given a value it does not accept."""
 
 
+class UnknownOptionError(ConfigError, TypeError):
+    """An option name a method, backend or call does not take (a TypeError too, as for unknown keywords)."""
+
+
 class UnsupportedGraphError(FxCacheError):
     """The graph analysis could not find what caching needs (raised in strict mode).
 

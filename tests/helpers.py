@@ -18,8 +18,25 @@ def timesteps(steps: int) -> list[float]:
 
 
 def loop_inputs(name: str, steps: int, *, batch: int = 1, size: int = 8, seed: int = 0) -> list[dict]:
-    """Per-step inputs: decreasing t, fresh latents each step (a harsh test of the caching maths)."""
-    return [make_inputs(name, batch=batch, size=size, t=t, seed=seed + 100 * s) for s, t in enumerate(timesteps(steps))]
+    """Per-step inputs of one request: decreasing t, fresh latents each step (a harsh test of the caching maths),
+    the conditioning of `seed` throughout (as a sampling loop keeps its prompt)."""
+    out = []
+    for s, t in enumerate(timesteps(steps)):
+        kw = make_inputs(name, batch=batch, size=size, t=t, seed=seed)
+        kw["hidden_states"] = make_inputs(name, batch=batch, size=size, t=t, seed=seed + 100 * s)["hidden_states"]
+        out.append(kw)
+    return out
+
+
+def cfg_calls(name: str, steps: int, *, batch: int = 1, seed: int = 0, uncond_seed: int = 7) -> list[dict]:
+    """True CFG: per step a cond call then an uncond call at the same t, each branch with its own conditioning
+    (DiT's uncond branch takes the null class 1000, as its pipeline does)."""
+    cond = loop_inputs(name, steps, batch=batch, seed=seed)
+    uncond = loop_inputs(name, steps, batch=batch, seed=uncond_seed)
+    if name == "dit":
+        for kw in uncond:
+            kw["class_labels"] = torch.full_like(kw["class_labels"], 1000)
+    return [kw for pair in zip(cond, uncond) for kw in pair]
 
 
 def run(model, inputs: list[dict]) -> list[torch.Tensor]:
@@ -67,6 +84,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = [
-    "assert_loop_matches", "compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err",
+    "assert_loop_matches", "cfg_calls", "compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err",
     "run", "run_reference", "run_twice_without_recompiles", "timesteps",
 ]

@@ -9,7 +9,7 @@ import torch
 import fxcache
 from fxcache.testing import MODEL_NAMES
 from helpers import (
-    assert_loop_matches, compile_cached, loop_inputs, make_inputs, make_model, reference_for, rel_err, run,
+    assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_inputs, make_model, reference_for, rel_err, run,
     run_reference,
 )
 
@@ -120,9 +120,7 @@ def test_sequential_cfg_branches_have_their_own_caches(name):
     """True CFG: two calls per step with the same t; each branch equals its own single-branch reference."""
     model = make_model(name)
     compiled, backend = compile_cached(model, "duca", interval=5, ratio=0.5)
-    cond = loop_inputs(name, STEPS, seed=0)
-    uncond = loop_inputs(name, STEPS, seed=7)
-    interleaved = [kw for pair in zip(cond, uncond) for kw in pair]
+    interleaved = cfg_calls(name, STEPS)
     outs = run(compiled, interleaved)
     records = fxcache.stats(compiled)
     assert [(r["step"], r["branch"]) for r in records] == [(s, b) for s in range(STEPS) for b in (0, 1)]

@@ -45,7 +45,7 @@ class BlocksNoTimesteps(torch.nn.Module):
 def test_no_blocks_strict_raises():
     model, x, t = NoBlocks(), torch.randn(1, 4, 8), torch.tensor([0.5])
     compiled, _ = compile_cached(model, strict=True)
-    with pytest.raises(Exception, match="no transformer blocks found.*block_lists"):
+    with pytest.raises(fxcache.UnsupportedGraphError, match="no transformer blocks found.*block_lists"):
         with torch.no_grad():
             compiled(x, t)
 
@@ -68,7 +68,7 @@ def test_no_blocks_default_warns_once_and_runs_uncached():
 def test_generic_blocks_without_a_timesteps_module_need_timestep_input():
     model, x = BlocksNoTimesteps(), torch.randn(1, 4, 8)
     compiled, _ = compile_cached(model, strict=True)
-    with pytest.raises(Exception, match="no timestep input found.*timestep_input="):
+    with pytest.raises(fxcache.UnsupportedGraphError, match="no timestep input found.*timestep_input="):
         with torch.no_grad():
             compiled(x, torch.tensor([0.5]))
     torch._dynamo.reset()
@@ -92,7 +92,9 @@ def test_missing_timestep_is_named_with_the_fix():
 
     with torch.no_grad():
         torch.compile(model, backend=capture, dynamic=False)(**make_inputs("dit"))
-    with pytest.raises(fxcache.UnsupportedGraphError, match="timestep_input=.*matches no graph input"):
+    with pytest.raises(fxcache.UnsupportedGraphError,
+                       match="timestep_input='no_such_input'.*its tensor inputs are: class_labels, hidden_states, "
+                             "timestep"):
         analyse(graphs[0], timestep_input="no_such_input")
     plan = analyse(graphs[0], timestep_input="timestep")
     assert plan.timestep_name.endswith("timestep_")
@@ -102,7 +104,7 @@ def test_dynamic_shapes_are_refused_with_the_fix():
     model = make_model("dit")
     backend = fxcache.cache_backend("duca", lowering="eager", strict=True)
     compiled = torch.compile(model, backend=backend, dynamic=True)
-    with pytest.raises(Exception, match="dynamic=False"):
+    with pytest.raises(fxcache.UnsupportedGraphError, match="dynamic=False"):
         with torch.no_grad():
             compiled(**make_inputs("dit"))
 

@@ -248,6 +248,16 @@ def inputs(name: str, *, batch: int = 1, t: float = 0.9, seed: int = 0) -> dict:
     return FACTORIES[name][1](batch, t, seed)
 
 
+def loop(name: str, ts: list[float], stride: int = 1) -> list[dict]:
+    """One request: the conditioning of seed 0 throughout, fresh latents at every step."""
+    out = []
+    for s, t in enumerate(ts):
+        kw = inputs(name, t=t)
+        kw["hidden_states"] = inputs(name, t=t, seed=stride * s)["hidden_states"]
+        out.append(kw)
+    return out
+
+
 # -- models fxcache caches --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CACHED)
@@ -283,8 +293,7 @@ def _first_step_equals_uncached_and_later_steps_are_cached(name, model, compiled
     fxcache.reset(compiled)
     start = len(fxcache.stats(compiled))
     with torch.no_grad():
-        pairs = [(compiled(**kw)[0], model(**kw)[0])
-                 for kw in (inputs(name, t=t, seed=s) for s, t in enumerate([0.9, 0.8, 0.7]))]
+        pairs = [(compiled(**kw)[0], model(**kw)[0]) for kw in loop(name, [0.9, 0.8, 0.7])]
     assert [r["kind"] for r in fxcache.stats(compiled)[start:]] == ["full", "partial", "skip"]
     assert rel_err(*pairs[0]) <= 1e-6
     for s in (1, 2):
@@ -316,7 +325,7 @@ def test_reuse_steps_equal_the_hooked_reference_caching_only_attention_and_mlp(n
     the attention / MLP outputs (so gates and residual stream use the current input and timestep)."""
     model = make(name)
     compiled, backend = compile_cached(model, "fora", interval=3)
-    kws = [inputs(name, t=t, seed=100 * s) for s, t in enumerate([0.9, 0.8, 0.7])]
+    kws = loop(name, [0.9, 0.8, 0.7], stride=100)
     with torch.no_grad():
         outs = [compiled(**kw)[0] for kw in kws]
     assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "reuse"]
@@ -350,3 +359,72 @@ def test_unsupported_model_falls_back_cleanly(name):
     strict, _ = compile_cached(make(name), "duca", strict=True, interval=3, ratio=0.5)
     with pytest.raises(Exception, match="|".join(FALLBACK[name])), torch.no_grad():
         strict(**inputs(name))
+
+
+# -- FULL is the uncached model, at sizes other than the configs' -------------------------------------------------------
+
+def _off_size(name: str, batch: int = 1, t: float = 0.9, seed: int = 0) -> dict:
+    """Inputs of another resolution (and frame count) than the config's sample size: positional tables built for
+    the sample size are then recomputed in the graph (CogVideoX fills one in place)."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed, get_2d_rotary_pos_embed_lumina
+
+    from fxcache.testing.models import flux_ids
+
+    g = _g(seed)
+    kw = inputs(name, batch=batch, t=t, seed=seed)
+    if name in ("sana", "auraflow", "cogview3plus", "luminanext"):
+        side = 6 if name == "sana" else 12
+        kw["hidden_states"] = torch.randn(batch, 4, side, side, generator=g)
+    elif name == "hunyuandit":
+        kw["hidden_states"] = torch.randn(batch, 4, 12, 12, generator=g)
+        kw["image_rotary_emb"] = get_2d_rotary_pos_embed(8, ((0, 0), (6, 6)), (6, 6))
+    elif name == "cogvideox":
+        kw["hidden_states"] = torch.randn(batch, 2, 4, 12, 12, generator=g)
+    elif name == "wan":
+        kw["hidden_states"] = torch.randn(batch, 4, 3, 12, 12, generator=g)
+    elif name == "qwenimage":
+        kw["hidden_states"] = torch.randn(batch, 36, 16, generator=g)
+        kw["img_shapes"] = [(1, 6, 6)] * batch
+    elif name == "ltx":
+        kw.update(hidden_states=torch.randn(batch, 3 * 6 * 6, 8, generator=g), num_frames=3, height=6, width=6)
+    elif name == "hunyuanvideo":
+        kw["hidden_states"] = torch.randn(batch, 4, 2, 6, 6, generator=g)
+    elif name == "chroma":
+        kw["hidden_states"] = torch.randn(batch, 36, 16, generator=g)
+        kw["img_ids"], kw["txt_ids"] = flux_ids(6, 6, 6)
+    if name == "luminanext":
+        kw["image_rotary_emb"] = get_2d_rotary_pos_embed_lumina(8, 16, 16)
+    return kw
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_full_step_equals_the_uncached_model_at_another_size(name):
+    """The FULL variant keeps every side effect and computation of the original graph (in-place writes too), so
+    at a resolution other than the config's it is the uncached model (DuCa's FULL: unit and head caches exposed;
+    TaylorSeer's FULL: Taylor factors updated in the graph)."""
+    model = make(name)
+    kw = _off_size(name)
+    with torch.no_grad():
+        expected = model(**kw)[0]
+    for method, opts in (("duca", dict(interval=3)), ("taylorseer", dict(interval=3, warmup_steps=1))):
+        compiled, backend = compile_cached(model, method, **opts)
+        with torch.no_grad():
+            out = compiled(**kw)[0]
+        assert [r["kind"] for r in fxcache.stats(compiled)] == ["full"] and backend.plans
+        assert rel_err(out, expected) <= 1e-5, (method, name)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "sd3"])
+def test_full_step_of_the_four_core_models_equals_the_uncached_model_at_another_size(name):
+    from fxcache.testing import make_inputs, make_model
+
+    model = make_model(name)
+    kw = make_inputs(name, size=6)  # DiT / PixArt / SD3 configs are for 12x12 latents, FLUX for none
+    with torch.no_grad():
+        expected = model(**kw)[0]
+    compiled, backend = compile_cached(model, "duca", interval=3)
+    with torch.no_grad():
+        out = compiled(**kw)[0]
+    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full"] and backend.plans
+    assert rel_err(out, expected) <= 1e-5

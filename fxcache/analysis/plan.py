@@ -9,6 +9,7 @@ from torch import fx
 
 from ..errors import UnsupportedGraphError
 from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks
+from .inputs import input_paths
 from .module_stack import is_param_placeholder
 from .timestep import find_timestep_input, resolve_timestep_input
 from .units import ATTN, Unit, find_units
@@ -26,6 +27,8 @@ class GraphPlan:
         last_outputs: outputs of the last block (the head's input; cached for SKIP steps).
         num_placeholders: placeholders of the original graph.
         input_shapes: shapes of the user (non-parameter) inputs, by placeholder name.
+        input_paths: placeholder index -> the forward argument it is ("timestep", "added_cond_kwargs.resolution").
+        forward_params: the model forward's parameter names, when the backend saw the module.
     """
 
     blocks: list[Block]
@@ -35,6 +38,8 @@ class GraphPlan:
     last_outputs: list[fx.Node]
     num_placeholders: int
     input_shapes: dict[str, tuple[int, ...]]
+    input_paths: dict[int, str] = dataclasses.field(default_factory=dict)
+    forward_params: list[str] | None = None
 
     @property
     def units(self) -> list[Unit]:
@@ -92,6 +97,7 @@ def analyse(
     *,
     block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
     timestep_input: int | str | None = None,
+    forward_params: list[str] | None = None,
 ) -> GraphPlan:
     """Describe `gm` (read-only). Raises UnsupportedGraphError naming what is missing."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -130,10 +136,13 @@ def analyse(
                 "timestep_input=<index or name of the input> to cache_backend, or drive steps with fxcache.step()"
             )
     else:
-        found = resolve_timestep_input(gm, timestep_input)
+        found = resolve_timestep_input(gm, timestep_input, forward_params)
         if found is None:
-            users = [n.name for n in placeholders if not is_param_placeholder(n)]
-            raise UnsupportedGraphError(f"timestep_input={timestep_input!r} matches no graph input; inputs: {users}")
+            users = sorted(set(input_paths(gm, forward_params).values()))
+            what = (f"the forward's parameter #{timestep_input} ({', '.join(forward_params or ['unknown'])})"
+                    if isinstance(timestep_input, int) else repr(timestep_input))
+            raise UnsupportedGraphError(f"timestep_input={timestep_input!r}: {what} is not a tensor input of the "
+                                        f"traced graph; its tensor inputs are: {', '.join(users)}")
     index, node = found
     last = blocks[-1].outputs
     shapes = {
@@ -149,4 +158,6 @@ def analyse(
         last_outputs=list(last),
         num_placeholders=len(placeholders),
         input_shapes=shapes,
+        input_paths=input_paths(gm, forward_params),
+        forward_params=forward_params,
     )

@@ -27,15 +27,22 @@ def find_timestep_input(gm: fx.GraphModule) -> tuple[int, fx.Node] | None:
     return None
 
 
-def resolve_timestep_input(gm: fx.GraphModule, spec: int | str) -> tuple[int, fx.Node] | None:
-    """An explicit timestep input: a placeholder index among user inputs' placeholders, or a name substring."""
+def resolve_timestep_input(gm: fx.GraphModule, spec: int | str,
+                           forward_params: list[str] | None = None) -> tuple[int, fx.Node] | None:
+    """An explicit timestep input: the forward's parameter `spec` (its name, a dotted path into a dict argument,
+    or its index among the forward's parameters)."""
+    from .inputs import input_paths
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    paths = input_paths(gm, forward_params)
     if isinstance(spec, int):
-        users = [i for i, n in enumerate(placeholders) if not is_param_placeholder(n)]
-        if 0 <= spec < len(users):
-            return users[spec], placeholders[users[spec]]
-        return None
-    for i, n in enumerate(placeholders):
-        if not is_param_placeholder(n) and spec in n.name:
-            return i, n
+        if not forward_params or spec >= len(forward_params):
+            return None
+        spec = forward_params[spec]
+    for i, path in paths.items():
+        if path == spec:
+            return i, placeholders[i]
+    for i, path in paths.items():
+        if path.split(".", 1)[0] == spec:
+            return i, placeholders[i]
     return None

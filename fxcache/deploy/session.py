@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import types
+import warnings
 from typing import Callable
 
 import torch
@@ -19,7 +20,8 @@ import torch
 from ..config import CacheConfig, StepKind
 from ..errors import ConfigError, ExportError
 from ..export.graph import dtype_from_name
-from ..export.manifest import Artifact, Manifest, read_manifest
+from ..export.manifest import Artifact, Manifest, confined, read_manifest
+from ..runtime.requests import CONTEXT_NAME, Request, RequestScope
 from ..runtime.runner import Runner
 from ..variants import ExtraInput, schedule_key
 
@@ -58,7 +60,8 @@ class _SessionRunner(Runner):
             kind = StepKind(a.kind)
             if kind is not StepKind.PARTIAL or a.schedule_key == first or kind not in specs:
                 specs[kind] = VariantSpec.of(a)
-        plan = types.SimpleNamespace(timestep_index=manifest.timestep_input)
+        plan = types.SimpleNamespace(timestep_index=manifest.timestep_input, forward_params=None,
+                                     input_paths={i: t.name for i, t in enumerate(manifest.user_inputs)})
         super().__init__(backend=session, graph_id=0, plan=plan, config=config, variants=specs, lowering="eager")
         self.manifest = manifest
         self.executors = executors
@@ -84,10 +87,12 @@ class CachedSession:
         providers: onnxruntime providers (default CPU; e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]).
 
     For diffusers pipelines it offers `config` (the transformer's config), `dtype`, `device` and a no-op
-    `cache_context`; `reset()` starts a new generation early; `stats()` has one record per call.
+    `cache_context` (its name is the CFG branch); `reset()` frees every request's caches; `stats()` has one record per
+    call. `trust_remote_code=True` is needed to load `format="tensorrt"` folders (their programs are unpickled).
     """
 
-    def __init__(self, folder: str, providers: list[str] | None = None):
+    def __init__(self, folder: str, providers: list[str] | None = None, *, trust_remote_code: bool = False,
+                 max_branches: int = 3, max_records: int = 100_000):
         self.folder = folder
         self.manifest = read_manifest(folder)
         m = self.manifest
@@ -96,18 +101,24 @@ class CachedSession:
         except Exception as exc:  # an unknown method or option from another fxcache version
             raise ExportError(f"the manifest's cache config cannot be read: {exc}") from None
         self.providers = providers
-        self.override = None
-        self.records: list[dict] = []
+        self.trust_remote_code = trust_remote_code
+        self.scope = RequestScope(max_branches=max_branches, max_records=max_records)
+        self._warned: set[str] = set()
         self.config = _model_config(m.model_config)
         self.dtype = dtype_from_name(m.user_inputs[0].dtype) if m.user_inputs else torch.float32
         self.device = torch.device("cuda" if providers and any("CUDA" in p or "Tensorrt" in p for p in providers)
                                    else "cpu") if m.format == "onnx" else torch.device("cuda")
+        if m.format == "tensorrt" and not trust_remote_code:
+            raise ExportError(
+                f"{folder!r} holds TensorRT programs (.ep files), which torch.export.load unpickles: a crafted file "
+                "can run any code on this machine. Load only folders you made or trust, with "
+                "CachedSession(folder, trust_remote_code=True)")
         # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
         executors = {(a.kind, a.schedule_key): self._executor(a) for a in m.artifacts}
         self._runner = _SessionRunner(self, m, self.cache_config, executors)
 
     def _executor(self, artifact: Artifact):
-        path = os.path.join(self.folder, artifact.file)
+        path = confined(self.folder, artifact.file)
         if self.manifest.format == "onnx":
             from ..export.onnx import OnnxExecutor
 
@@ -117,8 +128,17 @@ class CachedSession:
         return TensorRTExecutor(path)
 
     # -- the runner's backend interface ----------------------------------------------------------------------
-    def _record(self, **record) -> None:
-        self.records.append(record)
+    def _warn_once(self, message: str, key: str | None = None) -> None:
+        key = key or message
+        if key not in self._warned:
+            self._warned.add(key)
+            from ..api import FxCacheWarning
+
+            warnings.warn(message, FxCacheWarning, stacklevel=3)
+
+    @property
+    def records(self):
+        return self.scope.records
 
     # -- user interface --------------------------------------------------------------------------------------
     def __call__(self, *args, return_dict: bool = True, **kwargs):
@@ -165,28 +185,38 @@ class CachedSession:
         return value
 
     def reset(self) -> None:
-        """Free the caches; the next call starts a new generation (the timestep rule also does this)."""
-        self._runner.reset()
+        """Free the caches of every request; the next call starts a new generation."""
+        self.scope.reset()
+
+    def _reset_stateful_cache(self, *args, **kwargs) -> None:
+        """diffusers pipelines call this at the end of every `__call__`: the caller's request ends there."""
+        self.scope.end_current()
+
+    def request(self) -> Request:
+        """A new request: `with session.request(): ...` (see `fxcache.request`)."""
+        return Request((self.scope,))
 
     def stats(self) -> list[dict]:
-        return [dict(r) for r in self.records]
+        return [dict(r) for r in self.scope.records]
 
     def cache_bytes(self) -> int:
-        return self._runner.cache_bytes()
+        return self.scope.cache_bytes()
 
-    @contextlib.contextmanager
     def step(self, index: int, branch: int = 0):
         """Calls inside run as step `index` of CFG branch `branch` (for samplers whose timesteps repeat)."""
-        previous, self.override = self.override, (index, branch)
-        try:
-            yield self
-        finally:
-            self.override = previous
+        from ..api import _check_step
+
+        _check_step(index, branch)
+        return self.scope.step(index, branch)
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
-        """diffusers pipelines wrap each call in `transformer.cache_context(...)`; the session needs nothing."""
-        yield
+        """diffusers pipelines wrap each call in `transformer.cache_context("cond" / "uncond")`: the CFG branch."""
+        token = CONTEXT_NAME.set(name if isinstance(name, str) else None)
+        try:
+            yield
+        finally:
+            CONTEXT_NAME.reset(token)
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{a.kind}" + (f"@{a.schedule_key}" if a.schedule_key else "") for a in self.manifest.artifacts)

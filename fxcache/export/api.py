@@ -8,6 +8,8 @@ exported with its weights as constants. `fxcache.deploy.CachedSession` replays t
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -17,7 +19,7 @@ from ..config import CacheConfig, StepKind, make_config
 from ..errors import ConfigError, ExportError, MissingDependencyError, UnsupportedGraphError
 from ..variants import schedule_key
 from .graph import dtype_name, example_extra, lift_constants, remove_noop_squeeze
-from .manifest import FORMATS, Artifact, Manifest, Tensor, write_manifest
+from .manifest import FORMATS, MANIFEST, Artifact, Manifest, Tensor, write_manifest
 
 
 def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config: str | CacheConfig = "duca", *,
@@ -49,6 +51,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
         raise ConfigError(f"method_or_config must be a method name or a CacheConfig, got {method_or_config!r}")
     if options and not isinstance(method_or_config, str):
         raise ConfigError("options apply to a method name; set them on the config instead")
+    _check_out_dir(out_dir)
     writer = _writer(format)
     if format == "tensorrt":  # before tracing: say what is missing at once
         from .tensorrt import require_tensorrt
@@ -71,41 +74,87 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
                           "the timestep as a tensor (e.g. timestep=torch.tensor([t] * batch))")
     timestep_pos = keep.index(runner.plan.timestep_index)
 
-    os.makedirs(out_dir, exist_ok=True)
-    artifacts, seen = [], set()
-    schedule = []
-    for step in range(num_steps):
-        kind = config.step_kind(step)
-        key = schedule_key(config, step) if kind is StepKind.PARTIAL else 0
-        schedule.append({"step": step, "kind": kind.value, "schedule_key": key})
-    wanted = [(k, 0) for k in StepKind if k in config.kinds and k is not StepKind.PARTIAL]
-    wanted += sorted({(StepKind.PARTIAL, s["schedule_key"]) for s in schedule if s["kind"] == "partial"},
-                     key=lambda x: x[1])
-    if StepKind.PARTIAL in config.kinds and not any(k is StepKind.PARTIAL for k, _ in wanted):
-        wanted.append((StepKind.PARTIAL, schedule_key(config, config.warmup)))
-    for kind, key in wanted:
-        if (kind, key) in seen:
-            continue
-        seen.add((kind, key))
-        step = next((s["step"] for s in schedule if s["kind"] == kind.value and s["schedule_key"] == key), 0)
-        variant, _ = runner._variant(kind, step)
-        artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, out_dir, check,
-                                         tolerance, eager_tensors))
-
-    runner.example_args = None  # Dynamo keeps the backend alive: do not let it pin the example tensors
-    manifest = Manifest(
-        format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
-        user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,
-        model_class=type(transformer).__name__, model_config=_model_config(transformer), artifacts=artifacts,
-        versions=_versions(format))
-    write_manifest(manifest, out_dir)
+    staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
+    try:
+        artifacts, seen = [], set()
+        schedule = []
+        for step in range(num_steps):
+            kind = config.step_kind(step)
+            key = schedule_key(config, step) if kind is StepKind.PARTIAL else 0
+            schedule.append({"step": step, "kind": kind.value, "schedule_key": key})
+        wanted = [(k, 0) for k in StepKind if k in config.kinds and k is not StepKind.PARTIAL]
+        wanted += sorted({(StepKind.PARTIAL, s["schedule_key"]) for s in schedule if s["kind"] == "partial"},
+                         key=lambda x: x[1])
+        if StepKind.PARTIAL in config.kinds and not any(k is StepKind.PARTIAL for k, _ in wanted):
+            wanted.append((StepKind.PARTIAL, schedule_key(config, config.warmup)))
+        for kind, key in wanted:
+            if (kind, key) in seen:
+                continue
+            seen.add((kind, key))
+            step = next((s["step"] for s in schedule if s["kind"] == kind.value and s["schedule_key"] == key), 0)
+            variant, _ = runner._variant(kind, step)
+            artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, staging, check,
+                                             tolerance, eager_tensors))
+        manifest = Manifest(
+            format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
+            user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,
+            model_class=type(transformer).__name__, model_config=_model_config(transformer), artifacts=artifacts,
+            versions=_versions(format))
+        write_manifest(manifest, staging)
+        _replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        runner.example_args = None  # Dynamo keeps the backend alive: do not let it pin the example tensors
     return manifest
+
+
+def _check_out_dir(out_dir) -> None:
+    """out_dir is new, empty, or an earlier export (replaced whole): never a folder of other files."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise ConfigError(f"out_dir must be a folder path, got {out_dir!r}")
+    out_dir = os.fspath(out_dir)
+    if os.path.islink(out_dir):
+        raise ExportError(f"out_dir {out_dir!r} is a symbolic link; export into a real folder")
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ExportError(f"out_dir {out_dir!r} exists and is not a folder")
+        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+            raise ExportError(f"out_dir {out_dir!r} is a folder of other files (it has no {MANIFEST}); export "
+                              "replaces its folder whole, so give a new or empty folder, or an earlier export")
+
+
+def _staging_folder(out_dir: str) -> str:
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.export-", dir=parent)
+
+
+def _replace_folder(staging: str, out_dir: str) -> None:
+    """Put the finished export in place: renames on one file system, the old folder kept until the new one is
+    there (a failure in between leaves the old folder, renamed, beside it)."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if not os.path.exists(out_dir):
+        os.rename(staging, out_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- tracing ---------------------------------------------------------------------------------------------------
 
 def _trace(transformer, example_inputs, config, block_lists, timestep_input):
     from ..api import CacheBackend
+    from ..runtime.attach import detach
 
     backend = CacheBackend(config, lowering="eager", strict=True, block_lists=block_lists,
                            timestep_input=timestep_input)
@@ -123,6 +172,8 @@ def _trace(transformer, example_inputs, config, block_lists, timestep_input):
     except torch._dynamo.exc.Unsupported as exc:
         raise ExportError("export needs the whole transformer in one graph, but Dynamo broke it: "
                           f"{str(exc).splitlines()[0]}") from None
+    finally:
+        detach(transformer, backend)  # the tracing backend must not hear (or outlive with) the user's module
     runners = [r for r in backend.runners if getattr(r, "example_args", None) is not None]
     if len(runners) != 1:
         raise ExportError(f"export needs one cached graph, Dynamo produced {len(backend.runners)}")

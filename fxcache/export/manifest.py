@@ -63,6 +63,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
+        """Check every field (type, range, role format) and build the manifest; ExportError names the field."""
         if not isinstance(data, dict):
             raise ExportError(f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
@@ -76,22 +77,36 @@ class Manifest:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ExportError(f"manifest has unknown fields {', '.join(unknown)}")
-        try:
-            out = dict(data)
-            out["user_inputs"] = [Tensor(**t) for t in data["user_inputs"]]
-            arts = []
-            for a in data["artifacts"]:
-                a = dict(a)
-                a["inputs"] = [Tensor(**t) for t in a["inputs"]]
-                a["outputs"] = [Tensor(**t) for t in a["outputs"]]
-                arts.append(Artifact(**a))
-            out["artifacts"] = arts
-            manifest = cls(**out)
-        except TypeError as exc:
-            raise ExportError(f"malformed manifest: {exc}") from None
-        if manifest.format not in FORMATS:
-            raise ExportError(f"manifest format {manifest.format!r} is not one of {', '.join(FORMATS)}")
-        return manifest
+        _one_of(data["format"], "format", FORMATS)
+        _string(data["method"], "method")
+        _dict(data["config"], "config")
+        _int(data["num_steps"], "num_steps", minimum=1, maximum=1_000_000)
+        schedule = _list(data["schedule"], "schedule")
+        for i, entry in enumerate(schedule):
+            where = f"schedule[{i}]"
+            _dict(entry, where, keys=("step", "kind", "schedule_key"))
+            _int(entry["step"], f"{where}.step")
+            _one_of(entry["kind"], f"{where}.kind", KINDS)
+            _int(entry["schedule_key"], f"{where}.schedule_key")
+        user_inputs = [_tensor(t, f"user_inputs[{i}]") for i, t in enumerate(_list(data["user_inputs"], "user_inputs"))]
+        if not user_inputs:
+            raise ExportError("manifest field user_inputs is empty")
+        for i, t in enumerate(user_inputs):
+            if not t.role.startswith("user:"):
+                raise ExportError(f"manifest field user_inputs[{i}].role must start with 'user:', got {t.role!r}")
+        _int(data["timestep_input"], "timestep_input", maximum=len(user_inputs) - 1)
+        _one_of(data["output_structure"], "output_structure", ("tuple", "tensor", "model_output"))
+        _string(data["model_class"], "model_class", empty=True)
+        _dict(data["model_config"], "model_config")
+        _dict(data["versions"], "versions")
+        artifacts = [_artifact(a, f"artifacts[{i}]", user_inputs)
+                     for i, a in enumerate(_list(data["artifacts"], "artifacts"))]
+        if not artifacts:
+            raise ExportError("manifest field artifacts is empty")
+        if not any(a.kind == "full" for a in artifacts):
+            raise ExportError("manifest field artifacts has no full variant (every schedule starts with one)")
+        out = dict(data, user_inputs=user_inputs, artifacts=artifacts)
+        return cls(**out)
 
     def artifact(self, kind: str, key: int = 0) -> Artifact:
         for a in self.artifacts:
@@ -109,6 +124,135 @@ def _jsonable(value):
     return str(value)
 
 
+# -- field checks ------------------------------------------------------------------------------------------------
+
+KINDS = ("full", "partial", "reuse", "skip", "forecast", "cluster")
+EXTRA_KINDS = ("idx", "rand", "cache", "state", "coef", "diff", "kinit", "warm")
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
+
+
+def _fail(where: str, what: str, value) -> ExportError:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ExportError(f"manifest field {where} must be {what}, got {shown}")
+
+
+def _int(value, where: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None
+                                                                                    and value > maximum):
+        bound = f" <= {maximum}" if maximum is not None else ""
+        raise _fail(where, f"an int >= {minimum}{bound}", value)
+    return value
+
+
+def _string(value, where: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not empty) or "\x00" in value:
+        raise _fail(where, "a non-empty string" if not empty else "a string", value)
+    return value
+
+
+def _one_of(value, where: str, accepted) -> str:
+    if not isinstance(value, str) or value not in accepted:
+        raise _fail(where, f"one of {', '.join(accepted)}", value)
+    return value
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise _fail(where, "a list", value)
+    return value
+
+
+def _dict(value, where: str, keys: tuple[str, ...] = ()) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(where, "an object", value)
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ExportError(f"manifest field {where} lacks {', '.join(missing)}")
+    return value
+
+
+def _tensor(value, where: str) -> Tensor:
+    _dict(value, where, keys=("name", "role", "shape", "dtype"))
+    extra = sorted(set(value) - {"name", "role", "shape", "dtype"})
+    if extra:
+        raise ExportError(f"manifest field {where} has unknown fields {', '.join(extra)}")
+    _string(value["name"], f"{where}.name")
+    role = _string(value["role"], f"{where}.role")
+    shape = _list(value["shape"], f"{where}.shape")
+    if len(shape) > MAX_RANK:
+        raise _fail(f"{where}.shape", f"at most {MAX_RANK} dimensions", shape)
+    for j, d in enumerate(shape):
+        _int(d, f"{where}.shape[{j}]", maximum=MAX_DIM)
+    _one_of(value["dtype"], f"{where}.dtype", DTYPES)
+    head = role.split(":", 1)[0]
+    if head not in ("user", "extra", "output", "cache") or ":" not in role:
+        raise _fail(f"{where}.role", "user:<path>, extra:<kind>:<key>, output:<i> or cache:<key>", role)
+    if head == "extra":
+        parts = role.split(":", 2)
+        if len(parts) != 3 or parts[1] not in EXTRA_KINDS or not parts[2]:
+            raise _fail(f"{where}.role", f"extra:<kind>:<key> with kind one of {', '.join(EXTRA_KINDS)}", role)
+    return Tensor(value["name"], role, list(shape), value["dtype"])
+
+
+def _artifact(value, where: str, user_inputs: list[Tensor]) -> Artifact:
+    keys = ("file", "kind", "schedule_key", "tokens", "flops", "num_outputs", "single_output", "inputs", "outputs")
+    _dict(value, where, keys=keys)
+    extra = sorted(set(value) - set(keys) - {"max_abs_error"})
+    if extra:
+        raise ExportError(f"manifest field {where} has unknown fields {', '.join(extra)}")
+    file = _string(value["file"], f"{where}.file")
+    if not is_plain_name(file):
+        raise _fail(f"{where}.file", "a file name inside the export folder (no directories, '..' or absolute "
+                                     "paths)", file)
+    _one_of(value["kind"], f"{where}.kind", KINDS)
+    _int(value["schedule_key"], f"{where}.schedule_key")
+    _int(value["tokens"], f"{where}.tokens")
+    _int(value["flops"], f"{where}.flops")
+    if not isinstance(value["single_output"], bool):
+        raise _fail(f"{where}.single_output", "true or false", value["single_output"])
+    inputs = [_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_list(value["inputs"], f"{where}.inputs"))]
+    outputs = [_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_list(value["outputs"], f"{where}.outputs"))]
+    n = _int(value["num_outputs"], f"{where}.num_outputs", minimum=1, maximum=len(outputs))
+    if inputs[:len(user_inputs)] != user_inputs:
+        raise ExportError(f"manifest field {where}.inputs must start with user_inputs, in order")
+    for i, t in enumerate(inputs[len(user_inputs):], start=len(user_inputs)):
+        if not t.role.startswith("extra:"):
+            raise _fail(f"{where}.inputs[{i}].role", "extra:<kind>:<key> after the user inputs", t.role)
+    for i, t in enumerate(outputs):
+        want = "output:" if i < n else "cache:"
+        if not t.role.startswith(want):
+            raise _fail(f"{where}.outputs[{i}].role", f"{want}... (num_outputs={n})", t.role)
+    err = value.get("max_abs_error")
+    if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))):
+        raise _fail(f"{where}.max_abs_error", "a number or null", err)
+    return Artifact(file=file, kind=value["kind"], schedule_key=value["schedule_key"], tokens=value["tokens"],
+                    flops=value["flops"], num_outputs=n, single_output=value["single_output"], inputs=inputs,
+                    outputs=outputs, max_abs_error=err)
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no directory part: what artifact names may be."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+            and "\\" not in name and "\x00" not in name and not os.path.isabs(name)
+            and os.path.basename(name) == name and not name.startswith("."))
+
+
+def confined(folder: str, name: str) -> str:
+    """The path of `name` in `folder`, refused (before any look at the file system outside the folder) unless it
+    is a plain name whose real path stays in the folder (no symlink out of it)."""
+    if not is_plain_name(name):
+        raise ExportError(f"artifact name {name!r} is not a plain file name inside the export folder")
+    root = os.path.realpath(folder)
+    path = os.path.join(root, name)
+    if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
+        raise ExportError(f"artifact {name!r} is a symbolic link; export folders hold plain files only")
+    return path
+
+
 def write_manifest(manifest: Manifest, folder: str) -> str:
     path = os.path.join(folder, MANIFEST)
     with open(path, "w") as f:
@@ -116,20 +260,29 @@ def write_manifest(manifest: Manifest, folder: str) -> str:
     return path
 
 
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+
 def read_manifest(folder: str) -> Manifest:
-    """Load and check a manifest: the folder, the JSON, and that every artifact file it names exists."""
-    if not os.path.isdir(folder):
+    """Load and check a manifest: the folder, the JSON, every field, and that every artifact it names is a plain
+    file in the folder."""
+    if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
         raise ExportError(f"no export folder at {folder!r}; make one with fxcache.export(...) or `fxcache export`")
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
+    folder = os.fspath(folder)
+    if not os.path.exists(os.path.join(folder, MANIFEST)) and not os.path.islink(os.path.join(folder, MANIFEST)):
         raise ExportError(f"{folder!r} has no {MANIFEST}: not an fxcache export folder (or an incomplete one)")
+    path = confined(folder, MANIFEST)
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{path} is not a manifest file (not a regular file, or over "
+                          f"{MAX_MANIFEST_BYTES // 2**20} MiB)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ExportError(f"{path} is not valid JSON: {exc}") from None
     manifest = Manifest.from_dict(data)
     for a in manifest.artifacts:
-        if not os.path.exists(os.path.join(folder, a.file)):
+        file = confined(folder, a.file)
+        if not os.path.isfile(file):
             raise ExportError(f"artifact {a.file!r} ({a.kind} variant) named in {path} is missing")
     return manifest

@@ -77,6 +77,20 @@ class OnnxExecutor:
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise ExportError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
+        declared = {i.name: i for i in self.session.get_inputs()}
+        declared.update({o.name: o for o in self.session.get_outputs()})
+        for spec in list(in_specs) + list(out_specs):  # before anything is allocated from the manifest's shapes
+            meta = declared.get(spec.name)
+            if meta is None:
+                continue
+            shape = [d if isinstance(d, int) else None for d in meta.shape]
+            if len(shape) != len(spec.shape) or any(d is not None and d != w for d, w in zip(shape, spec.shape)):
+                raise ExportError(f"the manifest gives {spec.name!r} of {path.rsplit('/', 1)[-1]} the shape "
+                                  f"{list(spec.shape)}, the artifact declares {list(meta.shape)}")
+            want = _ORT_TYPES.get(spec.dtype)
+            if want is not None and meta.type != want:
+                raise ExportError(f"the manifest gives {spec.name!r} of {path.rsplit('/', 1)[-1]} the dtype "
+                                  f"{spec.dtype}, the artifact declares {meta.type}")
         graph_inputs = {i.name for i in self.session.get_inputs()}
         # the exporter drops inputs a variant does not read (SKIP ignores the text tokens): feed only the others
         self.feed = [(i, s.name) for i, s in enumerate(in_specs) if s.name in graph_inputs]
@@ -95,6 +109,11 @@ class OnnxExecutor:
         outs = self.session.run(self.out_names, feeds)
         return [torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=d)
                 for o, d in zip(outs, self.out_dtypes)]
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+              "float64": "tensor(double)", "int64": "tensor(int64)", "int32": "tensor(int32)",
+              "int16": "tensor(int16)", "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
 
 
 def _numpy(value) -> np.ndarray:

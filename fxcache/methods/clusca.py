@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
+from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
 from .schedule import cycle_position
 
 
@@ -56,7 +56,7 @@ class ClusCaConfig(CacheConfig):
         object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
         check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
         check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0)
-        check_int("ClusCaConfig", "seed", self.seed, minimum=0)
+        check_seed("ClusCaConfig", self.seed)
 
     @property
     def taylor_order(self) -> int:

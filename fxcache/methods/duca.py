@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
+from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
 from .schedule import check_schedule, schedule_position
 
 
@@ -53,7 +53,7 @@ class DuCaConfig(CacheConfig):
         check_fraction("DuCaConfig", "ratio", self.ratio)
         object.__setattr__(self, "ratio", float(self.ratio) + 0.0)  # 1 == 1.0, -0.0 == 0.0: one cache_key
         check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
-        check_int("DuCaConfig", "seed", self.seed, minimum=0)
+        check_seed("DuCaConfig", self.seed)
 
     @property
     def fresh_ratio(self) -> float:

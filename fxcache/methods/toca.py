@@ -7,7 +7,7 @@ import dataclasses
 from typing import ClassVar
 import math
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, register_method
+from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
 from ..errors import ConfigError
 from .schedule import check_schedule, schedule_position
 
@@ -150,7 +150,7 @@ class ToCaConfig(CacheConfig):
             raise ConfigError(f"ToCaConfig.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")
         check_int("ToCaConfig", "step_buckets", self.step_buckets, minimum=1)
-        check_int("ToCaConfig", "seed", self.seed, minimum=0)
+        check_seed("ToCaConfig", self.seed)
 
     @property
     def kinds(self) -> frozenset[StepKind]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .dead_code import eliminate_dead_code
+
 
 class GraphBuilder:
     """Copies `gm.graph`; keeps the mapping old node -> new node in `env`."""
@@ -41,7 +43,7 @@ class GraphBuilder:
 
     def finish(self) -> fx.GraphModule:
         self.graph.output(tuple(self.outputs + self.extra_outputs))
-        self.graph.eliminate_dead_code()
+        eliminate_dead_code(self.graph)
         self.graph.lint()
         new = fx.GraphModule(self.gm, self.graph)
         copy_dynamo_meta(new, self.gm, self.env, self.added)

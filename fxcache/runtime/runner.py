@@ -1,30 +1,80 @@
-"""The callable the backend hands back to Dynamo: picks a variant per call, holds caches per CFG branch."""
+"""The callable the backend hands back to Dynamo: picks a variant per call, keeps the caches of each request.
+
+A runner is static (the variants and their lowerings, one per Dynamo graph); the state of a call lives in the
+`GraphState` of its request (`requests.py`) and model (the first parameter the call passes: two modules of one
+class share a Dynamo graph, never their caches).
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
+import weakref
 from typing import Callable
 
 import torch
 
 from ..config import CacheConfig, StepKind
+from ..errors import ConfigError
 from ..passes.inplace_caches import CACHE_KINDS, make_inplace
 from ..variants import Variant, build_variant, schedule_key
+from .draws import draw_indices, draw_permutation, draw_uniform
 from .lowering import get_lowering
-from .step import StepTracker
+from .requests import CONTEXT_NAME
+from .state import GraphState
+from .step import TimeDirection
 from .taylor import TaylorState
-from .tokens import random_token_indices
 
 log = logging.getLogger("fxcache")
 _CALLS = itertools.count()
 
 
+def _observed_inputs(plan, gm) -> tuple[int | None, list[int]]:
+    """(index of the first parameter input: the model's identity, indices of the conditioning inputs)."""
+    from ..analysis.inputs import is_per_step_input
+    from ..analysis.module_stack import is_param_placeholder
+
+    model_index = None
+    if gm is not None:
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        model_index = next((i for i, n in enumerate(phs) if is_param_placeholder(n)), None)
+    paths = getattr(plan, "input_paths", None) or {}
+    forward = getattr(plan, "forward_params", None)
+    conditioning = [i for i, p in sorted(paths.items())
+                    if i != plan.timestep_index and not is_per_step_input(p, forward)]
+    return model_index, conditioning
+
+
+def _summaries(values: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Two float64 numbers per tensor that change when its values (or their order along dim 0) change."""
+    out = []
+    for x in values:
+        if not isinstance(x, torch.Tensor):
+            out.append(torch.tensor([float(x), 0.0], dtype=torch.float64, device=device))
+            continue
+        x = x.detach()
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        if x.numel() == 0:
+            out.append(torch.zeros(2, dtype=torch.float64, device=device))
+            continue
+        flat = x.reshape(x.shape[0] if x.dim() else 1, -1)
+        if not flat.is_floating_point():
+            flat = flat.to(torch.float64)
+        rows = flat.sum(1, dtype=torch.float64)
+        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+        norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
+        out.append(torch.stack([(rows * weights).sum(), norm]).to(device))
+    return out
+
+
 class Runner:
     """One per Dynamo graph (per input shape). Never traced by Dynamo, so nothing here recompiles.
 
-    Per call: read t -> (step, branch) -> step kind from the method (FULL while the branch lacks caches) ->
-    lower that variant on first use -> run it with indices and caches appended -> keep the caches it wrote.
+    Per call: find its request and model state -> (step, branch) from the request boundary signals and the step
+    rule -> step kind from the method (FULL while the branch lacks caches) -> lower that variant on first use ->
+    run it with per-step inputs and caches appended -> keep the caches it wrote.
 
     `inplace`: caches live in persistent buffers per CFG branch that the variants update in place (and per-step
     inputs in persistent buffers too), as CUDA graphs need; None: on exactly when CUDA graphs are
@@ -34,88 +84,129 @@ class Runner:
     def __init__(self, *, backend, graph_id: int, plan, config: CacheConfig, variants: dict[StepKind, Variant],
                  lowering: str, mode=None, options=None, gm=None, inplace: bool | None = None):
         self.backend = backend
+        self.scope = backend.scope
         self.graph_id = graph_id
         self.plan = plan
         self.config = config
         self.variants = variants
         self.lowering = lowering
         self.mode, self.options = mode, options
-        self.tracker = StepTracker()
-        self.caches: dict[int, dict[str, torch.Tensor]] = {}
-        self.taylor: dict[int, TaylorState] = {}
         self.gm = gm  # the Dynamo graph, for variants built on first use (ToCa k tables that change per step)
         self.cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
         self.inplace = self.cudagraphs if inplace is None else bool(inplace)
         if self.inplace:
-            variants = {kind: make_inplace(v) for kind, v in variants.items()}
-            self.variants = variants
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # in-place: branch -> key -> persistent cache buffer
-        self.valid: dict[int, set[str]] = {}  # in-place: branch -> keys written in this generation
-        self.step_buffers: dict[str, torch.Tensor] = {}  # in-place: persistent per-step inputs (indices, scalars)
+            self.variants = variants = {kind: make_inplace(v) for kind, v in variants.items()}
+        self.direction = TimeDirection.of(self.scope.time_direction)
+        self.seed = int(getattr(config, "seed", 0))
+        self._model_index, self._conditioning = _observed_inputs(plan, gm)
         self._first_key = schedule_key(config, config.warmup)
         self._more: dict[tuple[StepKind, int], Variant] = {}
         self._fns: dict[tuple[StepKind, int], Callable] = {}
         self._state_keys = {e.key for v in variants.values() for e in v.extra_inputs if e.kind == "state"}
-        self._indices: dict[str, torch.Tensor] = {}
-        self._indices_step = -1
-        self._generator: torch.Generator | None = None
+        self._pool: dict[str, list[torch.Tensor]] = {}  # keep_caches: in-place buffers of ended requests
+        self._models: dict[int, weakref.ref] = {}  # id -> model identity (first parameter) seen
+        self._lock = threading.RLock()
         self.example_args: tuple | None = None  # the first call's arguments, kept only for export
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget caches, token choices and the step position (the next call starts a generation)."""
-        self.tracker.reset()
-        self.caches.clear()
-        self.buffers.clear()
-        self.valid.clear()
-        self.step_buffers.clear()
-        self.taylor.clear()
-        self._indices.clear()
-        self._indices_step = -1
+        """Forget this graph's state in every request (the next call starts a generation)."""
+        self.scope.reset()
 
     def cache_bytes(self) -> int:
-        held = list(self.caches.values()) + list(self.buffers.values())
-        return sum(t.numel() * t.element_size() for c in held for t in c.values())
+        return self.scope.cache_bytes()
+
+    def _state(self, args) -> GraphState:
+        model = args[self._model_index] if self._model_index is not None else None
+        request = self.scope.current()
+        state = request.state(self, id(model), lambda: self._new_state(model, request))
+        if not state.belongs_to(model):  # the model that had this id is gone
+            state.release()
+            state.model_ref = weakref.ref(model)
+        return state
+
+    def _new_state(self, model, request) -> GraphState:
+        seen = self._models.get(id(model))
+        if model is not None and (seen is None or seen() is not model):
+            self._models[id(model)] = weakref.ref(model)
+            hook = getattr(self.backend, "_new_model", None)
+            if hook is not None:
+                hook(model)
+        return GraphState(self, model, request.id, explicit=not request.implicit)
+
+    def take_buffer(self, key: str, shape, dtype, device) -> torch.Tensor:
+        with self._lock:
+            pool = self._pool.get(key) or []
+            while pool:
+                buf = pool.pop()
+                if tuple(buf.shape) == tuple(shape) and buf.dtype == dtype and buf.device == torch.device(device):
+                    return buf.zero_()
+        buf = torch.zeros(shape, dtype=dtype, device=device)
+        torch._dynamo.mark_static_address(buf)
+        return buf
+
+    def give_back_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        if not self.scope.keep_caches:
+            return
+        with self._lock:
+            for key, buf in buffers.items():
+                pool = self._pool.setdefault(key, [])
+                if len(pool) < self.scope.max_branches:
+                    pool.append(buf)
+
+    # -- what a call shows -------------------------------------------------------------------------------
+    def _observe(self, args) -> tuple[float, tuple]:
+        """(t, conditioning fingerprint) of a call, in one host read."""
+        ts = args[self.plan.timestep_index]
+        if not isinstance(ts, torch.Tensor):
+            return float(ts), ()
+        device = ts.device
+        # the largest t of the call: Wan 2.2's image-to-video passes t = 0 for the first frame's tokens
+        parts = [ts.detach().reshape(-1).max().to(torch.float64).reshape(1)]
+        parts += _summaries([args[i] for i in self._conditioning], device)
+        values = torch.cat(parts).tolist()
+        return values[0], tuple(values[1:])
+
+    def _position(self, state: GraphState, args):
+        t, fingerprint = self._observe(args)
+        override = self.scope.override()
+        try:
+            if override is not None:
+                return state.tracker.force(override[0], override[1], t), t
+            return state.tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint), t
+        except ConfigError:
+            state.release()
+            raise
 
     # -- dispatch ----------------------------------------------------------------------------------------
-    def _position(self, args) -> tuple[int, int, bool, float]:
-        t = float(args[self.plan.timestep_index].reshape(-1)[0])
-        override = self.backend.override
-        if override is not None:
-            new = self.tracker.force(override[0], override[1], t)
-            return override[0], override[1], new, t
-        step, branch, new = self.tracker.advance(t)
-        return step, branch, new, t
-
-    def _kind(self, step: int, branch: int) -> StepKind:
+    def _kind(self, state: GraphState, step: int, branch: int) -> StepKind:
         kind = self.config.step_kind(step)
         if kind is StepKind.FULL:
             return kind
         needed = [e.key for e in self.variants[kind].extra_inputs if e.kind == "cache"]
-        have = self._written(branch)
+        have = state.written(branch)
         return kind if all(k in have for k in needed) else StepKind.FULL
 
-    def _written(self, branch: int):
-        """The cache keys this branch has written in the current generation."""
-        return self.valid.get(branch, set()) if self.inplace else self.caches.get(branch, {}).keys()
-
-    def _extra_inputs(self, variant: Variant, kind: StepKind, step: int, branch: int, device) -> list:
-        state = self.caches.setdefault(branch, {})
+    def _extra_inputs(self, state: GraphState, variant: Variant, kind: StepKind, step: int, branch: int,
+                      device) -> list:
+        store = state.caches.get(branch, {})
         taylor = None
         if self.config.taylor_order is not None:
-            taylor = self.taylor.setdefault(branch, TaylorState(self.config.taylor_order, self.config.warmup))
+            taylor = state.taylor.get(branch)
+            if taylor is None:
+                taylor = state.taylor[branch] = TaylorState(self.config.taylor_order, self.config.warmup)
         per_step = [e for e in variant.extra_inputs if e.kind in ("idx", "rand")]
-        indices = self._token_indices(step, per_step, device) if per_step else {}
+        draws = self._draws(state, step, per_step, device) if per_step else {}
         # a FULL step anchors the Taylor deltas even when the variant takes no `taylor_diff` (order 0)
         diff = taylor.full_inputs(step, device) if kind is StepKind.FULL and taylor is not None else None
         extra = []
         for e in variant.extra_inputs:
             if e.kind in ("idx", "rand"):  # one draw per step, shared by the CFG branches
-                extra.append(indices[e.key])
+                extra.append(draws[e.key])
             elif e.kind == "buffer" or (self.inplace and e.kind in CACHE_KINDS):  # _into_buffers supplies these
                 extra.append(None)
             elif e.kind in ("cache", "state"):
-                value = state.get(e.key)
+                value = store.get(e.key)
                 if value is None:  # FULL without caches (old Taylor factors, scaled by 0) or fresh staleness
                     value = torch.zeros(e.shape, dtype=e.dtype, device=device)
                 extra.append(value)
@@ -125,57 +216,49 @@ class Runner:
                 extra.append(taylor.forecast_inputs(step, device))
             elif e.kind == "kinit":
                 tokens = int(e.key.split(":")[1])
-                perm = torch.randperm(tokens, generator=self._rng(device), device=device)
-                extra.append(perm[: e.shape[0]])
+                extra.append(draw_permutation(self.seed, step, e.key, tokens, e.shape[0], device))
             elif e.kind == "warm":
-                warm = any(k.startswith("clustercentroids:") for k in self._written(branch))
+                warm = any(k.startswith("clustercentroids:") for k in state.written(branch))
                 extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
             else:  # pragma: no cover - build_variants only emits the kinds above
                 raise AssertionError(e.kind)
-        return self._into_buffers(variant, extra, branch, device) if self.inplace else extra
+        return self._into_buffers(state, variant, extra, branch, device) if self.inplace else extra
 
-    def _into_buffers(self, variant, values: list, branch: int, device) -> list:
+    def _into_buffers(self, state: GraphState, variant, values: list, branch: int, device) -> list:
         """In-place mode: caches are the branch's persistent buffers (zeroed where this generation has not written
         them: the 'zeros when absent' rule), per-step values are copied into persistent buffers of their own."""
-        buffers = self.buffers.setdefault(branch, {})
-        valid = self.valid.setdefault(branch, set())
+        valid = state.valid.setdefault(branch, set())
         out = []
         for e, value in zip(variant.extra_inputs, values):
             if e.kind in CACHE_KINDS or e.kind == "buffer":
-                buf = buffers.get(e.key)
-                if buf is None:
-                    buf = buffers[e.key] = torch.zeros(e.shape, dtype=e.dtype, device=device)
-                    torch._dynamo.mark_static_address(buf)
-                elif e.key not in valid and e.kind != "buffer":
+                buf, new = state.buffer(branch, e.key, e.shape, e.dtype, device)
+                if not new and e.key not in valid and e.kind != "buffer":
                     buf.zero_()
             else:
-                buf = self.step_buffers.get(e.key)
+                buf = state.step_buffers.get(e.key)
                 if buf is None or buf.shape != value.shape:
-                    buf = self.step_buffers[e.key] = torch.empty_like(value)
+                    buf = state.step_buffers[e.key] = torch.empty_like(value)
                     torch._dynamo.mark_static_address(buf)
                 buf.copy_(value)
             out.append(buf)
         return out
 
-    def _rng(self, device) -> torch.Generator:
-        if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(getattr(self.config, "seed", 0))
-        return self._generator
-
-    def _token_indices(self, step: int, specs, device) -> dict[str, torch.Tensor]:
-        """Per-step random inputs, drawn once per step in `specs` order and shared by every CFG branch."""
-        if self._indices_step != step:
-            g = self._rng(device)
-            self._indices = {}
+    def _draws(self, state: GraphState, step: int, specs, device) -> dict[str, torch.Tensor]:
+        """The random inputs of `step`: pure functions of (seed, step, key), computed once per step."""
+        if state.draws_step != step or any(e.key not in state.draws for e in specs):
+            if state.draws_step != step:
+                state.draws = {}
             for e in specs:
+                if e.key in state.draws:
+                    continue
                 if e.kind == "idx":
-                    value = random_token_indices(e.shape[0], int(e.key.split(":")[1]), e.shape[1], g, device)
+                    value = draw_indices(self.seed, step, e.key, e.shape[0], int(e.key.split(":")[1]), e.shape[1],
+                                         device)
                 else:
-                    value = torch.rand(e.shape, generator=g, device=device)
-                self._indices[e.key] = value
-            self._indices_step = step
-        return self._indices
+                    value = draw_uniform(self.seed, step, e.key, e.shape, device)
+                state.draws[e.key] = value
+            state.draws_step = step
+        return state.draws
 
     def _variant(self, kind: StepKind, step: int) -> tuple[Variant, int]:
         key = schedule_key(self.config, step) if kind is StepKind.PARTIAL else 0
@@ -183,57 +266,86 @@ class Runner:
             return self.variants[kind], key
         variant = self._more.get((kind, key))
         if variant is None:
-            log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id, key)
-            variant = build_variant(self.gm, self.plan, self.config, kind, key)
-            if self.inplace:
-                variant = make_inplace(variant)
-            self._more[(kind, key)] = variant
-            self._state_keys |= {e.key for e in variant.extra_inputs if e.kind == "state"}
+            with self._lock:
+                variant = self._more.get((kind, key))
+                if variant is None:
+                    log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id,
+                             key)
+                    variant = build_variant(self.gm, self.plan, self.config, kind, key)
+                    if self.inplace:
+                        variant = make_inplace(variant)
+                    self._state_keys |= {e.key for e in variant.extra_inputs if e.kind == "state"}
+                    self._more[(kind, key)] = variant
         return variant, key
 
     def _lowered(self, kind: StepKind, key: int, variant: Variant, args) -> Callable:
         fn = self._fns.get((kind, key))
         if fn is None:
-            log.info("fxcache: lowering %s variant of graph %d with %s", kind, self.graph_id, self.lowering)
-            fn = get_lowering(self.lowering)(variant.gm, args, mode=self.mode, options=self.options)
-            self._fns[(kind, key)] = fn
+            with self._lock:
+                fn = self._fns.get((kind, key))
+                if fn is None:
+                    log.info("fxcache: lowering %s variant of graph %d with %s", kind, self.graph_id, self.lowering)
+                    fn = get_lowering(self.lowering)(variant.gm, args, mode=self.mode, options=self.options)
+                    self._fns[(kind, key)] = fn
         return fn
 
     def __call__(self, *args):
         if self.example_args is None and getattr(self.backend, "capture_args", False):
             self.example_args = args
-        step, branch, new, t = self._position(args)
-        if new:
-            self.caches.clear()
-            self.valid.clear()
-            self.taylor.clear()
-            self._indices_step = -1
-            if self._generator is not None:
-                self._generator.manual_seed(getattr(self.config, "seed", 0))
-        kind = self._kind(step, branch)
+        state = self._state(args)
+        pos, t = self._position(state, args)
+        for slot in pos.dropped:
+            state.drop(slot)
+        if pos.new:
+            state.restart(pos.branch)
+        if pos.crowded:
+            self.backend._warn_once(
+                f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests) than "
+                f"max_branches={self.scope.max_branches}; the least recently used one was dropped and will run "
+                f"uncached when it calls again. Raise max_branches (cache_backend(..., max_branches=N)), or run "
+                f"each request in `with fxcache.request(model):`")
+        if pos.unmatched:
+            state.unmatched += 1
+            if state.unmatched >= 3:
+                self.backend._warn_once(
+                    f"fxcache: calls of graph {self.graph_id} keep changing their conditioning inputs (all inputs "
+                    f"but the latents and t) from one step to the next, so outside a request they cannot be told "
+                    f"from other requests and run FULL (uncached). Run each request inside "
+                    f"`with fxcache.request(model):` (or use fxcache.enable(pipe)) to cache them.")
+        if pos.flipped:
+            log.info("fxcache: graph %d: t rises during sampling; following the rising time convention",
+                     self.graph_id)
+        step, branch = pos.step, pos.branch
+        kind = self._kind(state, step, branch)
         variant, key = self._variant(kind, step)
-        state = self.caches.setdefault(branch, {})
-        extra = self._extra_inputs(variant, kind, step, branch, args[self.plan.timestep_index].device)
+        device = args[self.plan.timestep_index].device
+        extra = self._extra_inputs(state, variant, kind, step, branch, device)
         full_args = list(args) + extra
         fn = self._lowered(kind, key, variant, full_args)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        result = fn(*full_args)
+        try:
+            result = fn(*full_args)
+        except BaseException:  # a failed call leaves this branch's caches unknown: it starts over next time
+            state.tracker.forget(branch)
+            state.drop(branch)
+            raise
         n = variant.num_outputs
         if self.inplace:
-            valid = self.valid.setdefault(branch, set())
+            valid = state.valid.setdefault(branch, set())
             valid.update(variant.writes)
             if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
                 valid.difference_update(self._state_keys)
         else:
             if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
-                for k in self._state_keys & state.keys():
-                    del state[k]
-            for key, value in zip(variant.extra_outputs, result[n:]):
-                state[key] = value
-        self.backend._record(
+                for k in self._state_keys:
+                    state.discard(branch, k)
+            for k, value in zip(variant.extra_outputs, result[n:]):
+                state.put(branch, k, value)
+        self.scope.record(
             graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=kind.value,
-            tokens=variant.tokens, flops=variant.flops, t=t, cached=True,
+            tokens=variant.tokens, flops=variant.flops, t=t, cached=True, request=state.request_id,
+            cache_bytes=state.held,
         )
         outs = result[:n]
         if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
@@ -246,8 +358,10 @@ class UncachedRunner:
 
     def __init__(self, *, backend, graph_id: int, gm, lowering: str, mode=None, options=None, reason: str = ""):
         self.backend, self.graph_id, self.gm = backend, graph_id, gm
+        self.scope = backend.scope
         self.lowering, self.mode, self.options, self.reason = lowering, mode, options, reason
         self._fn = None
+        self._lock = threading.Lock()
 
     def reset(self) -> None:
         pass
@@ -257,8 +371,11 @@ class UncachedRunner:
 
     def __call__(self, *args):
         if self._fn is None:
-            self._fn = get_lowering(self.lowering)(self.gm, list(args), mode=self.mode, options=self.options)
+            with self._lock:
+                if self._fn is None:
+                    self._fn = get_lowering(self.lowering)(self.gm, list(args), mode=self.mode, options=self.options)
         result = self._fn(*args)
-        self.backend._record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
-                             tokens=None, flops=None, t=None, cached=False)
+        self.scope.record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
+                          tokens=None, flops=None, t=None, cached=False, request=self.scope.current().id,
+                          cache_bytes=0)
         return tuple(result) if isinstance(result, list) else result

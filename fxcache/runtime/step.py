@@ -1,41 +1,198 @@
-"""The step/branch rule: derive (step, branch) of a call from its timestep value."""
+"""Which sampling loop, step and CFG branch a model call belongs to, from what the call itself shows.
+
+This is the fallback for calls that come without a request boundary (`fxcache.request`, `fxcache.enable`, a
+pipeline's end-of-call reset); inside a request it still tells the steps and CFG branches apart. A call carries its
+timestep t, a fingerprint of its conditioning inputs (text embeddings, class labels, ...: everything but the latents
+and t) and, under a diffusers pipeline, the name of its `cache_context` ("cond" / "uncond"). A CFG branch of one
+sampling loop keeps its conditioning (and name) from step to step while t moves one way (down in most pipelines,
+up in Lumina's). So a call goes to the branch with its name, else the one with its conditioning, and then:
+
+* t moved on in the time direction: that branch's next step;
+* t repeats at a later step (Heun-type samplers evaluate twice at one t): the next step too;
+* t repeats at step 0 (the same request again, after a failure) or t moved back: that branch starts over.
+
+A call that matches no branch is a new branch at step 0 (it runs FULL): a repeated t is the other half of a
+true-CFG pair, a t above every branch's is a new request, which drops the old branches, and any other is a request
+that cannot be told from the others, so it reads no one's caches. Only inside an explicit request
+(`continue_unmatched`: no other request can interleave there) does such a call continue the least recently used
+branch t moves on from: a loop whose conditioning changes every step (per-step residual inputs). The fingerprints
+of dropped branches are remembered, so a dropped request that calls again starts over. Two moves back in a row
+reveal a rising time convention. Beyond `max_branches` the least recently used branch is dropped.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
+
+from ..errors import ConfigError
+
+FALLING, RISING = -1, 1
+_TOMBSTONES = 16  # fingerprints of dropped branches remembered per tracker
 
 
 @dataclasses.dataclass
+class TimeDirection:
+    """The direction t moves in during sampling, shared by every tracker of one graph (it is the model's)."""
+
+    sign: int = FALLING
+    fixed: bool = False
+
+    @classmethod
+    def of(cls, option: str) -> "TimeDirection":
+        if option == "auto":
+            return cls()
+        if option not in ("falling", "rising"):
+            raise ConfigError(f"time_direction must be 'auto', 'falling' or 'rising', got {option!r}")
+        return cls(FALLING if option == "falling" else RISING, fixed=True)
+
+    def forward(self, t: float, last: float) -> bool:
+        return (t - last) * self.sign > 0
+
+    @property
+    def name(self) -> str:
+        return "falling" if self.sign == FALLING else "rising"
+
+
+@dataclasses.dataclass
+class Branch:
+    slot: int  # the branch number in records and cache storage
+    name: str | None
+    fingerprint: tuple | None  # None: forced by `fxcache.step`, never matched by the rule
+    step: int = 0
+    last_t: float = math.nan
+    used: int = 0  # call counter at last use (least recently used goes first)
+    varying: bool = False  # its conditioning changed from one step to the next
+    moved_back: bool = False  # its last call started it over because t moved back
+
+
+@dataclasses.dataclass
+class Position:
+    step: int
+    branch: int
+    new: bool  # the branch starts over: its caches must be dropped before this call
+    dropped: tuple[int, ...] = ()  # branches dropped (their caches must be freed)
+    crowded: bool = False  # a dropped branch was still in use: more live branches than max_branches
+    flipped: bool = False  # this call revealed the opposite time direction
+    unmatched: bool = False  # a call that continues no branch: its conditioning changed, or another request
+
+
 class StepTracker:
-    """t rises (or first call) -> new generation at step 0; t repeats -> next CFG branch; else next step.
+    """Per (request, graph, model): the branches seen and where each one is."""
 
-    Diffusion samplers move t downwards; a rise means a new request. Schedulers that evaluate the model twice at
-    one t for other reasons (Heun-type) need the explicit override (`fxcache.step`).
-    """
+    def __init__(self, direction: TimeDirection | None = None, max_branches: int = 3, *,
+                 continue_unmatched: bool = False):
+        self.direction = direction or TimeDirection()
+        self.max_branches = max_branches
+        self.continue_unmatched = continue_unmatched
+        self.branches: list[Branch] = []
+        self.calls = 0
+        self._tombstones: collections.deque = collections.deque(maxlen=_TOMBSTONES)
 
-    last_t: float | None = None
-    step: int = -1
-    branch: int = 0
+    def locate(self, t: float, *, name: str | None = None, fingerprint: tuple = ()) -> Position:
+        """The (step, branch) of a call at timestep `t` with this conditioning `fingerprint` and context `name`."""
+        if not math.isfinite(t):
+            self.reset()
+            raise ConfigError(f"the timestep is {t}: fxcache needs finite timesteps to follow the sampling loop "
+                              "(this model's caches were dropped; the next call starts a new request)")
+        self.calls += 1
+        branch = self._match(t, name, fingerprint)
+        if branch is not None:
+            return self._advance(branch, t, name, fingerprint)
+        behind = [b for b in self.branches if b.fingerprint is not None and self.direction.forward(t, b.last_t)]
+        if behind and name is None:
+            branch = min(behind, key=lambda b: b.used)
+            if self.continue_unmatched and (fingerprint not in self._tombstones or branch.varying):
+                branch.varying = True  # conditioning that changes every step: the loop t moves on in
+                return self._advance(branch, t, name, fingerprint)
+            return dataclasses.replace(self._new_branch(t, name, fingerprint), unmatched=True)
+        if any(b.last_t == t for b in self.branches):  # the other half of a true-CFG pair
+            return self._new_branch(t, name, fingerprint)
+        live = [b for b in self.branches if b.fingerprint is not None]
+        if len(live) == 1 and live[0].moved_back and self.continue_unmatched and not self.direction.fixed:
+            return self._advance(live[0], t, name, fingerprint)  # -> flips the direction
+        if live and not any(self.direction.forward(t, b.last_t) for b in live):
+            for b in live:  # t above every branch: a new request
+                self._drop(b)
+            dropped = tuple(b.slot for b in live)
+            pos = self._new_branch(t, name, fingerprint)
+            self.branches[-1].moved_back = True
+            return dataclasses.replace(pos, dropped=pos.dropped + dropped)
+        return self._new_branch(t, name, fingerprint)
 
-    def advance(self, t: float) -> tuple[int, int, bool]:
-        """Returns (step, branch, new_generation)."""
-        new = self.last_t is None or t > self.last_t
-        if new:
-            self.step, self.branch = 0, 0
-        elif t == self.last_t:
-            self.branch += 1
-        else:
-            self.step, self.branch = self.step + 1, 0
-        self.last_t = t
-        return self.step, self.branch, new
+    def force(self, step: int, slot: int, t: float) -> Position:
+        """An explicit (step, branch) (`fxcache.step`); step 0 starts that branch over."""
+        self.calls += 1
+        branch = next((b for b in self.branches if b.slot == slot), None)
+        if branch is None:
+            branch = Branch(slot, None, None)
+            self.branches.append(branch)
+        branch.step, branch.last_t, branch.used = step, t, self.calls
+        branch.name, branch.fingerprint = None, None
+        return Position(step, slot, step == 0)
 
-    def force(self, step: int, branch: int, t: float | None) -> bool:
-        """Apply an explicit (step, branch); step 0 branch 0 starts a new generation."""
-        new = step == 0 and branch == 0
-        self.step, self.branch = step, branch
-        if t is not None:
-            self.last_t = t
-        return new
+    def forget(self, slot: int) -> None:
+        """A call of this branch failed: its next call starts over (its conditioning is not continued either)."""
+        for b in [b for b in self.branches if b.slot == slot]:
+            self._drop(b)
 
     def reset(self) -> None:
-        self.last_t, self.step, self.branch = None, -1, 0
+        self.branches.clear()
+        self._tombstones.clear()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _match(self, t: float, name: str | None, fingerprint: tuple) -> Branch | None:
+        if name is not None:
+            named = [b for b in self.branches if b.name == name and b.fingerprint is not None]
+            if named:
+                return named[0]
+        candidates = [b for b in self.branches if b.fingerprint == fingerprint and (name is None or b.name is None)]
+        if not candidates:
+            return None
+
+        def rank(b: Branch):  # a branch that t moves on from first, then a repeat, then one that t moved back from
+            order = 0 if self.direction.forward(t, b.last_t) else 1 if t == b.last_t else 2
+            return order, b.used
+
+        return min(candidates, key=rank)
+
+    def _advance(self, branch: Branch, t: float, name, fingerprint) -> Position:
+        moved_back, branch.moved_back = branch.moved_back, False
+        branch.used = self.calls
+        if name is not None:
+            branch.name = name
+        branch.fingerprint = fingerprint
+        flipped = False
+        if self.direction.forward(t, branch.last_t):
+            branch.step += 1
+        elif t == branch.last_t and branch.step > 0:
+            branch.step += 1  # a second evaluation at one t (Heun)
+        elif t != branch.last_t and moved_back and branch.step == 0 and not self.direction.fixed:
+            self.direction.sign = -self.direction.sign  # t moved back twice in a row: it runs the other way
+            branch.step, flipped = 1, True
+        else:  # the same request again at step 0, or t moved back: this branch starts over
+            branch.moved_back = t != branch.last_t
+            branch.step, branch.last_t = 0, t
+            return Position(0, branch.slot, True)
+        branch.last_t = t
+        return Position(branch.step, branch.slot, False, flipped=flipped)
+
+    def _drop(self, branch: Branch) -> None:
+        self.branches.remove(branch)
+        if branch.fingerprint is not None:
+            self._tombstones.append(branch.fingerprint)
+
+    def _new_branch(self, t: float, name: str | None, fingerprint: tuple) -> Position:
+        dropped, crowded = (), False
+        if len(self.branches) >= self.max_branches:
+            old = min(self.branches, key=lambda b: b.used)
+            crowded = self.calls - old.used <= self.max_branches
+            self._drop(old)
+            dropped = (old.slot,)
+        if fingerprint in self._tombstones:
+            self._tombstones.remove(fingerprint)
+        used = {b.slot for b in self.branches}
+        slot = next(i for i in range(len(self.branches) + 1) if i not in used)
+        self.branches.append(Branch(slot, name, fingerprint, 0, t, self.calls))
+        return Position(0, slot, True, dropped, crowded)

@@ -2,9 +2,10 @@
 
 It shares no code with the graph passes: attention modules return their cached output, token-wise modules run on
 all tokens and keep only the chosen rows (`cache.index_copy(1, idx, out.index_select(1, idx))`), and on SKIP steps
-the last block returns its cached output. Token indices are drawn exactly as the runner documents it: one
-generator per generation seeded with `config.seed`, one `random_token_indices` draw per token count (in order of
-first execution) on each PARTIAL step, shared by the CFG branches of a step.
+the last block returns its cached output. Random inputs are drawn as the runner documents it
+(`fxcache.runtime.draws`): the draw of input `key` at step s comes from a generator seeded with
+`step_seed(config.seed, s, key)`, e.g. one `random_token_indices` draw per token count ("idx:<tokens>") on each
+PARTIAL step, shared by the CFG branches of a step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 
 from ..config import CacheConfig, StepKind
-from ..runtime.tokens import random_token_indices
+from ..runtime.draws import draw_indices, draw_permutation, draw_uniform
 
 
 class HookedReference:
@@ -32,7 +33,7 @@ class HookedReference:
         self.order: list[str] = []  # token-wise units in order of first execution
         self.tokens: dict[str, int] = {}
         self.indices: dict[str, torch.Tensor] = {}
-        self.generator = torch.Generator().manual_seed(config.seed if hasattr(config, "seed") else 0)
+        self.seed = int(getattr(config, "seed", 0))
         self.block_calls = 0
         self._handles = []
         for name in attention:
@@ -116,7 +117,6 @@ class HookedReference:
 
     def new_generation(self) -> None:
         self.caches.clear()
-        self.generator.manual_seed(self.config.seed if hasattr(self.config, "seed") else 0)
 
     def draw(self) -> None:
         """Token indices of one PARTIAL step: one (units, k) draw per token count, in first-execution order."""
@@ -125,7 +125,8 @@ class HookedReference:
             groups.setdefault(self.tokens[name], []).append(name)
         self.indices = {}
         for tokens, names in groups.items():
-            rows = random_token_indices(len(names), tokens, self.config.tokens_for(tokens), self.generator, "cpu")
+            rows = draw_indices(self.seed, self.step, f"idx:{tokens}", len(names), tokens,
+                                self.config.tokens_for(tokens), "cpu")
             for i, name in enumerate(names):
                 self.indices[name] = rows[i]
 
@@ -138,6 +139,7 @@ class HookedReference:
         if branch not in self.caches or not self.caches[branch]:
             kind = StepKind.FULL
         if kind is StepKind.PARTIAL and branch == 0:
+            self.step = step
             self.draw()
         self.kind = kind
         with torch.no_grad():
@@ -151,9 +153,9 @@ class ClusCaReference(HookedReference):
     """ClusCa by hooks, written independently of the graph passes (loops over rows and clusters).
 
     `refreshed`: {token-wise module path: (block path, output position in that block's outputs)}: the block output
-    clustered for that unit's stream. Random draws follow the runner's documented order: on each FULL call one
-    `randperm(tokens)[:K]` per stream (streams in graph order); on each CLUSTER step one `rand(1, tokens)` per
-    stream, shared by the CFG branches.
+    clustered for that unit's stream. Random draws follow the runner's documented rule: on each FULL call one
+    `randperm(tokens)[:K]` per stream ("kinit:<tokens>"); on each CLUSTER step one `rand(1, tokens)` per stream
+    ("rand:<tokens>"), shared by the CFG branches.
     """
 
     def __init__(self, model, config, *, refreshed: dict[str, tuple[str, int]], **units):
@@ -225,7 +227,7 @@ class ClusCaReference(HookedReference):
         if not state:
             kind = StepKind.FULL
         if kind is StepKind.CLUSTER and self.rand_step != step:
-            self.rand = {t: torch.rand((1, t), generator=self.generator) for t in self.streams}
+            self.rand = {t: draw_uniform(self.seed, step, f"rand:{t}", (1, t), "cpu") for t in self.streams}
             self.rand_step = step
         if kind is StepKind.FULL:
             self.features = {}
@@ -236,7 +238,7 @@ class ClusCaReference(HookedReference):
             state = self._state()
             for tokens in self.streams:
                 x = self.features[tokens]
-                init = torch.randperm(tokens, generator=self.generator)[: self.config.clusters]
+                init = draw_permutation(self.seed, step, f"kinit:{tokens}", tokens, self.config.clusters, "cpu")
                 prev = state.get(("centroids", tokens))
                 labels, cents = [], []
                 for b in range(x.shape[0]):
@@ -399,5 +401,5 @@ class ToCaReference(HookedReference):
 
     def draw(self) -> None:
         if self.config.score == "random":
-            self.rand = {n: torch.rand(self.tokens[n], generator=self.generator)
+            self.rand = {n: draw_uniform(self.seed, self.step, f"tocarand:{n}", (self.tokens[n],), "cpu")
                          for n in self.order if self.k.get(n, 0) > 0}

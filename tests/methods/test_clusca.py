@@ -12,7 +12,8 @@ from fxcache import ClusCaConfig, ConfigError, StepKind
 from fxcache.passes import cluster_members, clusca_refresh, kmeans
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ClusCaReference
-from helpers import compile_cached, loop_inputs, make_model, rel_err, run, run_reference, run_twice_without_recompiles
+from helpers import (cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run, run_reference,
+                     run_twice_without_recompiles)
 
 STEPS = 9
 OPTS = dict(interval=4, order=1, clusters=4, warmup_steps=1, kmeans_iters=3)
@@ -58,7 +59,8 @@ def test_a_stream_shorter_than_k_gets_one_cluster_per_token():
     model = make_model("flux")  # 64 image tokens, 8 text tokens
     compiled, backend = compile_cached(model, "clusca", clusters=16, interval=3, warmup_steps=1)
     run(compiled, loop_inputs("flux", 2))
-    state = backend.runners[0].caches[0]
+    request = backend.scope.current()
+    state = next(s for (runner, _), s in request.states.items() if runner is backend.runners[0]).caches[0]
     assert state["clustercentroids:64"].shape[1] == 16
     assert state["clustercentroids:8"].shape[1] == 8
     assert sorted(state["clusterlabels:8"][0].tolist()) == list(range(8))  # each text token is its own cluster
@@ -160,8 +162,7 @@ def test_loop_equals_hooked_reference(name, gamma, batch):
 def test_sequential_cfg_and_two_generations_without_recompiles(name):
     model = make_model(name)
     compiled, backend = compile_cached(model, "clusca", fullgraph=True, **OPTS)
-    cond, uncond = loop_inputs(name, STEPS, seed=0), loop_inputs(name, STEPS, seed=5)
-    calls = [kw for pair in zip(cond, uncond) for kw in pair]
+    calls = cfg_calls(name, STEPS, uncond_seed=5)
     first, second = run_twice_without_recompiles(compiled, calls)
     assert len(backend.runners) == 1
     for a, b in zip(first, second):

@@ -14,6 +14,7 @@ from fxcache import ConfigError, StepKind, TaylorSeerConfig
 from fxcache.runtime.taylor import TaylorState
 from fxcache.testing import MODEL_NAMES
 from helpers import (
+    cfg_calls,
     compile_cached, loop_inputs, make_model, reference_for, rel_err, run, run_reference, run_twice_without_recompiles,
 )
 
@@ -117,9 +118,7 @@ def test_loop_equals_hooked_reference(name, opts, batch):
 def test_sequential_cfg_keeps_factors_per_branch(name):
     model = make_model(name)
     compiled, backend = compile_cached(model, "taylorseer", interval=3, order=1, warmup_steps=1)
-    cond = loop_inputs(name, STEPS, seed=0)
-    uncond = loop_inputs(name, STEPS, seed=7)
-    calls = [kw for pair in zip(cond, uncond) for kw in pair]
+    calls = cfg_calls(name, STEPS)
     outs = run(compiled, calls)
     expected = run_reference(reference_for(name, make_model(name), backend.config), calls, branches=2)
     assert [r["branch"] for r in fxcache.stats(compiled)] == [0, 1] * STEPS

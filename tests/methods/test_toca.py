@@ -14,7 +14,7 @@ from fxcache.passes.select_tokens import select_tokens, spatial_bonus
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ToCaReference
 from helpers import (
-    assert_loop_matches, compile_cached, loop_inputs, make_model, rel_err, run, run_twice_without_recompiles,
+    assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run, run_twice_without_recompiles,
 )
 
 STEPS = 9
@@ -157,8 +157,7 @@ def test_loop_equals_hooked_reference(name, opts, batch):
 def test_sequential_cfg_shares_the_choice_and_keeps_caches_per_branch(name):
     model = make_model(name)
     compiled, backend = compile_cached(model, "toca", interval=3, fresh_ratio=0.3, staleness_weight=0.25)
-    cond, uncond = loop_inputs(name, STEPS, seed=0), loop_inputs(name, STEPS, seed=3)
-    calls = [kw for pair in zip(cond, uncond) for kw in pair]
+    calls = cfg_calls(name, STEPS, uncond_seed=3)
     outs = run(compiled, calls)
     ref = toca_reference(name, backend.config)
     expected = []

@@ -25,6 +25,12 @@ METHODS = [
 ]
 
 
+def graph_state(backend):
+    """The state of the backend's first graph in this thread's (implicit) request."""
+    request = backend.scope.current()
+    return next(s for (runner, _), s in request.states.items() if runner is backend.runners[0])
+
+
 def compiled(model, config, inplace, lowering="eager", **kw):
     backend = fxcache.cache_backend(config, lowering=lowering, inplace=inplace, strict=True)
     return torch.compile(model, backend=backend, dynamic=False, **kw), backend
@@ -43,9 +49,9 @@ def test_inplace_equals_functional_over_two_generations(name, method, opts):
     inplace, backend = compiled(model, config, inplace=True)
     first, second = run_twice_without_recompiles(inplace, inputs)
     assert all(torch.equal(a, b) for a, b in zip(first + second, expected))
-    runner = backend.runners[0]
-    assert runner.inplace and not any(runner.caches.values()), "in-place mode must not keep caches returned as outputs"
-    assert runner.buffers[0] and runner.cache_bytes() > 0
+    runner, state = backend.runners[0], graph_state(backend)
+    assert runner.inplace and not any(state.caches.values()), "in-place mode must not keep caches returned as outputs"
+    assert state.buffers[0] and backend.cache_bytes() > 0
 
 
 def test_buffers_keep_their_address_and_variants_return_model_outputs_only():
@@ -58,7 +64,7 @@ def test_buffers_keep_their_address_and_variants_return_model_outputs_only():
         for kw in inputs + inputs:
             c(**kw)
             runner = backend.runners[0]
-            addresses.append({k: v.data_ptr() for k, v in runner.buffers[0].items()})
+            addresses.append({k: v.data_ptr() for k, v in graph_state(backend).buffers[0].items()})
     final = addresses[-1]
     assert all(a.items() <= final.items() for a in addresses), "a cache buffer moved"
     for kind, variant in runner.variants.items():

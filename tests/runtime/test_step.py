@@ -1,4 +1,5 @@
-"""The step/branch rule (ALGORITHMS.md 8.10) and the explicit `step` override: pure, no compilation."""
+"""The step rule (which branch and step a call is, from t, conditioning and context name) and the explicit
+`step` override: pure, no compilation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 import fxcache
 from fxcache import ConfigError
-from fxcache.runtime.step import StepTracker
+from fxcache.runtime.step import StepTracker, TimeDirection
 
 # strictly decreasing timesteps, each evaluated 1..3 times in a row (CFG branches)
 timestep_values = st.one_of(
@@ -46,124 +47,233 @@ def run(tracker, calls):
     return [tracker.advance(t) for t in calls]
 
 
-# -- StepTracker.advance -------------------------------------------------------------------------------------------
+# -- StepTracker.locate ---------------------------------------------------------------------------------------------
+
+COND = (1.0, 2.0)  # a conditioning fingerprint
+UNCOND = (3.0, 4.0)
+
+
+def locate_all(tracker, calls):
+    """calls: [(t, fingerprint)] or [t] (one stable conditioning) -> [(step, branch, new)]."""
+    out = []
+    for c in calls:
+        t, fp = c if isinstance(c, tuple) else (c, COND)
+        p = tracker.locate(t, fingerprint=fp)
+        out.append((p.step, p.branch, p.new))
+    return out
 
 
 @given(schedule=schedules)
-def test_steps_and_branches_follow_timesteps(schedule):
+def test_steps_and_branches_follow_timesteps_and_conditioning(schedule):
+    """Each repeat of a t with other conditioning is another CFG branch; every branch counts its own steps."""
     calls, steps, branches = expand(schedule)
-    out = run(StepTracker(), calls)
-    assert [o[0] for o in out] == steps
+    fps = [(float(b), 0.0) for b in branches]  # branch b has conditioning (b, 0) at every step
+    out = locate_all(StepTracker(), list(zip(calls, fps)))
+    # every branch counts its own calls (one first seen later has no caches yet: it runs FULL first)
+    counts, expected = {}, []
+    for b in branches:
+        expected.append(counts.get(b, 0))
+        counts[b] = expected[-1] + 1
+    assert [o[0] for o in out] == expected
     assert [o[1] for o in out] == branches
-    assert [o[2] for o in out] == [True] + [False] * (len(calls) - 1)
+    assert [o[2] for o in out] == [e == 0 for e in expected]
 
 
 def test_cfg_pairs():
-    # (t0, t0, t1, t1, ...) -> steps (0, 0, 1, 1, ...), branches (0, 1, 0, 1, ...)
-    out = run(StepTracker(), [999.0, 999.0, 800.0, 800.0, 500.0, 500.0])
-    assert out == [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
+    out = locate_all(StepTracker(), [(999.0, COND), (999.0, UNCOND), (800.0, COND), (800.0, UNCOND)])
+    assert out == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False)]
+
+
+CHANGING = [(999.0, (1.0,)), (999.0, (2.0,)), (800.0, (3.0,)), (800.0, (4.0,)), (500.0, (5.0,)), (500.0, (6.0,))]
+
+
+def test_conditioning_that_changes_every_step_continues_the_loop_inside_a_request():
+    """Inside an explicit request (no other request can interleave), per-step conditioning still follows t."""
+    assert locate_all(StepTracker(continue_unmatched=True), CHANGING) == [
+        (0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
+
+
+def test_conditioning_that_changes_outside_a_request_reads_no_cache():
+    """Outside a request such a call could be another request: it starts a branch of its own (FULL)."""
+    out = locate_all(StepTracker(max_branches=8), CHANGING)
+    assert all(o[0] == 0 and o[2] for o in out)
+
+
+def test_a_lower_first_t_with_other_conditioning_never_continues_the_running_request():
+    tracker = StepTracker()
+    locate_all(tracker, [(1000.0, (1.0,))])
+    p = tracker.locate(980.0, fingerprint=(2.0,))  # request B starts below A's last t
+    assert p.new and p.step == 0 and p.branch == 1 and p.unmatched
+    assert tracker.locate(930.0, fingerprint=(1.0,)).step == 1  # A goes on
 
 
 @given(first=schedules, second=integer_schedules, gap=st.integers(min_value=1, max_value=1000))
-def test_a_rise_in_t_starts_a_new_generation(first, second, gap):
+def test_a_rise_in_t_starts_a_new_request(first, second, gap):
     tracker = StepTracker()
-    calls, _, _ = expand(first)
-    run(tracker, calls)
-    # integer timesteps shifted above the last timestep of the first run: still distinct and decreasing
+    calls, _, branches = expand(first)
+    locate_all(tracker, [(t, (float(b), 0.0)) for t, b in zip(calls, branches)])
     calls2, steps2, branches2 = expand([(calls[-1] + gap + t, r) for t, r in second])
-    assert calls2[0] > calls[-1]
-    out = run(tracker, calls2)
-    assert [o[0] for o in out] == steps2
-    assert [o[1] for o in out] == branches2
-    assert [o[2] for o in out] == [True] + [False] * (len(calls2) - 1)
+    out = locate_all(tracker, [(t, (float(b), 0.0)) for t, b in zip(calls2, branches2)])
+    counts, expected = {}, []
+    for b in branches2:  # every branch of the new request counts its own calls from 0
+        expected.append(counts.get(b, 0))
+        counts[b] = expected[-1] + 1
+    assert [o[0] for o in out] == expected
+    assert [o[2] for o in out] == [e == 0 for e in expected]
 
 
-@given(schedule=schedules.filter(lambda s: len(s) >= 2))
-def test_jump_back_to_first_timestep_resets(schedule):
-    calls, _, _ = expand(schedule)
+def test_the_same_request_again_after_a_failure_at_step_0_starts_over():
     tracker = StepTracker()
-    run(tracker, calls)
-    assert tracker.advance(calls[0]) == (0, 0, True)
-    assert tracker.advance(calls[0]) == (0, 1, False)
+    assert locate_all(tracker, [900.0, 900.0, 800.0]) == [(0, 0, True), (0, 0, True), (1, 0, False)]
 
 
-def test_first_call_is_a_new_generation_whatever_t():
-    assert StepTracker().advance(0.0) == (0, 0, True)
-    assert StepTracker().advance(-5.0) == (0, 0, True)
+def test_heun_repeats_t_within_one_branch():
+    """Heun-type samplers evaluate twice at one t with the same conditioning: the next step, not a branch."""
+    out = locate_all(StepTracker(), [999.0, 800.0, 800.0, 600.0, 600.0])
+    assert out == [(0, 0, True), (1, 0, False), (2, 0, False), (3, 0, False), (4, 0, False)]
+
+
+def test_cache_context_names_are_branches_even_with_equal_conditioning():
+    tracker = StepTracker()
+    out = [tracker.locate(t, name=n, fingerprint=COND) for t, n in
+           [(999.0, "cond"), (999.0, "uncond"), (800.0, "cond"), (800.0, "uncond"), (800.0, "cond")]]
+    assert [(p.step, p.branch) for p in out] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+
+
+@given(a=st.integers(2, 12), b=st.integers(2, 12), order=st.lists(st.booleans(), min_size=30, max_size=30),
+       offset=st.integers(0, 50))
+def test_interleaved_requests_with_their_own_conditioning_never_mix(a, b, order, offset):
+    """Two requests round-robin (in any order, both started before either moves on) with other schedules: each
+    keeps its own branch and steps."""
+    tracker = StepTracker()
+    ts = {"A": [1000.0 - 70 * s for s in range(a)], "B": [1000.0 - offset - 60 * s for s in range(b)]}
+    fp = {"A": (1.0, 0.0), "B": (2.0, 0.0)}
+    pos, got = {"A": 0, "B": 0}, {"A": [], "B": []}
+    for pick_a in [True, False] + order + [True] * a + [False] * b:
+        r = "A" if pick_a else "B"
+        if pos[r] >= len(ts[r]):
+            continue
+        p = tracker.locate(ts[r][pos[r]], fingerprint=fp[r])
+        got[r].append((p.step, p.branch))
+        pos[r] += 1
+    assert [s for s, _ in got["A"]] == list(range(a)) and [s for s, _ in got["B"]] == list(range(b))
+    assert len({br for _, br in got["A"]}) == 1 and len({br for _, br in got["B"]}) == 1
+    assert got["A"][0][1] != got["B"][0][1]
+
+
+def test_a_request_dropped_by_a_new_one_never_continues_it():
+    tracker = StepTracker()
+    locate_all(tracker, [(900.0, (1.0,)), (800.0, (1.0,))])  # request A
+    p = tracker.locate(950.0, fingerprint=(2.0,))  # request C: t above every branch -> A's branch is dropped
+    assert (p.step, p.new, p.dropped) == (0, True, (0,))
+    q = tracker.locate(700.0, fingerprint=(1.0,))  # A again: never C's next step
+    assert q.new and q.step == 0 and q.branch != p.branch
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_t_raises_and_the_next_call_starts_over(bad):
+    tracker = StepTracker()
+    locate_all(tracker, [900.0, 800.0])
+    with pytest.raises(ConfigError, match="finite"):
+        tracker.locate(bad, fingerprint=COND)
+    assert locate_all(tracker, [700.0]) == [(0, 0, True)]
+
+
+def test_a_rising_convention_is_learned_from_two_moves_back():
+    tracker = StepTracker()
+    out = locate_all(tracker, [0.0, 0.1, 0.2, 0.3])
+    assert out == [(0, 0, True), (0, 0, True), (1, 0, False), (2, 0, False)]
+    assert tracker.direction.name == "rising"
+    assert locate_all(tracker, [0.0, 0.1]) == [(0, 0, True), (1, 0, False)]  # the next request, caching at once
+
+
+def test_a_fixed_direction_is_never_flipped():
+    tracker = StepTracker(TimeDirection.of("falling"))
+    assert [o[2] for o in locate_all(tracker, [0.0, 0.1, 0.2])] == [True, True, True]
+    assert locate_all(StepTracker(TimeDirection.of("rising")), [0.0, 0.1]) == [(0, 0, True), (1, 0, False)]
+
+
+def test_branches_beyond_the_cap_drop_the_least_recently_used():
+    tracker = StepTracker(max_branches=2)
+    ps = [tracker.locate(500.0, fingerprint=(float(i),)) for i in range(3)]
+    assert [p.branch for p in ps] == [0, 1, 0] and ps[2].dropped == (0,) and ps[2].crowded
+    assert len(tracker.branches) == 2
+
+
+@given(t=timestep_values, repeats=st.integers(1, 200))
+def test_one_step_requests_at_one_t_keep_one_branch(t, repeats):
+    """1-step sampling, fixed-t loops: the same conditioning at the same t is the same request again."""
+    tracker = StepTracker()
+    for _ in range(repeats):
+        p = tracker.locate(t, fingerprint=COND)
+        assert (p.step, p.branch, p.new) == (0, 0, True)
+    assert len(tracker.branches) == 1
 
 
 # -- StepTracker.force / reset -------------------------------------------------------------------------------------
 
 
-@given(step=st.integers(0, 100), branch=st.integers(0, 3), t=st.one_of(st.none(), timestep_values))
-def test_force_starts_a_generation_only_at_step_0_branch_0(step, branch, t):
+@given(step=st.integers(0, 100), branch=st.integers(0, 3), t=timestep_values)
+def test_force_starts_over_only_at_step_0(step, branch, t):
     tracker = StepTracker()
-    tracker.advance(500.0)
-    new = tracker.force(step, branch, t)
-    assert new is (step == 0 and branch == 0)
-    assert (tracker.step, tracker.branch) == (step, branch)
-    assert tracker.last_t == (500.0 if t is None else t)
-
-
-def test_force_then_timestep_rule_continues_from_the_forced_step():
-    tracker = StepTracker()
-    run(tracker, [900.0, 800.0])
-    assert tracker.force(5, 1, 400.0) is False
-    assert tracker.advance(400.0) == (5, 2, False)  # same t: next branch
-    assert tracker.advance(300.0) == (6, 0, False)  # lower t: next step
-    assert tracker.advance(350.0) == (0, 0, True)  # higher t: new generation
-
-
-def test_force_without_t_keeps_last_t():
-    tracker = StepTracker()
-    tracker.advance(700.0)
-    assert tracker.force(3, 0, None) is False
-    assert tracker.advance(700.0) == (3, 1, False)
+    tracker.locate(500.0, fingerprint=COND)
+    p = tracker.force(step, branch, t)
+    assert (p.step, p.branch, p.new) == (step, branch, step == 0)
 
 
 @given(schedule=schedules, t=timestep_values)
 def test_reset_makes_the_next_call_a_new_generation(schedule, t):
     tracker = StepTracker()
     calls, _, _ = expand(schedule)
-    run(tracker, calls)
+    locate_all(tracker, calls)
     tracker.reset()
-    assert tracker.last_t is None
-    assert tracker.advance(t) == (0, 0, True)  # even if t is lower than (or equal to) the last one
-    assert tracker.advance(t) == (0, 1, False)
+    assert locate_all(tracker, [t]) == [(0, 0, True)]  # even if t is lower than (or equal to) the last one
 
 
 # -- CacheBackend.step ---------------------------------------------------------------------------------------------
 
 
+class _Backend:
+    """A backend with its scope's current override at hand."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def step(self, *a):
+        return self.backend.step(*a)
+
+    def override(self):
+        return self.backend.scope.override()
+
+
 @pytest.fixture
 def backend():
-    return fxcache.cache_backend("duca", lowering="eager")
+    return _Backend(fxcache.cache_backend("duca", lowering="eager"))
 
 
 def test_step_sets_and_restores_override(backend):
-    assert backend.override is None
-    with backend.step(3, 1) as b:
-        assert b is backend
-        assert backend.override == (3, 1)
-    assert backend.override is None
+    assert backend.override() is None
+    with backend.step(3, 1):
+        assert backend.override() == (3, 1)
+    assert backend.override() is None
 
 
 def test_step_default_branch_is_zero(backend):
     with backend.step(7):
-        assert backend.override == (7, 0)
-    assert backend.override is None
+        assert backend.override() == (7, 0)
+    assert backend.override() is None
 
 
 def test_step_nests(backend):
     with backend.step(2, 0):
-        assert backend.override == (2, 0)
+        assert backend.override() == (2, 0)
         with backend.step(5, 1):
-            assert backend.override == (5, 1)
+            assert backend.override() == (5, 1)
             with backend.step(0):
-                assert backend.override == (0, 0)
-            assert backend.override == (5, 1)
-        assert backend.override == (2, 0)
-    assert backend.override is None
+                assert backend.override() == (0, 0)
+            assert backend.override() == (5, 1)
+        assert backend.override() == (2, 0)
+    assert backend.override() is None
 
 
 def test_step_restores_override_on_exception(backend):
@@ -171,19 +281,19 @@ def test_step_restores_override_on_exception(backend):
         with backend.step(1):
             with backend.step(4, 1):
                 raise RuntimeError("boom")
-    assert backend.override is None
+    assert backend.override() is None
 
     with backend.step(1):
         with pytest.raises(RuntimeError):
             with backend.step(4, 1):
                 raise RuntimeError("boom")
-        assert backend.override == (1, 0)
+        assert backend.override() == (1, 0)
 
 
 def test_module_level_step_accepts_the_backend(backend):
-    with fxcache.step(backend, 6, 1):
-        assert backend.override == (6, 1)
-    assert backend.override is None
+    with fxcache.step(backend.backend, 6, 1):
+        assert backend.override() == (6, 1)
+    assert backend.override() is None
 
 
 @pytest.mark.parametrize("index", [-1, True, False, 1.0, "1", None])
@@ -191,7 +301,7 @@ def test_step_rejects_bad_index(backend, index):
     with pytest.raises(ConfigError, match="step index"):
         with backend.step(index):
             pass
-    assert backend.override is None
+    assert backend.override() is None
 
 
 @pytest.mark.parametrize("branch", [-1, True, False, 0.0, "0", None])
@@ -199,7 +309,7 @@ def test_step_rejects_bad_branch(backend, branch):
     with pytest.raises(ConfigError, match="branch"):
         with backend.step(0, branch):
             pass
-    assert backend.override is None
+    assert backend.override() is None
 
 
 def test_rejected_nested_step_keeps_outer_override(backend):
@@ -207,14 +317,14 @@ def test_rejected_nested_step_keeps_outer_override(backend):
         with pytest.raises(ConfigError):
             with backend.step(-3):
                 pass
-        assert backend.override == (2, 1)
-    assert backend.override is None
+        assert backend.override() == (2, 1)
+    assert backend.override() is None
 
 
 @given(index=st.integers(max_value=-1))
 def test_step_rejects_any_negative_index(index):
-    backend = fxcache.cache_backend("fora", lowering="eager")
+    backend = _Backend(fxcache.cache_backend("fora", lowering="eager"))
     with pytest.raises(ConfigError):
         with backend.step(index):
             pass
-    assert backend.override is None
+    assert backend.override() is None

@@ -237,8 +237,8 @@ class Runner:
             else:
                 buf = state.step_buffers.get(e.key)
                 if buf is None or buf.shape != value.shape:
-                    buf = state.step_buffers[e.key] = torch.empty_like(value)
-                    torch._dynamo.mark_static_address(buf)
+                    buf = state.step_buffers[e.key] = self.take_buffer(f"step:{e.key}", value.shape, value.dtype,
+                                                                       value.device)
                 buf.copy_(value)
             out.append(buf)
         return out

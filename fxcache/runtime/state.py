@@ -86,6 +86,8 @@ class GraphState:
         self.caches.clear()
         self.valid.clear()
         self.taylor.clear()
+        if self.step_buffers:
+            self.runner.give_back_buffers({f"step:{k}": v for k, v in self.step_buffers.items()})
         self.step_buffers.clear()
         self.draws.clear()
         self.draws_step = -1

@@ -131,3 +131,22 @@ def test_reduce_overhead_replays_cuda_graphs_without_skips_or_recompiles(caplog)
     assert not [r for r in caplog.records if "skipping cudagraphs" in r.getMessage()]
     assert max(rel_err(a, b) for a, b in zip(first, expected)) < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_requests_reuse_the_buffers_of_finished_ones():
+    """keep_caches (on by default for in-place caches): a finished request's buffers serve the next request of the
+    same shape at the same addresses (CUDA graphs record them), zeroed, with results equal to a fresh run."""
+    model, config = make_model("flux"), make_config("duca", interval=3)
+    inputs = loop_inputs("flux", 5, batch=1)
+    c, backend = compiled(model, config, inplace=True)
+    addresses, outs = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            with fxcache.request(c) as req:
+                outs.append(run(c, inputs))
+                state = next(s for (r, _), s in req.states.items() if r is backend.runners[0])
+                addresses.append({k: v.data_ptr() for k, v in state.buffers[0].items()}
+                                 | {f"step:{k}": v.data_ptr() for k, v in state.step_buffers.items()})
+            assert backend.cache_bytes() == 0
+    assert addresses[0] == addresses[1] and addresses[0]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import warnings
 
 import torch
 
 from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
 from .analysis.inputs import forward_parameters
 from .config import CacheConfig, make_config
-from .errors import ConfigError, UnknownOptionError, UnsupportedGraphError
+from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .runtime import Runner, UncachedRunner, get_lowering
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.recompiles import watch
@@ -20,10 +19,6 @@ from .runtime.requests import Request, RequestScope
 from .variants import build_variants
 
 log = logging.getLogger("fxcache")
-
-
-class FxCacheWarning(UserWarning):
-    """fxcache runs a graph uncached (or otherwise falls back); the message says why."""
 
 
 class FailedRunner:
@@ -102,7 +97,6 @@ class CacheBackend:
                                   time_direction=time_direction)
         self.runners: list = []
         self._codes: set[str] = set()  # code objects Dynamo compiled with this backend (recompile-limit warning)
-        self._warned: set[str] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -149,10 +143,7 @@ class CacheBackend:
             attach(module, self)
 
     def _warn_once(self, message: str, key: str | None = None) -> None:
-        key = key or message
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, FxCacheWarning, stacklevel=3)
+        self.scope.warn_once(message, key)
 
     # -- user controls --------------------------------------------------------------------------------------
     @property

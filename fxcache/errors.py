@@ -48,3 +48,7 @@ class ExportError(FxCacheError):
 
 class MissingDependencyError(FxCacheError, ImportError):
     """An optional dependency (onnx, onnxruntime, torch-tensorrt, CUDA) is needed for what was asked."""
+
+
+class FxCacheWarning(UserWarning):
+    """fxcache runs a graph uncached (or otherwise falls back); the message says why."""

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import os
 import types
-import warnings
 from typing import Callable
 
 import torch
@@ -103,7 +102,6 @@ class CachedSession:
         self.providers = providers
         self.trust_remote_code = trust_remote_code
         self.scope = RequestScope(max_branches=max_branches, max_records=max_records)
-        self._warned: set[str] = set()
         self.config = _model_config(m.model_config)
         self.dtype = dtype_from_name(m.user_inputs[0].dtype) if m.user_inputs else torch.float32
         self.device = torch.device("cuda" if providers and any("CUDA" in p or "Tensorrt" in p for p in providers)
@@ -129,12 +127,7 @@ class CachedSession:
 
     # -- the runner's backend interface ----------------------------------------------------------------------
     def _warn_once(self, message: str, key: str | None = None) -> None:
-        key = key or message
-        if key not in self._warned:
-            self._warned.add(key)
-            from ..api import FxCacheWarning
-
-            warnings.warn(message, FxCacheWarning, stacklevel=3)
+        self.scope.warn_once(message, key)
 
     @property
     def records(self):

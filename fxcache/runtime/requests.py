@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import itertools
 import threading
+import warnings
 import weakref
 
 _ACTIVE: contextvars.ContextVar[tuple["Request", ...]] = contextvars.ContextVar("fxcache_requests", default=())
@@ -117,6 +118,16 @@ class RequestScope:
         self.records: collections.deque = collections.deque(maxlen=max_records)
         self._implicit = threading.local()
         self._requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
+        self._warned: set[str] = set()
+
+    def warn_once(self, message: str, key: str | None = None) -> None:
+        """One FxCacheWarning per distinct `key` (the message itself by default) for this scope."""
+        from ..errors import FxCacheWarning
+
+        key = key or message
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, FxCacheWarning, stacklevel=4)
 
     def current(self) -> Request:
         """The request a call made now belongs to."""

@@ -96,7 +96,6 @@ class CacheBackend:
         self.scope = RequestScope(max_branches=max_branches, max_records=max_records, keep_caches=keep,
                                   time_direction=time_direction)
         self.runners: list = []
-        self._codes: set[str] = set()  # code objects Dynamo compiled with this backend (recompile-limit warning)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -109,8 +108,7 @@ class CacheBackend:
         if module is not None:
             attach(module, self)
         if code is not None:
-            self._codes.add(code_label(code))
-            watch(self)
+            watch(self, code_label(code))
         with self._lock:
             graph_id = len(self.runners)
             try:

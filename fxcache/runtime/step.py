@@ -9,7 +9,9 @@ up in Lumina's). So a call goes to the branch with its name, else the one with i
 
 * t moved on in the time direction: that branch's next step;
 * t repeats at a later step (Heun-type samplers evaluate twice at one t): the next step too;
-* t repeats at step 0 (the same request again, after a failure) or t moved back: that branch starts over.
+* t repeats at step 0 (the same request again, after a failure) or t moved back: that branch starts over; when t
+  moved back, the branches that stopped calling before it did (an unconditional branch that CFG truncation ended
+  early) end with it, so a new request never continues them.
 
 A call that matches no branch is a new branch at step 0 (it runs FULL): a repeated t is the other half of a
 true-CFG pair, a t above every branch's is a new request, which drops the old branches, and any other is a request
@@ -159,7 +161,7 @@ class StepTracker:
 
     def _advance(self, branch: Branch, t: float, name, fingerprint) -> Position:
         moved_back, branch.moved_back = branch.moved_back, False
-        branch.used = self.calls
+        previous_use, branch.used = branch.used, self.calls
         if name is not None:
             branch.name = name
         branch.fingerprint = fingerprint
@@ -174,7 +176,13 @@ class StepTracker:
         else:  # the same request again at step 0, or t moved back: this branch starts over
             branch.moved_back = t != branch.last_t
             branch.step, branch.last_t = 0, t
-            return Position(0, branch.slot, True)
+            stale = ()
+            if branch.moved_back:  # a new loop: branches that stopped before this one did (CFG truncation) end too
+                stale = tuple(b for b in self.branches
+                              if b is not branch and b.fingerprint is not None and b.used < previous_use)
+                for b in stale:
+                    self._drop(b)
+            return Position(0, branch.slot, True, dropped=tuple(b.slot for b in stale))
         branch.last_t = t
         return Position(branch.step, branch.slot, False, flipped=flipped)
 

@@ -394,6 +394,15 @@ def test_recompile_limit_is_reported_with_the_fix():
     from fxcache.testing import make_inputs, make_model
 
     model = make_model("dit")
+
+    class FreshCode(type(model)):
+        """A forward code object of its own: the limit counts graphs per code object, and earlier tests in this
+        process compiled DiT's forward many times over."""
+
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model.__class__ = FreshCode
     backend = fxcache.cache_backend("fora", lowering="eager")
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=2):
@@ -406,6 +415,30 @@ def test_recompile_limit_is_reported_with_the_fix():
     assert len(ours) == 1 and "recompile_limit" in ours[0] and "plain eager" in ours[0]
     assert len(backend.runners) == 2
 
+
+
+def test_the_recompile_limit_warns_only_the_backend_that_hit_it():
+    """Two models of one class share a forward code object; the backend compiling when Dynamo gives up warns."""
+    from fxcache.testing import make_inputs, make_model
+
+    first_model, second_model = make_model("dit"), make_model("dit")
+
+    class SharedCode(type(first_model)):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    first_model.__class__ = second_model.__class__ = SharedCode
+    first, second = (fxcache.cache_backend("fora", lowering="eager") for _ in range(2))
+    with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                torch.compile(first_model, backend=first, dynamic=False)(**make_inputs("dit", batch=1))
+                compiled = torch.compile(second_model, backend=second, dynamic=False)
+                for batch in (1, 2, 3):
+                    compiled(**make_inputs("dit", batch=batch))
+    assert len([w for w in caught if issubclass(w.category, FxCacheWarning)]) == 1
+    assert "recompile_limit" not in first.scope._warned and "recompile_limit" in second.scope._warned
 
 # -- 6. one call for pipelines --------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fxcache
@@ -108,6 +108,7 @@ def test_a_lower_first_t_with_other_conditioning_never_continues_the_running_req
 
 
 @given(first=schedules, second=integer_schedules, gap=st.integers(min_value=1, max_value=1000))
+@example(first=[(2.0, 2), (0.0, 1)], second=[(0, 2)], gap=1)  # branch 1 stopped early, above the new request's t
 def test_a_rise_in_t_starts_a_new_request(first, second, gap):
     tracker = StepTracker()
     calls, _, branches = expand(first)
@@ -120,6 +121,13 @@ def test_a_rise_in_t_starts_a_new_request(first, second, gap):
         counts[b] = expected[-1] + 1
     assert [o[0] for o in out] == expected
     assert [o[2] for o in out] == [e == 0 for e in expected]
+
+
+def test_a_branch_that_cfg_truncation_stopped_early_is_not_continued_by_the_next_request():
+    """Request 1 ran CFG down to t=500 and cond alone after; request 2 (img2img) starts at t=400, below 500."""
+    tracker = StepTracker()
+    locate_all(tracker, [(999.0, COND), (999.0, UNCOND), (500.0, COND), (500.0, UNCOND), (200.0, COND), (0.0, COND)])
+    assert locate_all(tracker, [(400.0, COND), (400.0, UNCOND)]) == [(0, 0, True), (0, 1, True)]
 
 
 def test_the_same_request_again_after_a_failure_at_step_0_starts_over():

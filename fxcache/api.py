@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -253,25 +254,52 @@ def _find_backend(model):
     )
 
 
+def _served(model) -> list:
+    """The backends behind `model`: every backend of a pipeline enabled with `fxcache.enable`, else one."""
+    state = getattr(model, "__dict__", {}).get("_fxcache")
+    if isinstance(state, dict) and "backends" in state:
+        return list(state["backends"])
+    return [_find_backend(model)]
+
+
 def stats(model) -> list[dict]:
     """One record per call of the compiled model: graph, request, step, branch, kind, tokens, flops, t,
-    cache_bytes (held by that graph in that request after the call)."""
-    return _find_backend(model).stats()
+    cache_bytes (held by that graph in that request after the call). For a pipeline with two transformers
+    (Wan 2.2), the records of both, each with the `component` it came from."""
+    state = getattr(model, "__dict__", {}).get("_fxcache")
+    backends = _served(model)
+    if len(backends) == 1:
+        return backends[0].stats()
+    names = list(state["originals"])
+    return [dict(r, component=name) for name, b in zip(names, backends) for r in b.stats()]
 
 
 def reset(model) -> None:
     """Free the caches of every request; the next call starts a new generation."""
-    _find_backend(model).reset()
+    for backend in _served(model):
+        backend.reset()
 
 
 def cache_bytes(model) -> int:
-    """Bytes of caches the model's backend holds now, over every request."""
-    return _find_backend(model).cache_bytes()
+    """Bytes of caches the model's backend (a pipeline's backends) holds now, over every request."""
+    return sum(backend.cache_bytes() for backend in _served(model))
 
 
 def step(model, index: int, branch: int = 0):
     """Context manager: calls inside run as step `index` of branch `branch` (overrides the step rule)."""
-    return _find_backend(model).step(index, branch)
+    managers = [backend.step(index, branch) for backend in _served(model)]  # checks the arguments now
+    if len(managers) == 1:
+        return managers[0]
+    stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def all_of():
+        with stack:
+            for m in managers:
+                stack.enter_context(m)
+            yield
+
+    return all_of()
 
 
 def request(*models) -> Request:
@@ -279,16 +307,16 @@ def request(*models) -> Request:
     freed when the block ends (exceptions included). Without it, each thread has one implicit request, which a
     diffusers pipeline ends at the end of its call and the step rule otherwise follows from the timesteps.
 
-    `models`: compiled models, backends or sessions (none: every fxcache model). For requests interleaved in one
+    `models`: compiled models, backends, sessions or enabled pipelines (none: every fxcache model). For requests interleaved in one
     thread keep the object and enter `req.resume()` around each of its calls, then `req.end()`.
     """
     if not models:
         return Request(None)
     scopes = []
     for m in models:
-        scope = _find_backend(m).scope
-        if scope not in scopes:
-            scopes.append(scope)
+        for backend in _served(m):
+            if backend.scope not in scopes:
+                scopes.append(backend.scope)
     return Request(tuple(scopes))
 
 
@@ -315,8 +343,9 @@ REQUEST_BOUNDARIES = (
     "Request boundaries: calls inside `with fxcache.request(model):` (or a pipeline enabled with "
     "fxcache.enable(pipe)) are one request. Otherwise a diffusers pipeline's end-of-call reset ends the request, "
     "and without any signal the step rule guesses from the timesteps and conditioning inputs: a request whose first "
-    "t is below the last one seen, with the same conditioning, cannot be told from a continuation. Mark requests "
-    "in custom loops and servers."
+    "t is below the last one seen, with the same conditioning, cannot be told from a continuation, and two "
+    "unmarked requests with the same conditioning interleaved in one thread look like one. Mark requests in custom "
+    "loops, generators and servers."
 )
 
 

@@ -13,11 +13,14 @@ import collections
 import contextlib
 import contextvars
 import itertools
+import sys
 import threading
 import warnings
 import weakref
 
-_ACTIVE: contextvars.ContextVar[tuple["Request", ...]] = contextvars.ContextVar("fxcache_requests", default=())
+#: the active requests, innermost last, each as (request, thread that entered it, frame of its `with` statement)
+_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("fxcache_requests", default=())
+_OWN_FILES = (__file__, contextlib.__file__)
 #: the `cache_context` name (and its keyword fields) of the current call, set by an attached module's wrapper
 CONTEXT_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("fxcache_cache_context", default=None)
 #: explicit (scope, step, branch) overrides from `fxcache.step`, innermost last
@@ -39,7 +42,6 @@ class Request:
         self.implicit = implicit
         self.states: dict = {}  # (runner, model key) -> GraphState
         self.ended = False
-        self._tokens: list = []
         self._lock = threading.Lock()
         for scope in scopes or ():
             scope._requests.add(self)
@@ -72,11 +74,24 @@ class Request:
             self._deactivate()
 
     def _activate(self) -> None:
-        self.ended = False
-        self._tokens.append(_ACTIVE.set(_ACTIVE.get() + (self,)))
+        if self.ended:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"fxcache request {self.id} has ended (its caches were freed); open a new one with "
+                              "fxcache.request(model) instead of re-entering or resuming an ended request")
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename in _OWN_FILES:
+            frame = frame.f_back  # the caller's `with` statement, past resume() and contextlib
+        _ACTIVE.set(_ACTIVE.get() + ((self, threading.get_ident(), frame),))
 
     def _deactivate(self) -> None:
-        _ACTIVE.reset(self._tokens.pop())
+        """Remove this request's innermost entry, wherever it is: a generator suspended inside `with request`
+        and resumed after other requests were entered must neither end theirs nor leave its own active."""
+        stack = _ACTIVE.get()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self:
+                _ACTIVE.set(stack[:i] + stack[i + 1:])
+                return
 
     # -- state -------------------------------------------------------------------------------------------------
     def state(self, runner, model_key, factory):
@@ -107,6 +122,23 @@ class Request:
 _ALL_SCOPES_REQUESTS: "weakref.WeakSet[Request]" = weakref.WeakSet()
 
 
+def _stack_frames() -> "_FrameSet":
+    return _FrameSet(sys._getframe(2))
+
+
+class _FrameSet:
+    """Membership by identity in the current call stack (frames compare by identity anyway; no hashing)."""
+
+    def __init__(self, frame):
+        self.ids = set()
+        while frame is not None:
+            self.ids.add(id(frame))
+            frame = frame.f_back
+
+    def __contains__(self, frame) -> bool:
+        return id(frame) in self.ids
+
+
 class RequestScope:
     """What a backend (or an export session) shares with its runners: requests, records, limits."""
 
@@ -130,9 +162,20 @@ class RequestScope:
             warnings.warn(message, FxCacheWarning, stacklevel=4)
 
     def current(self) -> Request:
-        """The request a call made now belongs to."""
-        for request in reversed(_ACTIVE.get()):
-            if request.serves(self):
+        """The request a call made now belongs to: the innermost active one whose `with` block the call is in.
+
+        A request entered in a generator stays in the caller's context while the generator is suspended (Python
+        shares one context); calls made then are not in its block, and its frame is not on the stack. A request
+        entered in another thread (context copied, as `asyncio.to_thread` does) applies as it is."""
+        here = None
+        for request, thread, frame in reversed(_ACTIVE.get()):
+            if not request.serves(self):
+                continue
+            if thread != threading.get_ident() or frame is None:
+                return request
+            if here is None:
+                here = _stack_frames()
+            if frame in here:
                 return request
         request = getattr(self._implicit, "request", None)
         if request is None:

@@ -7,6 +7,7 @@ class share a Dynamo graph, never their caches).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -46,26 +47,41 @@ def _observed_inputs(plan, gm) -> tuple[int | None, list[int]]:
     return model_index, conditioning
 
 
-def _summaries(values: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Two float64 numbers per tensor that change when its values (or their order along dim 0) change."""
+_WEIGHTS: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_PHI, _SQRT2 = (5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1
+
+
+def _position_weights(n: int, device) -> torch.Tensor:
+    """(2, n) float64 weights in (0, 1), irrational multiples of the position: two tensors that differ anywhere
+    (a permutation included) get different weighted sums, short of a measure-zero coincidence."""
+    key = (n, str(device))
+    w = _WEIGHTS.get(key)
+    if w is None:
+        k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+        w = _WEIGHTS[key] = torch.stack([(k * _PHI) % 1.0, (k * _SQRT2) % 1.0]) + 0.25
+        while len(_WEIGHTS) > 16:
+            _WEIGHTS.popitem(last=False)
+    return w
+
+
+def _summaries(values: list, device) -> list[torch.Tensor]:
+    """Three float64 numbers per input (two position-weighted sums and the norm) that change when its values or
+    their order change: DiT class labels [4, 3] and [0, 5], or a prompt's embeddings, shuffled."""
     out = []
     for x in values:
         if not isinstance(x, torch.Tensor):
-            out.append(torch.tensor([float(x), 0.0], dtype=torch.float64, device=device))
+            out.append(torch.tensor([float(x), 0.0, 0.0], dtype=torch.float64, device=device))
             continue
         x = x.detach()
         if x.is_complex():
             x = torch.view_as_real(x)
-        if x.numel() == 0:
-            out.append(torch.zeros(2, dtype=torch.float64, device=device))
+        flat = x.reshape(-1).to(torch.float64)
+        if flat.numel() == 0:
+            out.append(torch.zeros(3, dtype=torch.float64, device=device))
             continue
-        flat = x.reshape(x.shape[0] if x.dim() else 1, -1)
-        if not flat.is_floating_point():
-            flat = flat.to(torch.float64)
-        rows = flat.sum(1, dtype=torch.float64)
-        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
-        norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
-        out.append(torch.stack([(rows * weights).sum(), norm]).to(device))
+        sums = _position_weights(flat.numel(), flat.device) @ flat
+        norm = torch.linalg.vector_norm(flat).reshape(1)
+        out.append(torch.cat([sums, norm]).to(device))
     return out
 
 
@@ -298,7 +314,7 @@ class Runner:
             state.drop(slot)
         if pos.new:
             state.restart(pos.branch)
-        if pos.crowded:
+        if pos.crowded and not pos.unmatched:
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests) than "
                 f"max_branches={self.scope.max_branches}; the least recently used one was dropped and will run "
@@ -313,8 +329,16 @@ class Runner:
                     f"from other requests and run FULL (uncached). Run each request inside "
                     f"`with fxcache.request(model):` (or use fxcache.enable(pipe)) to cache them.")
         if pos.flipped:
-            log.info("fxcache: graph %d: t rises during sampling; following the rising time convention",
-                     self.graph_id)
+            log.info("fxcache: graph %d: t moves the other way during sampling; following it (%s)",
+                     self.graph_id, state.tracker.direction.name)
+            if state.tracker.continue_unmatched:  # the next explicit request of this model starts from it
+                self.direction.sign = state.tracker.direction.sign
+        if pos.revived:
+            self.backend._warn_once(
+                f"fxcache: graph {self.graph_id}: a request went on after another one, started in the same thread "
+                f"without a request boundary, made the step rule take it for finished: it started over (FULL) "
+                f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
+                f"`with fxcache.request(model):` (or `req.resume()`).")
         step, branch = pos.step, pos.branch
         kind = self._kind(state, step, branch)
         variant, key = self._variant(kind, step)

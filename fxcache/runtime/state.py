@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from .step import StepTracker
+from .step import StepTracker, TimeDirection
 from .taylor import TaylorState
 
 
@@ -20,7 +20,13 @@ class GraphState:
         self.runner = runner
         self.request_id = request_id
         self.model_ref = weakref.ref(model) if model is not None else None
-        self.tracker = StepTracker(runner.direction, runner.scope.max_branches, continue_unmatched=explicit)
+        # a request's own copy of the time direction: one request's calls never change how another's are read.
+        # An explicit request starts from what the model's earlier explicit requests learned (a fresh tracker
+        # holds no branches, so a wrong start costs steps, never a wrong read); an implicit one, which outlives
+        # requests, only from the configured option.
+        learned = runner.direction if explicit else TimeDirection.of(runner.scope.time_direction)
+        self.tracker = StepTracker(TimeDirection(learned.sign, learned.fixed), runner.scope.max_branches,
+                                   continue_unmatched=explicit)
         self.caches: dict[int, dict[str, torch.Tensor]] = {}  # functional: branch -> key -> tensor
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # in place: branch -> key -> persistent buffer
         self.valid: dict[int, set[str]] = {}  # in place: branch -> keys written in this generation

@@ -78,6 +78,7 @@ class Position:
     crowded: bool = False  # a dropped branch was still in use: more live branches than max_branches
     flipped: bool = False  # this call revealed the opposite time direction
     unmatched: bool = False  # a call that continues no branch: its conditioning changed, or another request
+    revived: bool = False  # a dropped branch's conditioning called again, t moving on: a request taken for ended
 
 
 class StepTracker:
@@ -90,7 +91,7 @@ class StepTracker:
         self.continue_unmatched = continue_unmatched
         self.branches: list[Branch] = []
         self.calls = 0
-        self._tombstones: collections.deque = collections.deque(maxlen=_TOMBSTONES)
+        self._tombstones: collections.OrderedDict = collections.OrderedDict()  # fingerprint -> its last t
 
     def locate(self, t: float, *, name: str | None = None, fingerprint: tuple = ()) -> Position:
         """The (step, branch) of a call at timestep `t` with this conditioning `fingerprint` and context `name`."""
@@ -116,7 +117,7 @@ class StepTracker:
             return self._advance(live[0], t, name, fingerprint)  # -> flips the direction
         if live and not any(self.direction.forward(t, b.last_t) for b in live):
             for b in live:  # t above every branch: a new request
-                self._drop(b)
+                self._drop(b, taken_for_ended=True)
             dropped = tuple(b.slot for b in live)
             pos = self._new_branch(t, name, fingerprint)
             self.branches[-1].moved_back = True
@@ -124,15 +125,19 @@ class StepTracker:
         return self._new_branch(t, name, fingerprint)
 
     def force(self, step: int, slot: int, t: float) -> Position:
-        """An explicit (step, branch) (`fxcache.step`); step 0 starts that branch over."""
+        """An explicit (step, branch) (`fxcache.step`); step 0 starts that branch over. A branch the rule made in
+        that slot is dropped first: its caches are never read as the forced branch's."""
         self.calls += 1
         branch = next((b for b in self.branches if b.slot == slot), None)
+        dropped = ()
+        if branch is not None and branch.fingerprint is not None:
+            self._drop(branch)
+            branch, dropped = None, (slot,)
         if branch is None:
             branch = Branch(slot, None, None)
             self.branches.append(branch)
         branch.step, branch.last_t, branch.used = step, t, self.calls
-        branch.name, branch.fingerprint = None, None
-        return Position(step, slot, step == 0)
+        return Position(step, slot, step == 0 or bool(dropped), dropped)
 
     def forget(self, slot: int) -> None:
         """A call of this branch failed: its next call starts over (its conditioning is not continued either)."""
@@ -181,15 +186,19 @@ class StepTracker:
                 stale = tuple(b for b in self.branches
                               if b is not branch and b.fingerprint is not None and b.used < previous_use)
                 for b in stale:
-                    self._drop(b)
+                    self._drop(b, taken_for_ended=True)
             return Position(0, branch.slot, True, dropped=tuple(b.slot for b in stale))
         branch.last_t = t
         return Position(branch.step, branch.slot, False, flipped=flipped)
 
-    def _drop(self, branch: Branch) -> None:
+    def _drop(self, branch: Branch, *, taken_for_ended: bool = False) -> None:
+        """`taken_for_ended`: the rule guessed its request ended (another one started); remember where it was."""
         self.branches.remove(branch)
         if branch.fingerprint is not None:
-            self._tombstones.append(branch.fingerprint)
+            self._tombstones.pop(branch.fingerprint, None)
+            self._tombstones[branch.fingerprint] = branch.last_t if taken_for_ended else None
+            while len(self._tombstones) > _TOMBSTONES:
+                self._tombstones.popitem(last=False)
 
     def _new_branch(self, t: float, name: str | None, fingerprint: tuple) -> Position:
         dropped, crowded = (), False
@@ -198,9 +207,11 @@ class StepTracker:
             crowded = self.calls - old.used <= self.max_branches
             self._drop(old)
             dropped = (old.slot,)
+        revived = False
         if fingerprint in self._tombstones:
-            self._tombstones.remove(fingerprint)
+            last_t = self._tombstones.pop(fingerprint)
+            revived = last_t is not None and self.direction.forward(t, last_t)
         used = {b.slot for b in self.branches}
         slot = next(i for i in range(len(self.branches) + 1) if i not in used)
         self.branches.append(Branch(slot, name, fingerprint, 0, t, self.calls))
-        return Position(0, slot, True, dropped, crowded)
+        return Position(0, slot, True, dropped, crowded, revived=revived)

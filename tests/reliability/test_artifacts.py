@@ -218,3 +218,19 @@ def test_fuzzed_manifests_raise_export_errors_only(exported, data):
         Manifest.from_dict(manifest)
     except ExportError as exc:
         assert "manifest" in str(exc)
+
+
+# -- a session's records are bounded like a backend's -------------------------------------------------------------
+
+def test_session_records_keep_only_the_newest(exported):
+    """`CachedSession.records` never grows past `max_records`: a long-lived server keeps the newest calls."""
+    session = CachedSession(exported, max_records=3)
+    example = _example()
+    with torch.no_grad():
+        for request in range(3):
+            for step, t in enumerate([0.9, 0.6, 0.3, 0.1]):
+                session(**{**example, "timestep": torch.full_like(example["timestep"], t * 1000)})
+    records = session.stats()
+    assert len(records) == 3
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert len({r["request"] for r in records}) == 1

@@ -224,9 +224,18 @@ def test_one_step_requests_at_one_t_keep_one_branch(t, repeats):
 @given(step=st.integers(0, 100), branch=st.integers(0, 3), t=timestep_values)
 def test_force_starts_over_only_at_step_0(step, branch, t):
     tracker = StepTracker()
-    tracker.locate(500.0, fingerprint=COND)
+    tracker.force(0, branch, 900.0)
     p = tracker.force(step, branch, t)
     assert (p.step, p.branch, p.new) == (step, branch, step == 0)
+
+
+@given(step=st.integers(min_value=0, max_value=50), t=timestep_values)
+def test_a_forced_branch_never_takes_over_the_caches_of_a_branch_the_rule_made_in_its_slot(step, t):
+    tracker = StepTracker()
+    tracker.locate(500.0, fingerprint=COND)  # the rule's branch 0
+    p = tracker.force(step, 0, t)
+    assert (p.step, p.branch, p.new, p.dropped) == (step, 0, True, (0,))
+    assert tracker.force(step + 1, 0, t).new is False  # from then on it is the forced branch's slot
 
 
 @given(schedule=schedules, t=timestep_values)

@@ -255,10 +255,22 @@ def _find_backend(model):
 
 
 def _served(model) -> list:
-    """The backends behind `model`: every backend of a pipeline enabled with `fxcache.enable`, else one."""
+    """The backends behind `model`: every backend of a pipeline enabled with `fxcache.enable`, or of the
+    fxcache-compiled transformers of any other pipeline (one made with `from_pipe`), else one."""
     state = getattr(model, "__dict__", {}).get("_fxcache")
     if isinstance(state, dict) and "backends" in state:
         return list(state["backends"])
+    components = getattr(model, "components", None)
+    if isinstance(components, dict) and not isinstance(model, torch.nn.Module):
+        found = []
+        for name, c in components.items():
+            if name.startswith("transformer") and isinstance(c, torch.nn.Module):
+                try:
+                    found.append(_find_backend(c))
+                except ConfigError:
+                    continue
+        if found:
+            return found
     return [_find_backend(model)]
 
 

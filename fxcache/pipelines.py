@@ -66,33 +66,69 @@ def enable(pipe, method_or_config: str | CacheConfig = "duca", *, components: tu
     if max_branches is None:
         found = context_names(pipe)
         max_branches = max(len(found), 1) if found else 3
-    originals, backends = {}, []
+    originals, backends, shared = {}, [], _shared_backends(pipe, names, method_or_config, options)
     for name in names:
         module = getattr(pipe, name, None)
         if not isinstance(module, torch.nn.Module):
             raise ConfigError(f"pipeline component {name!r} is {type(module).__name__}, not a torch module")
+        if shared:
+            backends.append(shared[name])
+            originals[name] = module
+            continue
         if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or "_compiled_call_impl" in module.__dict__ \
                 and module.__dict__["_compiled_call_impl"] is not None:
             raise ConfigError(f"pipeline component {name!r} is already compiled; pass the plain module (fxcache.enable "
                               "compiles it)")
         backends.append(cache_backend(method_or_config, lowering=lowering, max_branches=max_branches, **options))
         originals[name] = module
-    for name, backend in zip(names, backends):
-        module = originals[name]
-        attach(module, backend)  # the pipeline's signals count from the first call
-        setattr(pipe, name, torch.compile(module, backend=backend, dynamic=False, mode=mode))
+    if not shared:
+        for name, backend in zip(names, backends):
+            module = originals[name]
+            attach(module, backend)  # the pipeline's signals count from the first call
+            setattr(pipe, name, torch.compile(module, backend=backend, dynamic=False, mode=mode))
     cls = type(pipe)
-    pipe.__dict__["_fxcache"] = {"backends": tuple(backends), "originals": originals, "class": cls}
+    pipe.__dict__["_fxcache"] = {"backends": tuple(backends), "originals": originals, "class": cls,
+                                 "shared": bool(shared)}
     pipe.__class__ = _request_subclass(cls)
     return backends[0] if len(backends) == 1 else tuple(backends)
 
 
+def _shared_backends(pipe, names, method_or_config, options) -> dict:
+    """{component: backend} when the components are already compiled with fxcache backends (a pipeline made with
+    `from_pipe` from an enabled one shares its compiled transformer): `enable` then only adds request boundaries.
+    Empty when none is; an error when only some are, or the method asked for is not theirs."""
+    from .api import _find_backend
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = _find_backend(getattr(pipe, name, None))
+        except ConfigError:
+            pass
+    if not found:
+        return {}
+    if len(found) != len(names) or not all(isinstance(b, CacheBackend) for b in found.values()):
+        raise ConfigError(f"only some of {names} are compiled with fxcache; pass a pipeline with plain transformers")
+    configs = [b.config for b in found.values()]
+    wanted = method_or_config if isinstance(method_or_config, CacheConfig) else None
+    if options or (wanted is not None and wanted not in configs) or (
+            wanted is None and any(c.method != method_or_config for c in configs)):
+        raise ConfigError(f"the transformer of this {type(pipe).__name__} is already compiled with fxcache "
+                          f"({', '.join(sorted(c.method for c in configs))}), shared with another pipeline "
+                          "(from_pipe); call fxcache.enable(pipe) without other options to add request boundaries, "
+                          "or fxcache.disable() the pipeline it came from to change the method")
+    return found
+
+
 def disable(pipe) -> None:
-    """Undo `enable`: the original transformer modules, the pipeline's own class, caches freed."""
+    """Undo `enable`: the original transformer modules, the pipeline's own class, caches freed. A pipeline that
+    shares another's compiled transformer (`from_pipe`) keeps it; only its request boundaries go."""
     state = pipe.__dict__.pop("_fxcache", None)
     if state is None:
         raise ConfigError(f"fxcache is not enabled on this {type(pipe).__name__}")
     pipe.__class__ = state["class"]
+    if state.get("shared"):
+        return
     for (name, module), backend in zip(state["originals"].items(), state["backends"]):
         backend.reset()
         detach(module, backend)

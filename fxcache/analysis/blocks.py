@@ -34,6 +34,7 @@ class Block:
     inputs: list[fx.Node]  # external, non-parameter nodes it reads
     outputs: list[fx.Node]  # its nodes read outside it
     units: list = dataclasses.field(default_factory=list)
+    refused: dict = dataclasses.field(default_factory=dict)  # child path -> why it is not cached
 
     @property
     def node_set(self) -> set[fx.Node]:

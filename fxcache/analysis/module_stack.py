@@ -9,7 +9,8 @@ from torch import fx
 
 _TOKEN = re.compile(r"\['([^']+)'\]|\.([A-Za-z_0-9]+)|\[(\d+)\]")
 _SKIP = {"__dict__", "_modules", "_parameters", "_buffers"}
-_ROOT = re.compile(r"^L\['self'\]|^L\[\"self\"\]|^self")
+#: the traced forward's module argument, whatever it is called (`self`, `s`, ...)
+_ROOT = re.compile(r"""^[LG]\[(?:'[^']*'|"[^"]*")\]|^self""")
 
 
 def norm_path(path: str) -> str:

@@ -12,7 +12,7 @@ from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks
 from .inputs import input_paths
 from .module_stack import is_param_placeholder
 from .timestep import find_timestep_input, resolve_timestep_input
-from .units import ATTN, Unit, find_units
+from .units import Unit, find_units
 
 
 @dataclasses.dataclass
@@ -80,6 +80,8 @@ class GraphPlan:
                     tag += f" {u.tokens} tokens" + (" partial" if u.partial else f" reuse-only ({u.why_not})")
                 parts.append(f"{u.name.rsplit('.', 1)[-1]}[{tag}] {shapes}")
             lines.append(f"  {b.name} ({b.cls}, {len(b.nodes)} nodes): " + "; ".join(parts))
+            for path, why in b.refused.items():
+                lines.append(f"    not cached: {path.rsplit('.', 1)[-1]} ({why})")
         lines.append(
             "head input (last block output): "
             + ", ".join(f"{o.name}{list(o.meta['example_value'].shape)}" for o in self.last_outputs)
@@ -123,9 +125,11 @@ def analyse(
     for b in blocks:
         b.units = find_units(b, batch)
     if not any(b.units for b in blocks):
+        refused = next(((p, why) for b in blocks for p, why in b.refused.items()), None)
         raise UnsupportedGraphError(
-            "blocks found, but no attention or feed-forward children in them (units are direct children whose "
-            "class name contains 'Attention', or that feed the residual stream without a gate in between)",
+            "blocks found, but no attention or feed-forward children in them that can be cached (units are direct "
+            "children whose class name contains 'Attention', or that feed the residual stream without a gate in "
+            "between)" + (f"; {refused[0]} is not cached: {refused[1]}" if refused else ""),
             block=blocks[0].name,
         )
     if timestep_input is None:

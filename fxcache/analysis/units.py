@@ -180,11 +180,12 @@ def _children(block: Block) -> dict[str, dict]:
     return subs
 
 
-_ADDS = {operator.add, torch.add}
+_ADDS = {operator.add, operator.iadd, torch.add}
 
 
 def _is_add(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "__add__"))
+    return (n.op == "call_function" and n.target in _ADDS) or (
+        n.op == "call_method" and n.target in ("add", "add_", "__add__", "__iadd__"))
 
 
 def _descendants(outs, members: set) -> set:
@@ -280,19 +281,86 @@ def _f_region(out: fx.Node, block: Block, batch: int, tokens: int, excluded: set
     return [n for n in block.nodes if n in region]
 
 
+# ops whose output passes an input's values on (possibly scaled, shifted or viewed): a child whose output reaches
+# one of its inputs through these alone carries that input (a residual add inside the child)
+_CARRY_FUNCS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
+    operator.itruediv, operator.neg, operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.neg,
+    torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
+    torch.split, torch.unbind, torch.clone,
+}
+_CARRY_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "__add__", "__radd__", "__iadd__", "__sub__",
+    "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__itruediv__", "__getitem__", "to", "type",
+    "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "view", "view_as", "reshape",
+    "reshape_as", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze", "chunk", "split",
+    "unbind", "expand", "expand_as",
+}
+
+
+def _carries(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _CARRY_FUNCS) or (
+        n.op == "call_method" and n.target in _CARRY_METHODS)
+
+
+def _carried_input(outs: list[fx.Node], members: set) -> fx.Node | None:
+    """An input of the child that its output passes on through adds, scalings and views alone (`x + attn(x)`):
+    the output carries the residual stream, so a cache of it would freeze the stream. None when there is none."""
+    todo, seen = list(outs), set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x not in members:
+            if not is_param_placeholder(x) and isinstance(_val(x), torch.Tensor) and _val(x).dim() >= 2:
+                return x
+            continue
+        if _carries(x):
+            todo.extend(x.all_input_nodes)
+    return None
+
+
+def _mutated_elsewhere(outs: list[fx.Node], members: set) -> fx.Node | None:
+    """A node outside the child that writes into one of its outputs (or a view of one): `attn_out.mul_(gate)`.
+    A cache of such an output would hold the written value, and the write would run again on the cache."""
+    from ..passes.dead_code import _aliases, is_mutation
+
+    for o in outs:
+        for a in _aliases(o):
+            if a not in members and is_mutation(a):
+                return a
+    return None
+
+
+def _refusal(outs: list[fx.Node], members: set) -> str:
+    carried = _carried_input(outs, members)
+    if carried is not None:
+        return f"its output passes its input `{carried.name}` on (a residual add inside the module)"
+    written = _mutated_elsewhere(outs, members)
+    if written is not None:
+        return f"its output is changed in place after the module (`{written.name}`: {written.target})"
+    return ""
+
+
 def find_units(block: Block, batch: int) -> list[Unit]:
-    """Units of one block, in graph order of their first node."""
+    """Units of one block, in graph order of their first node. Children that cannot be cached safely (their
+    output carries the residual stream, or is written in place after the module) are listed in `block.refused`."""
     subs = _children(block)
     units: list[Unit] = []
     excluded: set = set()
     for path, d in subs.items():
         if _is_attention(d["cls"]) or _is_norm(d["cls"]):
             excluded |= d["set"]
-    child_sets = [d["set"] for d in subs.values()]
     for path, d in subs.items():
         outs = [o for o in d["outputs"] if isinstance(_val(o), torch.Tensor)]
         if not outs or len(outs) != len(d["outputs"]):
             continue
+        if not _is_norm(d["cls"]):
+            why = _refusal(outs, d["set"])
+            if why:
+                block.refused[path] = why
+                continue
         if _is_attention(d["cls"]):
             q_side = _cross_attention_inputs(d)
             unit = Unit(name=path, cls=d["cls"], kind=XATTN if q_side else ATTN, outputs=outs)

@@ -8,6 +8,11 @@ trace either (the forward never reads them), so attaching never recompiles.
 
 A backend finds its module when Dynamo compiles it (the frame being traced) and, for a module that reuses a
 graph compiled for another one of its class, on its first call (the calling frame).
+
+A pipeline call also shows where it *starts*, even when it is not wrapped (`fxcache.enable`) and its previous call
+ended in an exception or an interrupt (no end-of-call reset then): its own `__call__` frame on the stack.
+`pipeline_call_mark()` finds it; an implicit request keeps the frame it serves (a live frame's identity is never
+reused) until it ends.
 """
 
 from __future__ import annotations
@@ -120,3 +125,26 @@ def calling_module(parameter: torch.Tensor, depth: int = 16):
 def code_label(code) -> str:
     """How Dynamo names a code object in its recompile-limit warning."""
     return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+
+
+_PIPELINE_DEPTH = 48  # frames between a transformer call and the pipeline's `__call__` (Dynamo, hooks, wrappers)
+
+
+def _is_pipeline(obj) -> bool:
+    return any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__)
+
+
+def pipeline_call_mark(frame=None):
+    """The `__call__` frame of the innermost diffusers pipeline call on the stack, or None: each pipeline call has
+    its own, whatever the previous call did (schedulers, shared by `from_pipe` pipelines, are no such mark)."""
+    frame = frame or sys._getframe(1)
+    for _ in range(_PIPELINE_DEPTH):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "__call__" and code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if obj is not None and _is_pipeline(obj):
+                return frame
+        frame = frame.f_back
+    return None

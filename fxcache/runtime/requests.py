@@ -42,6 +42,7 @@ class Request:
         self.implicit = implicit
         self.states: dict = {}  # (runner, model key) -> GraphState
         self.ended = False
+        self.mark = None  # implicit requests: the pipeline call frame they serve (attach.pipeline_call_mark)
         self._lock = threading.Lock()
         for scope in scopes or ():
             scope._requests.add(self)
@@ -108,12 +109,21 @@ class Request:
         """Drop the state of `scope`'s graphs (all graphs when None): the next call starts over."""
         with self._lock:
             for key in [k for k in self.states if scope is None or k[0].scope is scope]:
-                self.states.pop(key).release()
+                state = self.states.pop(key, None)
+                if state is not None:
+                    state.release()
+
+    def discard(self, key) -> None:
+        """Drop one (runner, model) state, from a weakref callback (no lock: it may run inside `clear`)."""
+        state = self.states.pop(key, None)
+        if state is not None:
+            state.release()
 
     def end(self) -> None:
         """Free every cache of this request."""
         self.clear()
         self.ended = True
+        self.mark = None
 
     def cache_bytes(self) -> int:
         return sum(s.cache_bytes() for s in list(self.states.values()))
@@ -148,6 +158,8 @@ class RequestScope:
         self.keep_caches = keep_caches
         self.time_direction = time_direction
         self.records: collections.deque = collections.deque(maxlen=max_records)
+        self.runners: "weakref.WeakSet" = weakref.WeakSet()  # runners serving this scope (pooled buffers)
+        self.freeing = False  # reset() in progress: buffers are freed, not pooled
         self._implicit = threading.local()
         self._requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
         self._warned: set[str] = set()
@@ -177,22 +189,48 @@ class RequestScope:
                 here = _stack_frames()
             if frame in here:
                 return request
+        return self._implicit_request()
+
+    def _implicit_request(self) -> Request:
+        """The thread's implicit request; a new one when the calling pipeline call is not the one it served (the
+        previous call raised or was interrupted before its end-of-call reset)."""
+        from .attach import pipeline_call_mark
+
         request = getattr(self._implicit, "request", None)
+        mark = pipeline_call_mark(sys._getframe(2))
+        if request is not None and mark is not None and request.mark is not mark:
+            request.end()
+            request = None
         if request is None:
             request = self._implicit.request = Request((self,), implicit=True)
+        if mark is not None:
+            request.mark = mark
         return request
 
     def end_current(self) -> None:
-        """The caller's request ended (a pipeline's reset): free its caches of this scope's graphs."""
-        self.current().clear(self)
-
-    def reset(self) -> None:
-        """Free every request's caches of this scope's graphs (all threads)."""
-        for request in list(self._requests) + list(_ALL_SCOPES_REQUESTS):
+        """The caller's request ended (a pipeline's reset): free its caches of this scope's graphs. An implicit
+        request is replaced by a new one (a new id in `stats`)."""
+        request = self.current()
+        if request.implicit:
+            request.end()
+            self._implicit.request = None
+        else:
             request.clear(self)
 
+    def reset(self) -> None:
+        """Free every request's caches of this scope's graphs (all threads), and buffers kept for reuse."""
+        self.freeing = True
+        try:
+            for request in list(self._requests) + list(_ALL_SCOPES_REQUESTS):
+                request.clear(self)
+            for runner in list(self.runners):
+                runner.free_pool()
+        finally:
+            self.freeing = False
+
     def cache_bytes(self) -> int:
-        total = 0
+        """Bytes held now: every request's caches and the in-place buffers kept for the next request."""
+        total = sum(runner.pooled_bytes() for runner in list(self.runners) if hasattr(runner, "pooled_bytes"))
         for request in list(self._requests) + list(_ALL_SCOPES_REQUESTS):
             total += sum(s.cache_bytes() for (runner, _), s in list(request.states.items()) if runner.scope is self)
         return total

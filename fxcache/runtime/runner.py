@@ -7,12 +7,11 @@ class share a Dynamo graph, never their caches).
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -24,44 +23,56 @@ from .draws import draw_indices, draw_permutation, draw_uniform
 from .lowering import get_lowering
 from .requests import CONTEXT_NAME
 from .state import GraphState
-from .step import TimeDirection
 from .taylor import TaylorState
+
+if TYPE_CHECKING:
+    from .requests import Request
 
 log = logging.getLogger("fxcache")
 _CALLS = itertools.count()
 
 
-def _observed_inputs(plan, gm) -> tuple[int | None, list[int]]:
-    """(index of the first parameter input: the model's identity, indices of the conditioning inputs)."""
+def _observed_inputs(plan, gm) -> tuple[list[int], list[int]]:
+    """(indices of the parameter inputs: together the model's identity, indices of the conditioning inputs)."""
     from ..analysis.inputs import is_per_step_input
     from ..analysis.module_stack import is_param_placeholder
 
-    model_index = None
+    param_indices = []
     if gm is not None:
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        model_index = next((i for i, n in enumerate(phs) if is_param_placeholder(n)), None)
+        param_indices = [i for i, n in enumerate(phs) if is_param_placeholder(n)]
     paths = getattr(plan, "input_paths", None) or {}
     forward = getattr(plan, "forward_params", None)
     conditioning = [i for i, p in sorted(paths.items())
                     if i != plan.timestep_index and not is_per_step_input(p, forward)]
-    return model_index, conditioning
+    return param_indices, conditioning
 
 
-_WEIGHTS: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
-_PHI, _SQRT2 = (5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1
+_PERIOD = 4099  # a prime: positions are weighted as (column of a PERIOD-wide matrix, row)
+_WEIGHTS: dict[str, torch.Tensor] = {}  # device -> (2, PERIOD) column weights, 64 KiB each
+_IRRATIONALS = ((5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1, 3 ** 0.5 - 1, (7 ** 0.5) % 1.0)
 
 
-def _position_weights(n: int, device) -> torch.Tensor:
-    """(2, n) float64 weights in (0, 1), irrational multiples of the position: two tensors that differ anywhere
-    (a permutation included) get different weighted sums, short of a measure-zero coincidence."""
-    key = (n, str(device))
-    w = _WEIGHTS.get(key)
-    if w is None:
-        k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
-        w = _WEIGHTS[key] = torch.stack([(k * _PHI) % 1.0, (k * _SQRT2) % 1.0]) + 0.25
-        while len(_WEIGHTS) > 16:
-            _WEIGHTS.popitem(last=False)
-    return w
+def _irrational_weights(n: int, a: float, b: float, device) -> torch.Tensor:
+    """(2, n) float64 weights in (0.25, 1.25): irrational multiples of the position, modulo 1."""
+    k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    return torch.stack([(k * a) % 1.0, (k * b) % 1.0]) + 0.25
+
+
+def _position_weighted_sums(flat: torch.Tensor) -> torch.Tensor:
+    """Two sums of `flat` (float64), each element weighted by a product of irrational column and row weights: two
+    tensors that differ anywhere (a permutation included) get different sums, short of a measure-zero coincidence.
+    The weights kept are a fixed 2 x PERIOD table per device, whatever the input sizes."""
+    key = str(flat.device)
+    cols = _WEIGHTS.get(key)
+    if cols is None:
+        cols = _WEIGHTS[key] = _irrational_weights(_PERIOD, *_IRRATIONALS[:2], flat.device)
+    n = flat.numel()
+    rows = -(-n // _PERIOD)
+    if rows * _PERIOD != n:
+        flat = torch.cat([flat, flat.new_zeros(rows * _PERIOD - n)])
+    per_row = flat.view(rows, _PERIOD) @ cols.T  # (rows, 2)
+    return (per_row * _irrational_weights(rows, *_IRRATIONALS[2:], flat.device).T).sum(0)
 
 
 def _summaries(values: list, device) -> list[torch.Tensor]:
@@ -79,7 +90,7 @@ def _summaries(values: list, device) -> list[torch.Tensor]:
         if flat.numel() == 0:
             out.append(torch.zeros(3, dtype=torch.float64, device=device))
             continue
-        sums = _position_weights(flat.numel(), flat.device) @ flat
+        sums = _position_weighted_sums(flat)
         norm = torch.linalg.vector_norm(flat).reshape(1)
         out.append(torch.cat([sums, norm]).to(device))
     return out
@@ -112,15 +123,15 @@ class Runner:
         self.inplace = self.cudagraphs if inplace is None else bool(inplace)
         if self.inplace:
             self.variants = variants = {kind: make_inplace(v) for kind, v in variants.items()}
-        self.direction = TimeDirection.of(self.scope.time_direction)
         self.seed = int(getattr(config, "seed", 0))
-        self._model_index, self._conditioning = _observed_inputs(plan, gm)
+        self._param_indices, self._conditioning = _observed_inputs(plan, gm)
         self._first_key = schedule_key(config, config.warmup)
         self._more: dict[tuple[StepKind, int], Variant] = {}
         self._fns: dict[tuple[StepKind, int], Callable] = {}
         self._state_keys = {e.key for v in variants.values() for e in v.extra_inputs if e.kind == "state"}
         self._pool: dict[str, list[torch.Tensor]] = {}  # keep_caches: in-place buffers of ended requests
         self._models: dict[int, weakref.ref] = {}  # id -> model identity (first parameter) seen
+        self.scope.runners.add(self)
         self._lock = threading.RLock()
         self.example_args: tuple | None = None  # the first call's arguments, kept only for export
 
@@ -132,23 +143,44 @@ class Runner:
     def cache_bytes(self) -> int:
         return self.scope.cache_bytes()
 
-    def _state(self, args) -> GraphState:
-        model = args[self._model_index] if self._model_index is not None else None
+    def _identity(self, args) -> tuple[torch.Tensor | None, tuple | None]:
+        """(the model's first parameter, the ids of all its parameters): two modules of one class share a Dynamo
+        graph, and may share some parameters (a frozen embedding), never all of them."""
+        idx = self._param_indices
+        if not idx:
+            return None, None
+        return args[idx[0]], tuple(id(args[i]) for i in idx)
+
+    def _state(self, args) -> tuple[GraphState, "Request", tuple | None]:
+        model, key = self._identity(args)
         request = self.scope.current()
-        state = request.state(self, id(model), lambda: self._new_state(model, request))
-        if not state.belongs_to(model):  # the model that had this id is gone
+        state = request.state(self, key, lambda: self._new_state(model, key, request))
+        if not state.belongs_to(model):  # the model that had these ids is gone
             state.release()
             state.model_ref = weakref.ref(model)
-        return state
+        return state, request, key
 
-    def _new_state(self, model, request) -> GraphState:
-        seen = self._models.get(id(model))
-        if model is not None and (seen is None or seen() is not model):
-            self._models[id(model)] = weakref.ref(model)
-            hook = getattr(self.backend, "_new_model", None)
-            if hook is not None:
-                hook(model)
-        return GraphState(self, model, request.id, explicit=not request.implicit)
+    def _new_state(self, model, key, request) -> GraphState:
+        if model is not None:
+            seen = self._models.get(id(model))
+            if seen is None or seen() is not model:
+                mid = id(model)
+                self._models[mid] = weakref.ref(model, lambda ref: self._models.get(mid) is ref
+                                                and self._models.pop(mid, None))
+                hook = getattr(self.backend, "_new_model", None)
+                if hook is not None:
+                    hook(model)
+        state = GraphState(self, None, request.id, explicit=not request.implicit)
+        if model is not None:
+            owner, slot = weakref.ref(request), (self, key)
+
+            def model_gone(_ref):  # the model was garbage collected: its caches go with it
+                r = owner()
+                if r is not None:
+                    r.discard(slot)
+
+            state.model_ref = weakref.ref(model, model_gone)
+        return state
 
     def take_buffer(self, key: str, shape, dtype, device) -> torch.Tensor:
         with self._lock:
@@ -162,7 +194,7 @@ class Runner:
         return buf
 
     def give_back_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
-        if not self.scope.keep_caches:
+        if not self.scope.keep_caches or self.scope.freeing:
             return
         with self._lock:
             for key, buf in buffers.items():
@@ -305,22 +337,43 @@ class Runner:
                     self._fns[(kind, key)] = fn
         return fn
 
+    def pooled_bytes(self) -> int:
+        """Bytes of in-place buffers kept for the next request (`keep_caches`)."""
+        with self._lock:
+            return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)
+
+    def free_pool(self) -> None:
+        with self._lock:
+            self._pool.clear()
+
+    def _end_other_shapes(self, request, state: GraphState, t: float) -> None:
+        """An unmarked request starts at t: the model's graphs of other input shapes whose branches all stopped
+        below t belonged to the requests before it, so their caches go (one request's worth stays held). Graphs
+        of one model may lift different buffers, so the model is told by its first parameter here."""
+        model = state.model_ref() if state.model_ref is not None else None
+        for key, other in list(request.states.items()):
+            if key[0] is not self and key[0].scope is self.scope and other.model_ref is not None \
+                    and other.model_ref() is model and other.tracker.ended_before(t):
+                request.discard(key)
+
     def __call__(self, *args):
         if self.example_args is None and getattr(self.backend, "capture_args", False):
             self.example_args = args
-        state = self._state(args)
+        state, request, key = self._state(args)
         pos, t = self._position(state, args)
+        if pos.new and pos.step == 0 and request.implicit:
+            self._end_other_shapes(request, state, t)
         for slot in pos.dropped:
             state.drop(slot)
         if pos.new:
             state.restart(pos.branch)
         if pos.crowded and not pos.unmatched:
             self.backend._warn_once(
-                f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests) than "
-                f"max_branches={self.scope.max_branches}; the least recently used one was dropped and will run "
-                f"uncached when it calls again. Raise max_branches (cache_backend(..., max_branches=N)), or run "
-                f"each request in `with fxcache.request(model):`")
-        if pos.unmatched:
+                f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests, or new "
+                f"requests at the same timestep) than max_branches={self.scope.max_branches}; the least recently "
+                f"used one was dropped and will run uncached when it calls again. Raise max_branches "
+                f"(cache_backend(..., max_branches=N)), or run each request in `with fxcache.request(model):`")
+        if pos.unmatched and not pos.returning:
             state.unmatched += 1
             if state.unmatched >= 3:
                 self.backend._warn_once(
@@ -329,10 +382,9 @@ class Runner:
                     f"from other requests and run FULL (uncached). Run each request inside "
                     f"`with fxcache.request(model):` (or use fxcache.enable(pipe)) to cache them.")
         if pos.flipped:
-            log.info("fxcache: graph %d: t moves the other way during sampling; following it (%s)",
-                     self.graph_id, state.tracker.direction.name)
-            if state.tracker.continue_unmatched:  # the next explicit request of this model starts from it
-                self.direction.sign = state.tracker.direction.sign
+            log.info("fxcache: graph %d: t moves the other way during sampling; following it (%s; "
+                     "time_direction='%s' saves the first step of every request)",
+                     self.graph_id, state.tracker.direction.name, state.tracker.direction.name)
         if pos.revived:
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id}: a request went on after another one, started in the same thread "

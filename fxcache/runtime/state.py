@@ -20,12 +20,9 @@ class GraphState:
         self.runner = runner
         self.request_id = request_id
         self.model_ref = weakref.ref(model) if model is not None else None
-        # a request's own copy of the time direction: one request's calls never change how another's are read.
-        # An explicit request starts from what the model's earlier explicit requests learned (a fresh tracker
-        # holds no branches, so a wrong start costs steps, never a wrong read); an implicit one, which outlives
-        # requests, only from the configured option.
-        learned = runner.direction if explicit else TimeDirection.of(runner.scope.time_direction)
-        self.tracker = StepTracker(TimeDirection(learned.sign, learned.fixed), runner.scope.max_branches,
+        # each request learns the time direction itself, from the configured option: a request's result never
+        # depends on the requests before it (the same request twice gives the same output)
+        self.tracker = StepTracker(TimeDirection.of(runner.scope.time_direction), runner.scope.max_branches,
                                    continue_unmatched=explicit)
         self.caches: dict[int, dict[str, torch.Tensor]] = {}  # functional: branch -> key -> tensor
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # in place: branch -> key -> persistent buffer

@@ -79,6 +79,7 @@ class Position:
     flipped: bool = False  # this call revealed the opposite time direction
     unmatched: bool = False  # a call that continues no branch: its conditioning changed, or another request
     revived: bool = False  # a dropped branch's conditioning called again, t moving on: a request taken for ended
+    returning: bool = False  # a dropped branch's conditioning called again (not conditioning that changes)
 
 
 class StepTracker:
@@ -133,16 +134,28 @@ class StepTracker:
         if branch is not None and branch.fingerprint is not None:
             self._drop(branch)
             branch, dropped = None, (slot,)
+        crowded = False
         if branch is None:
+            if len(self.branches) >= self.max_branches:  # forced branches obey the bound too
+                old = min(self.branches, key=lambda b: b.used)
+                crowded = self.calls - old.used <= self.max_branches
+                self._drop(old)
+                dropped += (old.slot,)
             branch = Branch(slot, None, None)
             self.branches.append(branch)
         branch.step, branch.last_t, branch.used = step, t, self.calls
-        return Position(step, slot, step == 0 or bool(dropped), dropped)
+        return Position(step, slot, step == 0 or bool(dropped), dropped, crowded)
 
     def forget(self, slot: int) -> None:
         """A call of this branch failed: its next call starts over (its conditioning is not continued either)."""
         for b in [b for b in self.branches if b.slot == slot]:
             self._drop(b)
+
+    def ended_before(self, t: float) -> bool:
+        """Whether a new request starting at `t` ends this tracker's: t lies before (above, for falling time)
+        the last t of every branch the rule follows. A graph of another input shape uses it."""
+        live = [b for b in self.branches if b.fingerprint is not None]
+        return bool(live) and all(self.direction.forward(b.last_t, t) for b in live)
 
     def reset(self) -> None:
         self.branches.clear()
@@ -150,8 +163,9 @@ class StepTracker:
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _match(self, t: float, name: str | None, fingerprint: tuple) -> Branch | None:
-        if name is not None:
-            named = [b for b in self.branches if b.name == name and b.fingerprint is not None]
+        if name is not None:  # outside an explicit request, a name is a branch of this conditioning only
+            named = [b for b in self.branches if b.name == name and b.fingerprint is not None
+                     and (self.continue_unmatched or b.fingerprint == fingerprint)]
             if named:
                 return named[0]
         candidates = [b for b in self.branches if b.fingerprint == fingerprint and (name is None or b.name is None)]
@@ -207,11 +221,12 @@ class StepTracker:
             crowded = self.calls - old.used <= self.max_branches
             self._drop(old)
             dropped = (old.slot,)
-        revived = False
+        revived = returning = False
         if fingerprint in self._tombstones:
             last_t = self._tombstones.pop(fingerprint)
             revived = last_t is not None and self.direction.forward(t, last_t)
+            returning = True
         used = {b.slot for b in self.branches}
         slot = next(i for i in range(len(self.branches) + 1) if i not in used)
         self.branches.append(Branch(slot, name, fingerprint, 0, t, self.calls))
-        return Position(0, slot, True, dropped, crowded, revived=revived)
+        return Position(0, slot, True, dropped, crowded, revived=revived, returning=returning)

@@ -18,7 +18,8 @@ import fxcache
 from fxcache import ConfigError, FxCacheWarning
 
 from pipelines import (cogvideox_generate, cogvideox_pipeline, dit_generate, dit_pipeline, flux_generate,
-                       flux_img2img, flux_pipeline, lumina_generate, lumina_pipeline, wan22_pipeline, wan_generate)
+                       flux_img2img, flux_pipeline, flux_prompt, lumina_generate, lumina_pipeline, wan22_pipeline,
+                       wan_generate)
 
 MODES = ("enable", "compile")
 
@@ -109,6 +110,62 @@ def test_the_same_request_again_after_an_exception_at_step_0_equals_a_fresh_run(
         expected = flux_generate(fresh, steps=6, true_cfg=true_cfg)
     assert close(retry, expected)
     assert "reuse" in kinds(backend)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_refine_after_a_call_that_failed_midway_equals_a_fresh_refine(mode):
+    """A pipeline call that raises after some steps (a callback, Ctrl-C, the VAE) never reaches its end-of-call
+    reset; the next call of the same prompt starts below its last t. It must not continue the dead call's caches:
+    each pipeline call is told by its own frame, also in a pipeline made with `from_pipe` from an enabled one."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = flux_pipeline()
+    backend = cached(pipe, "duca", mode, interval=3)
+    i2i = FluxImg2ImgPipeline.from_pipe(pipe)
+
+    def fail(p, step, t, kwargs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return {}
+
+    with torch.no_grad():
+        image = flux_generate(pipe, steps=6)
+        with pytest.raises(KeyboardInterrupt):
+            i2i(image=image, **flux_prompt(0), height=16, width=16, strength=0.9, num_inference_steps=8,
+                output_type="np", callback_on_step_end=fail)
+        start = len(backend.stats())
+        refined = flux_img2img(pipe, image, steps=10, strength=0.5)
+    fresh = flux_pipeline()
+    fresh_backend = cached(fresh, "duca", "compile", interval=3)
+    with torch.no_grad():
+        expected = flux_img2img(fresh, image, steps=10, strength=0.5)
+    assert kinds(backend, start) == kinds(fresh_backend) and close(refined, expected)
+    assert len({r["request"] for r in backend.stats()[start:]}) == 1
+    assert [r["step"] for r in backend.stats()[start:]] == list(range(len(kinds(fresh_backend))))
+
+
+def test_another_prompt_under_the_same_cache_context_name_is_another_request():
+    """Flux names its branch "cond" in every call: after an aborted call, a call with another prompt that starts
+    below the aborted one's t (an SDEdit-style start) must not read its caches, even without a pipeline frame."""
+    pipe = flux_pipeline()
+    backend = cached(pipe, "fora", "compile", interval=3)
+    transformer = pipe.transformer
+    x = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(5))
+    ids = dict(img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3))
+
+    def call(prompt: int, t: float):
+        with transformer.cache_context("cond"):
+            p = flux_prompt(prompt)
+            return transformer(hidden_states=x, encoder_hidden_states=p["prompt_embeds"],
+                               pooled_projections=p["pooled_prompt_embeds"], timestep=torch.tensor([t]),
+                               return_dict=False, **ids)[0]
+
+    with torch.no_grad():
+        for t in (1.0, 0.9, 0.8, 0.7):
+            call(0, t)
+        start = len(backend.stats())
+        call(1, 0.4)
+    assert kinds(backend, start) == ["full"]
 
 
 def test_an_exception_inside_the_model_call_makes_the_next_call_start_over():
@@ -336,21 +393,25 @@ def test_heun_repeated_timesteps_are_steps_not_branches():
 
 
 def test_a_rising_time_convention_is_cached():
-    """Lumina-Next passes t rising from 0 to 1: fxcache learns it and caches; requests repeat exactly."""
+    """Lumina-Next passes t rising from 0 to 1: every request learns it (one extra FULL step) and caches, so the
+    same request twice gives a fresh run's output; time_direction="rising" saves the learning step."""
     pipe = lumina_pipeline()
     backend = cached(pipe, "fora", "enable", interval=3)
     with torch.no_grad():
         first = lumina_generate(pipe, steps=8)
         n = len(backend.stats())
         second = lumina_generate(pipe, steps=8)
-    assert kinds(backend, n) == [fxcache.FORAConfig(interval=3).step_kind(s).value for s in range(8)]
-    assert "reuse" in kinds(backend)[:n]
+    assert "reuse" in kinds(backend)[:n] and kinds(backend)[:n] == kinds(backend, n)
     fresh = lumina_pipeline()
-    cached(fresh, "fora", "enable", interval=3, time_direction="rising")
+    cached(fresh, "fora", "enable", interval=3)
+    told = lumina_pipeline()
+    told_backend = cached(told, "fora", "enable", interval=3, time_direction="rising")
     with torch.no_grad():
         expected = lumina_generate(fresh, steps=8)
+        lumina_generate(told, steps=8)
+    assert torch.allclose(first, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(second, expected, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(first, expected, atol=1e-5, rtol=1e-5) or kinds(backend)[:n] != kinds(backend, n)
+    assert kinds(told_backend) == [fxcache.FORAConfig(interval=3).step_kind(s).value for s in range(8)]
 
 
 # -- 4. side effects: CogVideoX at another size ------------------------------------------------------------------
@@ -472,6 +533,34 @@ def test_enable_takes_the_branch_count_from_the_pipelines_cache_contexts():
     assert backend.scope.max_branches == 2  # "cond" and "uncond"
     with pytest.raises(ConfigError, match="unknown option"):
         fxcache.enable(flux_pipeline(), "duca", intervall=3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_pipeline_call_is_a_request_of_its_own_in_stats(mode):
+    pipe = dit_pipeline()
+    backend = cached(pipe, "fora", mode, interval=3)
+    with torch.no_grad():
+        for seed in range(3):
+            dit_generate(pipe, steps=3, seed=seed)
+    records = backend.stats()
+    assert [r["step"] for r in records] == [0, 1, 2] * 3
+    ids = [r["request"] for r in records]
+    assert ids[0] == ids[1] == ids[2] != ids[3] == ids[4] == ids[5] != ids[6]
+
+
+def test_a_pipeline_made_from_an_enabled_one_can_be_enabled_and_marked():
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = flux_pipeline()
+    backend = cached(pipe, "fora", "enable", interval=3)
+    i2i = FluxImg2ImgPipeline.from_pipe(pipe)
+    with pytest.raises(ConfigError, match="already compiled with fxcache"):
+        fxcache.enable(i2i, "duca")
+    assert fxcache.enable(i2i, "fora") is backend  # shares the compiled transformer: adds request boundaries
+    with fxcache.request(i2i) as req:
+        assert req.serves(backend.scope)
+    fxcache.disable(i2i)
+    assert fxcache.stats(pipe) == [] and pipe.transformer is i2i.transformer
 
 
 def test_in_place_compile_has_stats_and_reset():

@@ -4,11 +4,54 @@ Pareto plot) and `fxcache export` (a cached transformer to ONNX / TensorRT artif
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
 
 import torch
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1 (thread, step, image and batch counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    """argparse type: a sampler step count, within what an export and its loader take."""
+    from fxcache.config import MAX_STEPS
+
+    value = _positive(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_STEPS} steps, got {value}")
+    return value
+
+
+def _file(text: str) -> str:
+    """argparse type: an existing file."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _model_folder(text: str) -> str:
+    """argparse type: a folder written by diffusers' save_pretrained (it has config.json)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} has no config.json: not a diffusers model folder (write one "
+                                         "with transformer.save_pretrained(folder))")
+    return text
+
+
+class CommandError(Exception):
+    """A user error found by a command (a file it cannot read or write): printed as one line, exit status 1."""
 
 
 DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer (FLUX preset)", "taylorseer", {"preset": "flux"}),
@@ -17,8 +60,6 @@ DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer (FLUX preset)", "ta
 
 def demo(argv=None) -> int:
     """Uncached vs. DuCa, TaylorSeer and FORA on the embedded trained FLUX-style digit model."""
-    import os
-
     import fxcache
     from fxcache.config import make_config
     from fxcache.quality.evaluate import evaluate, pareto_plot
@@ -27,17 +68,18 @@ def demo(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="fxcache demo", description=demo.__doc__)
     p.add_argument("--out", default="fxcache-demo", help="output folder (default ./fxcache-demo)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--per-class", type=int, default=4, help="images per digit class (default 4: 40 images)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per method, interleaved (default 2)")
+    p.add_argument("--steps", type=_steps, default=50, help="Euler steps (default 50)")
+    p.add_argument("--per-class", type=_positive, default=4, help="images per digit class (default 4: 40 images)")
+    p.add_argument("--repeats", type=_positive, default=2, help="timed runs per method, interleaved (default 2)")
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=_positive, default=2)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.per_class < 1 or args.repeats < 1:
-        p.error("--steps, --per-class and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
-    os.makedirs(args.out, exist_ok=True)
+    try:  # before the minutes of sampling: an output folder that cannot be made fails now
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
 
     ref = load("flux")
     params = sum(q.numel() for q in ref.transformer.parameters())
@@ -69,10 +111,13 @@ def demo(argv=None) -> int:
           "the same class.")
     names = ["uncached"] + list(methods) + ["noise floor"]
     grid = torch.cat([report.samples[n] for n in names])
-    save_grid(grid, os.path.join(args.out, "grid.png"), nrow=report.images)
-    pareto_plot(report, os.path.join(args.out, "pareto.png"))
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    try:
+        save_grid(grid, os.path.join(args.out, "grid.png"), nrow=report.images)
+        pareto_plot(report, os.path.join(args.out, "pareto.png"))
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+    except OSError as exc:
+        raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
     print(f"\nwrote {args.out}/grid.png (rows: {', '.join(names)}; same noise per column), "
           f"{args.out}/pareto.png and {args.out}/table.md")
     return 0
@@ -92,34 +137,29 @@ def _option(text: str) -> tuple[str, object]:
 
 def export_cmd(argv=None) -> int:
     """Export a cached transformer: one artifact per variant (weights as constants) and manifest.json."""
-    import os
-
     import fxcache
 
     p = argparse.ArgumentParser(prog="fxcache export", description=export_cmd.__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--reference", default="flux", choices=("flux", "dit", "pixart"),
                      help="a committed trained digit model (default flux)")
-    src.add_argument("--model", help="a diffusers transformer folder (from save_pretrained); needs --inputs")
-    p.add_argument("--inputs", help="safetensors file of the example call's keyword tensors (with --model)")
-    p.add_argument("--batch", type=int, default=1, help="images per call for --reference (default 1)")
+    src.add_argument("--model", type=_model_folder,
+                     help="a diffusers transformer folder (from save_pretrained); needs --inputs")
+    p.add_argument("--inputs", type=_file, help="safetensors file of the example call's keyword tensors (with --model)")
+    p.add_argument("--batch", type=_positive, default=1, help="images per call for --reference (default 1)")
     p.add_argument("--no-cfg", action="store_true", help="--reference: no batched CFG rows")
     p.add_argument("--method", default="duca", help=f"one of {', '.join(fxcache.method_names())} (default duca)")
     p.add_argument("--preset", help="the method's preset (flux, dit, pixart, video)")
     p.add_argument("--option", "-o", action="append", type=_option, default=[], metavar="NAME=VALUE",
                    help="a method option, e.g. -o interval=3 -o ratio=0.9 (repeatable)")
     p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
-    p.add_argument("--num-steps", type=int, default=50, help="sampler steps the schedule covers (default 50)")
+    p.add_argument("--num-steps", type=_steps, default=50, help="sampler steps the schedule covers (default 50)")
     p.add_argument("--out", default="fxcache-export", help="output folder (default ./fxcache-export)")
     args = p.parse_args(argv)
     if args.model:
         if not args.inputs:
             p.error("--model needs --inputs (a safetensors file of the example keyword tensors)")
-        from diffusers import AutoModel
-        from safetensors.torch import load_file
-
-        transformer = AutoModel.from_pretrained(args.model).eval()
-        inputs = load_file(args.inputs)
+        transformer, inputs = _load_model(args.model, args.inputs)
         what = args.model
     else:
         from fxcache.quality.reference import load
@@ -149,6 +189,25 @@ def export_cmd(argv=None) -> int:
     return 0
 
 
+def _load_model(folder: str, inputs_file: str):
+    """The transformer saved in `folder` and the example inputs in `inputs_file`; CommandError for files that are
+    not what they should be."""
+    from diffusers import AutoModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        inputs = load_file(inputs_file)
+    except (SafetensorError, OSError) as exc:
+        raise CommandError(f"--inputs {inputs_file!r} is not a readable safetensors file: {exc}") from None
+    try:  # a local folder: never a download
+        transformer = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # the kinds diffusers raises for a bad folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"--model {folder!r} cannot be loaded by diffusers: {first}") from None
+    return transformer.eval(), inputs
+
+
 COMMANDS = {"demo": demo, "export": export_cmd}
 
 
@@ -164,7 +223,7 @@ def main(argv=None) -> int:
     if argv[0] in COMMANDS:
         try:
             return COMMANDS[argv[0]](argv[1:])
-        except fxcache_errors() as exc:
+        except (CommandError, fxcache_errors()) as exc:
             print(f"fxcache {argv[0]}: {exc}", file=sys.stderr)
             return 1
     print(f"fxcache: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)

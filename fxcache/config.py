@@ -30,7 +30,9 @@ class StepKind(str, enum.Enum):
 class CacheConfig:
     """Base of every method config. Steps count up from 0 within one generation.
 
-    Subclasses set `method`, validate in `_validate`, and implement `step_kind(step)`.
+    Subclasses set `method`, validate in `_validate`, and implement `step_kind(step)`. Step counts (`interval`,
+    `warmup_steps`, `num_steps`) are at most `MAX_STEPS` (10000): larger ones only mean "never" and would make
+    schedules and exports unbounded.
     """
 
     method: ClassVar[str] = ""
@@ -145,6 +147,10 @@ def make_config(name: str, *, preset: str | None = None, **options) -> CacheConf
 
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
+#: the most sampler steps a config, an export or a manifest covers (DDPM's 1000 is the most in common use); also
+#: bounds step counts of options (interval, warm-up), whose larger values mean the same as this
+MAX_STEPS = 10_000
+STEPS_WHY = "a step count; samplers run at most a few thousand steps"
 
 
 def check_seed(owner: str, value) -> None:

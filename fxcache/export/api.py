@@ -7,10 +7,15 @@ exported with its weights as constants. `fxcache.deploy.CachedSession` replays t
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import time
+import types
 
 import torch
 
@@ -19,7 +24,8 @@ from ..config import CacheConfig, StepKind, make_config
 from ..errors import ConfigError, ExportError, MissingDependencyError, UnsupportedGraphError
 from ..variants import schedule_key
 from .graph import dtype_name, example_extra, lift_constants, remove_noop_squeeze
-from .manifest import FORMATS, MANIFEST, Artifact, Manifest, Tensor, write_manifest
+from .manifest import (FORMATS, MANIFEST, MAX_NUM_STEPS, Artifact, Manifest, Tensor, export_files, load_json,
+                       write_manifest)
 
 
 def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config: str | CacheConfig = "duca", *,
@@ -33,34 +39,69 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
             text length). Shapes are static: export again for other shapes.
         method_or_config: a method name ("duca", "fora", ...; `**options` set its options) or a config.
         format: "onnx" (onnxruntime, CPU or CUDA) or "tensorrt" (saved torch-tensorrt programs; needs CUDA).
-        num_steps: sampler steps the schedule is written out for (methods whose token tables follow the step get
-            one PARTIAL artifact per table used in these steps).
+        out_dir: a new or empty folder, or an earlier export (replaced whole, once the new one is complete); a
+            folder of anything else, or a symbolic link, is refused.
+        num_steps: sampler steps the schedule is written out for, at most MAX_NUM_STEPS (10000, what the loader
+            reads; methods whose token tables follow the step get one PARTIAL artifact per table used in these
+            steps).
         check: run each artifact on the example and compare with the torch variant (max abs error in the manifest;
-            ExportError above `tolerance` relative to the output's scale).
+            ExportError above `tolerance`, a number >= 0, relative to the output's scale).
     Returns the manifest, also written to `out_dir/manifest.json`.
     """
+    from ..api import _check_bool, _check_timestep_input
+
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if not isinstance(example_inputs, dict) or not example_inputs:
         raise ConfigError("example_inputs must be a non-empty dict of the transformer's keyword arguments, e.g. "
                           "dict(hidden_states=..., timestep=..., encoder_hidden_states=...)")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ConfigError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ConfigError(f"num_steps must be an int from 1 to {MAX_NUM_STEPS} (the loader's bound), got "
+                          f"{num_steps!r}")
+    _check_bool("check", check)
+    _check_timestep_input(timestep_input)
+    if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance)
+            or tolerance < 0):
+        raise ConfigError(f"tolerance must be a finite number >= 0 (the largest error allowed, relative to the "
+                          f"output's scale), got {tolerance!r}")
     config = make_config(method_or_config, **options) if isinstance(method_or_config, str) else method_or_config
     if not isinstance(config, CacheConfig):
         raise ConfigError(f"method_or_config must be a method name or a CacheConfig, got {method_or_config!r}")
     if options and not isinstance(method_or_config, str):
         raise ConfigError("options apply to a method name; set them on the config instead")
-    _check_out_dir(out_dir)
+    out_dir = _check_out_dir(out_dir)
+    example_inputs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
+    _check_example_inputs(transformer, example_inputs, timestep_input)
     writer = _writer(format)
     if format == "tensorrt":  # before tracing: say what is missing at once
         from .tensorrt import require_tensorrt
 
         require_tensorrt("format='tensorrt'")
-    example_inputs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
-    runner, eager_out = _trace(transformer, example_inputs, config, block_lists, timestep_input)
-    structure, eager_tensors = _output_structure(eager_out)
+    staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
+    runner = None
+    try:
+        runner, eager_out = _trace(transformer, example_inputs, config, block_lists, timestep_input)
+        manifest = _export(writer, runner, eager_out, transformer, example_inputs, config, format, num_steps,
+                           staging, check, tolerance)
+        try:
+            write_manifest(manifest, staging)
+            _check_out_dir(out_dir)  # again: the folder may have changed while the artifacts were written
+            _replace_folder(staging, out_dir)
+        except OSError as exc:
+            raise ExportError(f"could not write the export to {out_dir!r}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if runner is not None:
+            runner.example_args = None  # do not let anything that still holds the runner pin the example tensors
+    return manifest
 
+
+def _export(writer, runner, eager_out, transformer, example_inputs, config, format, num_steps, staging, check,
+            tolerance) -> Manifest:
+    """Every artifact the schedule needs, written to `staging`; returns the manifest (not yet written)."""
+    structure, eager_tensors = _output_structure(eager_out)
     paths = _user_tensor_paths(example_inputs)
     args = runner.example_args
     keep, user_inputs = [], []
@@ -74,62 +115,103 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
                           "the timestep as a tensor (e.g. timestep=torch.tensor([t] * batch))")
     timestep_pos = keep.index(runner.plan.timestep_index)
 
-    staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
-    try:
-        artifacts, seen = [], set()
-        schedule = []
-        for step in range(num_steps):
-            kind = config.step_kind(step)
-            key = schedule_key(config, step) if kind is StepKind.PARTIAL else 0
-            schedule.append({"step": step, "kind": kind.value, "schedule_key": key})
-        wanted = [(k, 0) for k in StepKind if k in config.kinds and k is not StepKind.PARTIAL]
-        wanted += sorted({(StepKind.PARTIAL, s["schedule_key"]) for s in schedule if s["kind"] == "partial"},
-                         key=lambda x: x[1])
-        if StepKind.PARTIAL in config.kinds and not any(k is StepKind.PARTIAL for k, _ in wanted):
-            wanted.append((StepKind.PARTIAL, schedule_key(config, config.warmup)))
-        for kind, key in wanted:
-            if (kind, key) in seen:
-                continue
-            seen.add((kind, key))
-            step = next((s["step"] for s in schedule if s["kind"] == kind.value and s["schedule_key"] == key), 0)
-            variant, _ = runner._variant(kind, step)
-            artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, staging, check,
-                                             tolerance, eager_tensors))
-        manifest = Manifest(
-            format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
-            user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,
-            model_class=type(transformer).__name__, model_config=_model_config(transformer), artifacts=artifacts,
-            versions=_versions(format))
-        write_manifest(manifest, staging)
-        _replace_folder(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        runner.example_args = None  # Dynamo keeps the backend alive: do not let it pin the example tensors
-    return manifest
+    artifacts, seen = [], set()
+    schedule = []
+    for step in range(num_steps):
+        kind = config.step_kind(step)
+        key = schedule_key(config, step) if kind is StepKind.PARTIAL else 0
+        schedule.append({"step": step, "kind": kind.value, "schedule_key": key})
+    wanted = [(k, 0) for k in StepKind if k in config.kinds and k is not StepKind.PARTIAL]
+    wanted += sorted({(StepKind.PARTIAL, s["schedule_key"]) for s in schedule if s["kind"] == "partial"},
+                     key=lambda x: x[1])
+    if StepKind.PARTIAL in config.kinds and not any(k is StepKind.PARTIAL for k, _ in wanted):
+        wanted.append((StepKind.PARTIAL, schedule_key(config, config.warmup)))
+    for kind, key in wanted:
+        if (kind, key) in seen:
+            continue
+        seen.add((kind, key))
+        step = next((s["step"] for s in schedule if s["kind"] == kind.value and s["schedule_key"] == key), 0)
+        variant, _ = runner._variant(kind, step)
+        artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, staging, check,
+                                         tolerance, eager_tensors))
+    return Manifest(
+        format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
+        user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,
+        model_class=type(transformer).__name__, model_config=_model_config(transformer), artifacts=artifacts,
+        versions=_versions(format))
 
 
-def _check_out_dir(out_dir) -> None:
-    """out_dir is new, empty, or an earlier export (replaced whole): never a folder of other files."""
-    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
-        raise ConfigError(f"out_dir must be a folder path, got {out_dir!r}")
-    out_dir = os.fspath(out_dir)
+def _check_out_dir(out_dir) -> str:
+    """The absolute path of out_dir, which must be new, empty, or an earlier fxcache export (replaced whole):
+    never a folder of other files, never a symbolic link."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not isinstance(os.fspath(out_dir), str) or \
+            not os.fspath(out_dir) or "\x00" in os.fspath(out_dir):
+        raise ConfigError(f"out_dir must be a folder path (a non-empty str or os.PathLike), got {out_dir!r}")
+    # normalised first: "link/" names what the link points to, "link" the link itself
+    out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.islink(out_dir):
         raise ExportError(f"out_dir {out_dir!r} is a symbolic link; export into a real folder")
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ExportError(f"out_dir {out_dir!r} exists and is not a folder")
-        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-            raise ExportError(f"out_dir {out_dir!r} is a folder of other files (it has no {MANIFEST}); export "
-                              "replaces its folder whole, so give a new or empty folder, or an earlier export")
+    if not os.path.lexists(out_dir):
+        return out_dir
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"out_dir {out_dir!r} exists and is not a folder")
+    try:
+        entries = os.listdir(out_dir)
+    except OSError as exc:
+        raise ExportError(f"out_dir {out_dir!r} cannot be read: {exc.strerror or exc}") from None
+    if entries:
+        _check_earlier_export(out_dir, entries)
+    return out_dir
+
+
+def _check_earlier_export(out_dir: str, entries: list[str]) -> None:
+    """A folder export may replace: its manifest is an fxcache manifest, and it holds nothing but the files that
+    manifest names. Anything else is someone's data (a web app's manifest.json, notes beside an export)."""
+    refuse = (f"out_dir {out_dir!r} is a folder of other files ({{}}); export replaces its folder whole, so give a "
+              f"new or empty folder, or an earlier export")
+    path = os.path.join(out_dir, MANIFEST)
+    if MANIFEST not in entries:
+        raise ExportError(refuse.format(f"it has no {MANIFEST}"))
+    if os.path.islink(path):
+        raise ExportError(refuse.format(f"its {MANIFEST} is a symbolic link"))
+    try:
+        data = load_json(path)
+        if not isinstance(data, dict) or "format_version" not in data:
+            raise ExportError("it has no format_version")
+        manifest = Manifest.from_dict(data)
+    except ExportError as exc:
+        raise ExportError(refuse.format(f"its {MANIFEST} is not an fxcache manifest: {exc}")) from None
+    others = sorted(set(entries) - export_files(manifest))
+    if others:
+        shown = ", ".join(repr(n) for n in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ExportError(refuse.format(f"besides the export its {MANIFEST} describes it holds {shown}"))
+    folders = sorted(n for n in entries if _is_folder(os.path.join(out_dir, n)))
+    if folders:
+        raise ExportError(refuse.format(f"{', '.join(repr(n) for n in folders)} is a folder, not an artifact file"))
+
+
+def _is_folder(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _staging_folder(out_dir: str) -> str:
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    """A new folder beside out_dir, with the mode `os.makedirs` would give it (0o777 less the umask)."""
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.export-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for _ in range(100):
+            path = os.path.join(parent, f".{os.path.basename(out_dir)}.export-{secrets.token_hex(4)}")
+            try:
+                os.mkdir(path, 0o777)
+            except FileExistsError:
+                continue
+            return path
+        raise FileExistsError(f"no free staging folder name in {parent!r}")
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to {out_dir!r}: {exc}") from None
 
 
 def _replace_folder(staging: str, out_dir: str) -> None:
@@ -152,6 +234,101 @@ def _replace_folder(staging: str, out_dir: str) -> None:
 
 # -- tracing ---------------------------------------------------------------------------------------------------
 
+def _check_example_inputs(transformer, example_inputs: dict, timestep_input) -> None:
+    """Before tracing, against the forward's signature: names it does not take, required parameters not given,
+    and a timestep that is not a tensor (every artifact takes it as an input) get errors that name the input,
+    not a Dynamo failure deep inside the model."""
+    if not callable(transformer):
+        raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
+    name = type(transformer).__name__
+    try:
+        params = inspect.signature(transformer.forward).parameters
+    except (AttributeError, TypeError, ValueError):  # no introspectable forward: Dynamo will say what it finds
+        return
+    named = [p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in example_inputs if k not in named]
+        if unknown:
+            raise ConfigError(f"example_inputs has {', '.join(repr(k) for k in unknown)}, which {name}.forward "
+                              f"does not take; it takes {', '.join(named)}")
+    missing = [p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.default is p.empty and p.name not in example_inputs]
+    if missing:
+        raise ConfigError(f"example_inputs lacks {', '.join(repr(k) for k in missing)}, which {name}.forward "
+                          f"requires")
+    if timestep_input is None:
+        path = "timestep" if "timestep" in named else None
+    elif isinstance(timestep_input, int) and not isinstance(timestep_input, bool):
+        positional = [p.name for p in params.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        path = positional[timestep_input] if timestep_input < len(positional) else None
+    else:
+        path = timestep_input
+    if path is None:
+        return
+    value = example_inputs
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"example_inputs lacks the timestep {path!r}; every artifact takes it as an input: pass "
+                              f"it as a tensor, e.g. {path}=torch.tensor([t] * batch)")
+        value = value[part]
+    if not isinstance(value, torch.Tensor):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"example_inputs[{path!r}] is the timestep, which every artifact takes as an input, so it "
+                          f"must be a tensor (e.g. torch.tensor([t] * batch)), got {type(value).__name__} {shown}")
+
+
+def _own_forward(transformer):
+    """`transformer.forward` bound to a copy of its function with a code object of its own, or None where the
+    forward is not a plain method (a hook library's wrapper, module hooks that only `__call__` runs).
+
+    Dynamo keeps the cache entry of a compiled frame (and through it the graph, the tracing backend and its
+    caches) on the code object it traced. Tracing the class's shared forward would leave one entry per export
+    there, keeping every tracing backend alive and using up the recompile limit that the user's own
+    torch.compile of the class (and later exports) then hits; the copy's entries are dropped after tracing."""
+    if getattr(transformer, "_forward_hooks", None) or getattr(transformer, "_forward_pre_hooks", None):
+        return None
+    method = transformer.forward
+    fn = getattr(method, "__func__", None)
+    if getattr(method, "__self__", None) is not transformer or not isinstance(fn, types.FunctionType):
+        return None
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    fresh.__kwdefaults__ = fn.__kwdefaults__
+    fresh.__qualname__ = fn.__qualname__
+    fresh.__dict__.update(fn.__dict__)
+    return types.MethodType(fresh, transformer)
+
+
+def _forget_backend(backend) -> None:
+    """Drop the tracing backend from the table where torch.compile keeps every backend until
+    `torch._dynamo.reset()` (only so that reset can reset them): otherwise each export would keep its backend,
+    and the runner with the traced graph, alive for the rest of the process."""
+    table = getattr(torch._dynamo.eval_frame, "cached_backends", None)
+    if not isinstance(table, dict):
+        return
+    for key, value in list(table.items()):
+        if value is backend or getattr(value, "compiler_fn", None) is backend:
+            table.pop(key, None)
+
+
+def _dynamo_cause(exc) -> str:
+    """The lines of a Dynamo error that say what went wrong: its first line, the exception it saw, and the model
+    code it was tracing."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    out = [lines[0]] if lines else [type(exc).__name__]
+    out += [line for line in lines if line.startswith("Developer debug context:")][:1]
+    if "from user code:" in lines:  # its innermost frame: 'File "...", line N, in f' and the code
+        frames = []
+        for line in lines[lines.index("from user code:") + 1:]:
+            if not line:
+                break
+            if set(line) != {"^"}:
+                frames.append(line)
+        last = max((i for i, line in enumerate(frames) if line.startswith("File ")), default=None)
+        if last is not None:
+            out += frames[last:last + 2]
+    return "; ".join(out)
+
+
 def _trace(transformer, example_inputs, config, block_lists, timestep_input):
     from ..api import CacheBackend
     from ..runtime.attach import detach
@@ -159,7 +336,9 @@ def _trace(transformer, example_inputs, config, block_lists, timestep_input):
     backend = CacheBackend(config, lowering="eager", strict=True, block_lists=block_lists,
                            timestep_input=timestep_input)
     backend.capture_args = True
-    compiled = torch.compile(transformer, backend=backend, dynamic=False, fullgraph=True)
+    forward = _own_forward(transformer)
+    code = forward.__func__.__code__ if forward is not None else None
+    compiled = torch.compile(forward or transformer, backend=backend, dynamic=False, fullgraph=True)
     try:
         with torch.no_grad():
             compiled(**example_inputs, return_dict=False)
@@ -170,10 +349,15 @@ def _trace(transformer, example_inputs, config, block_lists, timestep_input):
             raise
         raise ExportError(f"the transformer cannot be cached, so it cannot be exported cached: {inner}") from None
     except torch._dynamo.exc.Unsupported as exc:
-        raise ExportError("export needs the whole transformer in one graph, but Dynamo broke it: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ExportError("export needs the whole transformer in one graph, but Dynamo could not trace it in one: "
+                          f"{_dynamo_cause(exc)}") from None
     finally:
         detach(transformer, backend)  # the tracing backend must not hear (or outlive with) the user's module
+        backend.scope.reset()  # the traced call's caches: a full step's worth, which nothing reads again
+        if code is not None:  # its cache entry holds the graph, the runner, the backend (in a cycle gc cannot see)
+            torch._dynamo.eval_frame.remove_from_cache(code)
+        del compiled, forward
+        _forget_backend(backend)
     runners = [r for r in backend.runners if getattr(r, "example_args", None) is not None]
     if len(runners) != 1:
         raise ExportError(f"export needs one cached graph, Dynamo produced {len(backend.runners)}")

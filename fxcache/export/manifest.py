@@ -12,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
+from ..config import MAX_STEPS
 from ..errors import ExportError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FORMATS = ("onnx", "tensorrt")
+#: the most steps an export covers and a manifest may hold: `fxcache.export` and the loader share this bound
+MAX_NUM_STEPS = MAX_STEPS
 
 
 @dataclasses.dataclass
@@ -80,14 +84,17 @@ class Manifest:
         _one_of(data["format"], "format", FORMATS)
         _string(data["method"], "method")
         _dict(data["config"], "config")
-        _int(data["num_steps"], "num_steps", minimum=1, maximum=1_000_000)
+        num_steps = _int(data["num_steps"], "num_steps", minimum=1, maximum=MAX_NUM_STEPS)
         schedule = _list(data["schedule"], "schedule")
+        if len(schedule) != num_steps:
+            raise _fail("schedule", f"a list of num_steps={num_steps} entries", f"{len(schedule)} entries")
         for i, entry in enumerate(schedule):
             where = f"schedule[{i}]"
             _dict(entry, where, keys=("step", "kind", "schedule_key"))
-            _int(entry["step"], f"{where}.step")
+            if type(entry["step"]) is not int or entry["step"] != i:
+                raise _fail(f"{where}.step", f"{i} (one entry per step, in order)", entry["step"])
             _one_of(entry["kind"], f"{where}.kind", KINDS)
-            _int(entry["schedule_key"], f"{where}.schedule_key")
+            _int(entry["schedule_key"], f"{where}.schedule_key", maximum=MAX_NUM_STEPS)
         user_inputs = [_tensor(t, f"user_inputs[{i}]") for i, t in enumerate(_list(data["user_inputs"], "user_inputs"))]
         if not user_inputs:
             raise ExportError("manifest field user_inputs is empty")
@@ -97,7 +104,7 @@ class Manifest:
         _int(data["timestep_input"], "timestep_input", maximum=len(user_inputs) - 1)
         _one_of(data["output_structure"], "output_structure", ("tuple", "tensor", "model_output"))
         _string(data["model_class"], "model_class", empty=True)
-        _dict(data["model_config"], "model_config")
+        _model_config(data["model_config"])
         _dict(data["versions"], "versions")
         artifacts = [_artifact(a, f"artifacts[{i}]", user_inputs)
                      for i, a in enumerate(_list(data["artifacts"], "artifacts"))]
@@ -134,7 +141,10 @@ MAX_DIM = 2**31 - 1
 
 
 def _fail(where: str, what: str, value) -> ExportError:
-    shown = repr(value)
+    try:
+        shown = repr(value)
+    except RecursionError:  # nested deeper than repr goes
+        shown = f"a {type(value).__name__} nested too deep to show"
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return ExportError(f"manifest field {where} must be {what}, got {shown}")
@@ -175,6 +185,57 @@ def _dict(value, where: str, keys: tuple[str, ...] = ()) -> dict:
     return value
 
 
+def _model_config(value) -> dict:
+    """The transformer's config, which the session hands to pipelines as attributes (diffusers' FrozenDict sets
+    each key as one): plain names only, none that would replace a dict method or a Python attribute."""
+    _dict(value, "model_config")
+    for key in value:
+        if not isinstance(key, str) or not key or (key.startswith("_") and key != "_class_name") or hasattr(dict, key):
+            raise _fail(f"model_config key {key!r}", "a config name (not private, not a dict attribute such as "
+                        "'items' or '__class__')", key)
+    todo = list(value.items())
+    while todo:  # without recursion: a parsed manifest can nest as deep as the JSON parser went
+        key, item = todo.pop()
+        if isinstance(item, dict) and all(isinstance(k, str) for k in item):
+            todo += [(key, v) for v in item.values()]
+        elif isinstance(item, list):
+            todo += [(key, v) for v in item]
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise _fail(f"model_config[{key!r}]", "JSON (objects with string keys, lists, strings, numbers)", item)
+    return value
+
+
+_COUNT = re.compile(r"[1-9][0-9]{0,9}")  # a token count in a role key: decimal, no sign, no leading zeros
+
+
+def _extra_role(kind: str, key: str, shape: list[int], dtype: str, where: str) -> None:
+    """What the runtime parses and allocates from an extra input: token indices `idx:<tokens>` (units, k) and
+    k-means starts `kinit:<tokens>` (count,) with k, count <= tokens; Taylor scalars of at most 9 / 8 entries."""
+    def need(ok: bool, field: str, what: str, got) -> None:
+        if not ok:
+            raise _fail(f"{where}.{field}", what, got)
+
+    if kind in ("idx", "kinit"):
+        head, _, count = key.partition(":")
+        need(head == kind and _COUNT.fullmatch(count) is not None and int(count) <= MAX_DIM, "role",
+             f"extra:{kind}:{kind}:<tokens> with tokens an int >= 1", f"extra:{kind}:{key}")
+        tokens = int(count)
+        if kind == "idx":
+            need(len(shape) == 2 and shape[1] <= tokens, "shape", f"(units, k) with k <= tokens={tokens}", shape)
+        else:
+            need(len(shape) == 1 and shape[0] <= tokens, "shape", f"(count,) with count <= tokens={tokens}", shape)
+        need(dtype == "int64", "dtype", "int64 (token indices)", dtype)
+    elif kind in ("coef", "diff"):
+        most = 9 if kind == "coef" else 8  # Taylor orders up to 8: m + 1 coefficients, m differences
+        need(len(shape) == 1 and 1 <= shape[0] <= most, "shape", f"(n,) with 1 <= n <= {most}", shape)
+        need(dtype == "float32", "dtype", "float32 (Taylor scalars)", dtype)
+    elif kind == "warm":
+        need(shape == [1], "shape", "[1]", shape)
+        need(dtype == "float32", "dtype", "float32", dtype)
+    elif kind == "rand":
+        need(dtype == "float32", "dtype", "float32 (uniform draws)", dtype)
+
+
 def _tensor(value, where: str) -> Tensor:
     _dict(value, where, keys=("name", "role", "shape", "dtype"))
     extra = sorted(set(value) - {"name", "role", "shape", "dtype"})
@@ -195,6 +256,7 @@ def _tensor(value, where: str) -> Tensor:
         parts = role.split(":", 2)
         if len(parts) != 3 or parts[1] not in EXTRA_KINDS or not parts[2]:
             raise _fail(f"{where}.role", f"extra:<kind>:<key> with kind one of {', '.join(EXTRA_KINDS)}", role)
+        _extra_role(parts[1], parts[2], list(shape), value["dtype"], where)
     return Tensor(value["name"], role, list(shape), value["dtype"])
 
 
@@ -254,13 +316,32 @@ def confined(folder: str, name: str) -> str:
 
 
 def write_manifest(manifest: Manifest, folder: str) -> str:
+    text = manifest.to_json()
+    if len(text.encode()) > MAX_MANIFEST_BYTES:  # the loader would refuse it
+        raise ExportError(f"the manifest would take {len(text.encode()) / 2**20:.0f} MiB, over the "
+                          f"{MAX_MANIFEST_BYTES // 2**20} MiB a loader reads; export fewer steps or variants")
     path = os.path.join(folder, MANIFEST)
     with open(path, "w") as f:
-        f.write(manifest.to_json())
+        f.write(text)
     return path
 
 
 MAX_MANIFEST_BYTES = 64 * 2**20
+
+
+def load_json(path: str):
+    """The JSON of a manifest file, or ExportError saying why it is none (too big, not UTF-8, not JSON, numbers
+    too long to convert, nesting too deep)."""
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{path} is not a manifest file (not a regular file, or over "
+                          f"{MAX_MANIFEST_BYTES // 2**20} MiB)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise ExportError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
+    except OSError as exc:
+        raise ExportError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
 
 def read_manifest(folder: str) -> Manifest:
@@ -272,17 +353,18 @@ def read_manifest(folder: str) -> Manifest:
     if not os.path.exists(os.path.join(folder, MANIFEST)) and not os.path.islink(os.path.join(folder, MANIFEST)):
         raise ExportError(f"{folder!r} has no {MANIFEST}: not an fxcache export folder (or an incomplete one)")
     path = confined(folder, MANIFEST)
-    if not os.path.isfile(path) or os.path.getsize(path) > MAX_MANIFEST_BYTES:
-        raise ExportError(f"{path} is not a manifest file (not a regular file, or over "
-                          f"{MAX_MANIFEST_BYTES // 2**20} MiB)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ExportError(f"{path} is not valid JSON: {exc}") from None
-    manifest = Manifest.from_dict(data)
+    manifest = Manifest.from_dict(load_json(path))
     for a in manifest.artifacts:
         file = confined(folder, a.file)
         if not os.path.isfile(file):
             raise ExportError(f"artifact {a.file!r} ({a.kind} variant) named in {path} is missing")
     return manifest
+
+
+def export_files(manifest: Manifest) -> set[str]:
+    """The names an export folder of `manifest` holds: the manifest, the artifacts, and the external weights
+    (`<artifact>.data`) the ONNX exporter writes beside an artifact over protobuf's 2 GB."""
+    names = {MANIFEST}
+    for a in manifest.artifacts:
+        names |= {a.file, a.file + ".data"}
+    return names

@@ -77,30 +77,8 @@ class OnnxExecutor:
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise ExportError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
-        declared = {i.name: i for i in self.session.get_inputs()}
-        declared.update({o.name: o for o in self.session.get_outputs()})
-        for spec in list(in_specs) + list(out_specs):  # before anything is allocated from the manifest's shapes
-            meta = declared.get(spec.name)
-            if meta is None:
-                continue
-            shape = [d if isinstance(d, int) else None for d in meta.shape]
-            if len(shape) != len(spec.shape) or any(d is not None and d != w for d, w in zip(shape, spec.shape)):
-                raise ExportError(f"the manifest gives {spec.name!r} of {path.rsplit('/', 1)[-1]} the shape "
-                                  f"{list(spec.shape)}, the artifact declares {list(meta.shape)}")
-            want = _ORT_TYPES.get(spec.dtype)
-            if want is not None and meta.type != want:
-                raise ExportError(f"the manifest gives {spec.name!r} of {path.rsplit('/', 1)[-1]} the dtype "
-                                  f"{spec.dtype}, the artifact declares {meta.type}")
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        # the exporter drops inputs a variant does not read (SKIP ignores the text tokens): feed only the others
-        self.feed = [(i, s.name) for i, s in enumerate(in_specs) if s.name in graph_inputs]
-        unknown = graph_inputs - {s.name for s in in_specs}
-        if unknown:
-            raise ExportError(f"{path} takes inputs the manifest does not list: {', '.join(sorted(unknown))}")
-        self.out_names = [s.name for s in out_specs]
-        graph_outputs = {o.name for o in self.session.get_outputs()}
-        if set(self.out_names) - graph_outputs:
-            raise ExportError(f"{path} lacks outputs {', '.join(sorted(set(self.out_names) - graph_outputs))}")
+        self.feed, self.out_names = check_signature(
+            path.rsplit("/", 1)[-1], in_specs, out_specs, self.session.get_inputs(), self.session.get_outputs())
         self.out_dtypes = [dtype_from_name(s.dtype) for s in out_specs]
 
     def __call__(self, *args) -> list[torch.Tensor]:
@@ -109,6 +87,38 @@ class OnnxExecutor:
         outs = self.session.run(self.out_names, feeds)
         return [torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=d)
                 for o, d in zip(outs, self.out_dtypes)]
+
+
+def check_signature(file: str, in_specs, out_specs, graph_inputs, graph_outputs):
+    """Check the manifest's inputs and outputs of an artifact against what its graph declares, before anything is
+    allocated from the manifest's shapes: every one present (the exporter may drop a transformer input that a
+    variant does not read: those, and only those, may be missing), with the same static shape and dtype.
+
+    Returns (feed: (position in in_specs, name) of the inputs the graph takes, the output names in order)."""
+    declared_in = {i.name: i for i in graph_inputs}
+    declared_out = {o.name: o for o in graph_outputs}
+    for role, specs, declared in (("input", in_specs, declared_in), ("output", out_specs, declared_out)):
+        for spec in specs:
+            meta = declared.get(spec.name)
+            if meta is None:
+                if role == "input" and spec.role.startswith("user:"):
+                    continue
+                raise ExportError(f"the manifest lists {role} {spec.name!r} ({spec.role}) of {file}, which the "
+                                  f"artifact does not have")
+            if any(not isinstance(d, int) for d in meta.shape):
+                raise ExportError(f"{file} declares {role} {spec.name!r} with the symbolic shape {list(meta.shape)}; "
+                                  f"exported artifacts have static shapes only")
+            if list(meta.shape) != list(spec.shape):
+                raise ExportError(f"the manifest gives {spec.name!r} of {file} the shape {list(spec.shape)}, the "
+                                  f"artifact declares {list(meta.shape)}")
+            if meta.type != _ORT_TYPES.get(spec.dtype):
+                raise ExportError(f"the manifest gives {spec.name!r} of {file} the dtype {spec.dtype}, the artifact "
+                                  f"declares {meta.type}")
+    unknown = set(declared_in) - {s.name for s in in_specs}
+    if unknown:
+        raise ExportError(f"{file} takes inputs the manifest does not list: {', '.join(sorted(unknown))}")
+    feed = [(i, s.name) for i, s in enumerate(in_specs) if s.name in declared_in]
+    return feed, [s.name for s in out_specs]
 
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",

@@ -63,11 +63,40 @@ class TensorRTWriter:
 class TensorRTExecutor:
     def __init__(self, path: str, in_specs=None, out_specs=None, providers=None):
         require_tensorrt("running TensorRT artifacts")
-        self.module = torch.export.load(path).module()
+        program = torch.export.load(path)
+        if in_specs is not None and out_specs is not None:
+            check_program(path.rsplit("/", 1)[-1], program, in_specs, out_specs)
+        self.module = program.module()
 
     def __call__(self, *args) -> list[torch.Tensor]:
         out = self.module(*args)
         return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def check_program(file: str, program, in_specs, out_specs) -> None:
+    """The manifest's inputs and outputs of a saved program against the program's own, before anything is
+    allocated from the manifest's shapes: as many, in order, each with the same static shape and dtype (where the
+    program records one)."""
+    from .graph import dtype_name
+
+    nodes = {n.name: n for n in program.graph.nodes}
+    inputs = [nodes.get(name) for name in program.graph_signature.user_inputs]
+    output = next((n for n in program.graph.nodes if n.op == "output"), None)
+    outputs = list(output.args[0]) if output is not None and isinstance(output.args[0], (list, tuple)) else []
+    for role, specs, values in (("inputs", in_specs, inputs), ("outputs", out_specs, outputs)):
+        if len(values) != len(specs):
+            raise ExportError(f"the manifest lists {len(specs)} {role} of {file}, the program has {len(values)}")
+        for spec, node in zip(specs, values):
+            value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+            if not isinstance(value, torch.Tensor):
+                continue
+            shape = list(value.shape)
+            if any(not isinstance(d, int) for d in shape):
+                raise ExportError(f"{file} declares {spec.name!r} with the symbolic shape {shape}; exported "
+                                  f"artifacts have static shapes only")
+            if shape != list(spec.shape) or dtype_name(value.dtype) != spec.dtype:
+                raise ExportError(f"the manifest gives {spec.name!r} of {file} the shape {list(spec.shape)} and "
+                                  f"dtype {spec.dtype}, the program declares {shape} and {dtype_name(value.dtype)}")
 
 
 @register_lowering("tensorrt")

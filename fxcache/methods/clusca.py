@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
+from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
+                      register_method)
 from .schedule import cycle_position
+
+
+#: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
+MAX_KMEANS_ITERS = 1000
 
 
 @register_method
@@ -26,7 +31,8 @@ class ClusCaConfig(CacheConfig):
     Args:
         interval: N (FLUX 5). order: Taylor order m (FLUX 1). clusters: K per batch row and stream (16); a
             stream with fewer tokens than K gets one cluster per token.
-        gamma: propagation weight (FLUX 0.005). warmup_steps: W (FLUX 3). kmeans_iters: Lloyd iterations (10).
+        gamma: propagation weight (FLUX 0.005). warmup_steps: W (FLUX 3). kmeans_iters: Lloyd iterations (10, at
+            most 1000: lowered and exported graphs unroll them).
         seed: seed of the k-means initialisation and of the member choice, reseeded every generation.
     Defaults are the paper's FLUX.1-dev setting.
     """
@@ -49,13 +55,14 @@ class ClusCaConfig(CacheConfig):
     seed: int = 0
 
     def _validate(self) -> None:
-        check_int("ClusCaConfig", "interval", self.interval, minimum=1)
+        check_int("ClusCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_int("ClusCaConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
         check_int("ClusCaConfig", "clusters", self.clusters, minimum=1)
         check_fraction("ClusCaConfig", "gamma", self.gamma)
         object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
-        check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
-        check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0)
+        check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
+        check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0, maximum=MAX_KMEANS_ITERS,
+                  why="the papers use 10-100; lowered or exported graphs unroll them")
         check_seed("ClusCaConfig", self.seed)
 
     @property

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
+from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
+                      register_method)
 from .schedule import check_schedule, schedule_position
 
 
@@ -48,11 +49,11 @@ class DuCaConfig(CacheConfig):
     num_steps: int | None = None
 
     def _validate(self) -> None:
-        check_int("DuCaConfig", "interval", self.interval, minimum=1)
+        check_int("DuCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_schedule("DuCaConfig", self.schedule, self.num_steps)
         check_fraction("DuCaConfig", "ratio", self.ratio)
         object.__setattr__(self, "ratio", float(self.ratio) + 0.0)  # 1 == 1.0, -0.0 == 0.0: one cache_key
-        check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_seed("DuCaConfig", self.seed)
 
     @property

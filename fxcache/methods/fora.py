@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_int, register_method
+from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from .schedule import cycle_position
 
 
@@ -35,8 +35,8 @@ class FORAConfig(CacheConfig):
     warmup_steps: int = 1
 
     def _validate(self) -> None:
-        check_int("FORAConfig", "interval", self.interval, minimum=1)
-        check_int("FORAConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("FORAConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
+        check_int("FORAConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
 
     @property
     def kinds(self) -> frozenset[StepKind]:

@@ -45,12 +45,12 @@ def progress_position(schedule: str, step: int, interval: int, num_steps: int) -
 
 
 def check_schedule(owner: str, schedule, num_steps) -> None:
-    from ..config import ConfigError, check_int
+    from ..config import MAX_STEPS, STEPS_WHY, ConfigError, check_int
 
     if schedule not in SCHEDULES:
         raise ConfigError(f"{owner}.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if num_steps is not None:
-        check_int(owner, "num_steps", num_steps, minimum=1)
+        check_int(owner, "num_steps", num_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
     if schedule != "counter" and num_steps is None:
         raise ConfigError(f"{owner}.schedule={schedule!r} follows the sampling progress: pass num_steps")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import CacheConfig, StepKind, check_int, register_method
+from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from .schedule import cycle_position
 
 
@@ -40,9 +40,9 @@ class TaylorSeerConfig(CacheConfig):
     warmup_steps: int = 3
 
     def _validate(self) -> None:
-        check_int("TaylorSeerConfig", "interval", self.interval, minimum=1)
+        check_int("TaylorSeerConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_int("TaylorSeerConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
-        check_int("TaylorSeerConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("TaylorSeerConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
 
     @property
     def taylor_order(self) -> int:

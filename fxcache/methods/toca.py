@@ -7,7 +7,8 @@ import dataclasses
 from typing import ClassVar
 import math
 
-from ..config import CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
+from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
+                      register_method)
 from ..errors import ConfigError
 from .schedule import check_schedule, schedule_position
 
@@ -60,6 +61,10 @@ RATIO_SCHEDULES = {
 }
 
 
+MAX_SPATIAL_GRID = 64  # cells per side of the spatial bonus grid (the references use 2-4)
+MAX_STEP_BUCKETS = 64  # k tables per generation: each is one more compiled PARTIAL variant
+
+
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToCaConfig(CacheConfig):
@@ -88,9 +93,10 @@ class ToCaConfig(CacheConfig):
     Args:
         interval: N (FLUX reference 4). fresh_ratio: r, the fraction recomputed (README "R=0.1").
         warmup_steps: W (FLUX 3). score, prefer, staleness_weight (lambda3; 0.25 in the ToCa repo),
-        spatial_grid (0 = off; DiT 2, PixArt 4), spatial_bonus (DiT 0.6, PixArt 0.4).
+        spatial_grid (0 = off; DiT 2, PixArt 4; at most 64), spatial_bonus (DiT 0.6, PixArt 0.4).
         ratio_schedule: a name of RATIO_SCHEDULES ("flat" default); schedules with a step weight need
-        num_steps, and then use `step_buckets` distinct k tables per generation (one compiled variant each).
+        num_steps, and then use `step_buckets` distinct k tables per generation (one compiled variant each; at
+        most 64).
         seed: seed of the random score.
         schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
             follows the sampling progress (need num_steps).
@@ -128,10 +134,10 @@ class ToCaConfig(CacheConfig):
     schedule: str = "counter"
 
     def _validate(self) -> None:
-        check_int("ToCaConfig", "interval", self.interval, minimum=1)
+        check_int("ToCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_fraction("ToCaConfig", "fresh_ratio", self.fresh_ratio)
         object.__setattr__(self, "fresh_ratio", float(self.fresh_ratio) + 0.0)
-        check_int("ToCaConfig", "warmup_steps", self.warmup_steps, minimum=1)
+        check_int("ToCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         if self.score not in SCORES:
             raise ConfigError(f"ToCaConfig.score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.prefer not in ("low", "high"):
@@ -141,7 +147,8 @@ class ToCaConfig(CacheConfig):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"ToCaConfig.{name} must be a number >= 0, got {v!r}")
             object.__setattr__(self, name, float(v) + 0.0)
-        check_int("ToCaConfig", "spatial_grid", self.spatial_grid, minimum=0)
+        check_int("ToCaConfig", "spatial_grid", self.spatial_grid, minimum=0, maximum=MAX_SPATIAL_GRID,
+                  why="cells per side of the token grid; the references use 2-4")
         if self.ratio_schedule not in RATIO_SCHEDULES:
             raise ConfigError(f"ToCaConfig.ratio_schedule must be one of {', '.join(RATIO_SCHEDULES)}, "
                               f"got {self.ratio_schedule!r}")
@@ -149,7 +156,8 @@ class ToCaConfig(CacheConfig):
         if RATIO_SCHEDULES[self.ratio_schedule].step_weight and self.num_steps is None:
             raise ConfigError(f"ToCaConfig.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")
-        check_int("ToCaConfig", "step_buckets", self.step_buckets, minimum=1)
+        check_int("ToCaConfig", "step_buckets", self.step_buckets, minimum=1, maximum=MAX_STEP_BUCKETS,
+                  why="each bucket is one more compiled PARTIAL variant")
         check_seed("ToCaConfig", self.seed)
 
     @property

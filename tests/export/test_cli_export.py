@@ -49,8 +49,51 @@ def test_export_errors_are_reported_not_raised(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["export", "--format", "tensorrt", "--out", str(tmp_path)]) == 1
         assert "needs a CUDA GPU" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
-        main(["export", "--model", str(tmp_path)])  # --model without --inputs
+        main(["export", "--model", str(tmp_path / "model")])  # --model without --inputs
     assert "--model needs --inputs" in capsys.readouterr().err
     assert main(["export", "--method", "nope", "--out", str(tmp_path)]) == 1
     assert "unknown cache method 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--threads", "0"], "argument --threads: expected an int >= 1, got 0"),
+    (["demo", "--steps", "x"], "argument --steps: expected an int >= 1, got 'x'"),
+    (["export", "--batch", "0"], "argument --batch: expected an int >= 1, got 0"),
+    (["export", "--batch", "-1"], "argument --batch: expected an int >= 1, got -1"),
+    (["export", "--num-steps", "10001"], "argument --num-steps: expected at most 10000 steps"),
+    (["export", "--model", "/nonexistent/model", "--inputs", "x"], "argument --model: no such folder"),
+    (["export", "--model", "{tmp}", "--inputs", "x"], "has no config.json: not a diffusers model folder"),
+    (["export", "--model", "{model}", "--inputs", "{tmp}/nope.safetensors"], "argument --inputs: no such file"),
+])
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argv = [a.format(tmp=tmp_path, model=tmp_path / "model") for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_file_errors_are_one_line_and_exit_1(tmp_path, capsys):
+    """Files that cannot be read or written: one line naming the file, exit status 1, no traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "bad.safetensors").write_text("not safetensors")
+    cases = [
+        (["demo", "--out", str(blocker / "out")], "fxcache demo: cannot create the output folder"),
+        (["export", "--reference", "dit", "--out", str(blocker / "out")], "fxcache export: cannot write the export to"),
+        (["export", "--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "bad.safetensors")],
+         "fxcache export: --inputs '" + str(tmp_path / "bad.safetensors") + "' is not a readable safetensors file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert blocker.read_text() == "x"

@@ -146,3 +146,43 @@ def test_scalar_timesteps_are_broadcast_like_the_transformer_does(exported):
     session.reset()
     kw["timestep"] = float(kw["timestep"][0])
     assert torch.equal(session(**kw)[0], expected)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(foo=torch.zeros(1)), "example_inputs has 'foo', which PixArtTransformer2DModel.forward does not take"),
+    (dict(timestep=900.0), "example_inputs\\['timestep'\\] is the timestep.*must be a tensor.*got float 900.0"),
+    (dict(timestep=None), "example_inputs\\['timestep'\\] is the timestep.*got NoneType"),
+    (dict(hidden_states=None), None),
+])
+def test_example_inputs_are_checked_against_the_forward_before_tracing(tmp_path, change, message):
+    kw = {**loop_inputs("pixart", 1, batch=2)[0], **change}
+    if message is None:  # drop the input instead: a required parameter not given
+        del kw["hidden_states"]
+        message = "example_inputs lacks 'hidden_states', which PixArtTransformer2DModel.forward requires"
+    with pytest.raises(ConfigError, match=message):
+        fxcache.export(make_model("pixart"), kw, "duca", out_dir=str(tmp_path / "out"))
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    del kw["timestep"]
+    with pytest.raises(ConfigError, match="example_inputs lacks the timestep 'timestep'"):
+        fxcache.export(make_model("pixart"), kw, "duca", out_dir=str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+class Failing(torch.nn.Module):
+    """A forward that fails on its inputs: Dynamo reports it as an 'Observed exception'."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model("pixart")
+
+    def forward(self, hidden_states, timestep, return_dict=False, **kw):
+        scale = timestep.resolution  # no such attribute
+        return self.inner(hidden_states * scale, timestep, return_dict=return_dict, **kw)
+
+
+def test_a_dynamo_failure_says_what_the_model_raised_and_where(tmp_path):
+    with pytest.raises(ExportError, match="whole transformer in one graph") as info:
+        fxcache.export(Failing(), loop_inputs("pixart", 1, batch=2)[0], "duca", out_dir=str(tmp_path / "out"))
+    message = str(info.value)
+    assert "AttributeError" in message and "resolution" in message
+    assert "scale = timestep.resolution" in message

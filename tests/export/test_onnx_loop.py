@@ -7,11 +7,13 @@ Inputs change every step (fresh latents), batch 2 as in batched CFG.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 import fxcache
+from fxcache import ExportError
 from fxcache.config import make_config
 from fxcache.deploy import CachedSession
 from fxcache.export import Manifest, read_manifest
@@ -44,6 +46,16 @@ def export_and_compare(tmp_path, name, config, steps=STEPS, **export_opts):
     return manifest, session, kinds
 
 
+def refuses_another_config(folder, change, message):
+    """The export's manifest with its config's options changed no longer loads: an ExportError names the field."""
+    path = os.path.join(folder, "manifest.json")
+    data = json.load(open(path))
+    data["config"].update(change)
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ExportError, match="manifest field artifacts\\[\\d+\\]" + message):
+        CachedSession(folder)
+
+
 @pytest.mark.parametrize("name", ["dit", "pixart", "flux", "sd3"])
 def test_duca_loop_through_onnx_equals_torch(tmp_path, name):
     manifest, session, kinds = export_and_compare(tmp_path, name, make_config("duca", interval=3))
@@ -53,6 +65,7 @@ def test_duca_loop_through_onnx_equals_torch(tmp_path, name):
     inputs = loop_inputs(name, STEPS, batch=2)
     first, second = session_loop(session, inputs), session_loop(session, inputs)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    refuses_another_config(str(tmp_path), dict(ratio=0.5), ".inputs\\[\\d+\\].shape is .*but its config recomputes")
 
 
 @pytest.mark.parametrize("method,opts", [
@@ -63,6 +76,17 @@ def test_duca_loop_through_onnx_equals_torch(tmp_path, name):
 ])
 def test_every_method_loops_through_onnx(tmp_path, method, opts):
     export_and_compare(tmp_path, "dit", make_config(method, **opts))
+    change, message = OTHER_CONFIG[method]
+    refuses_another_config(str(tmp_path), change, message)
+
+
+#: per method, an option that changes the artifacts, and the mismatch a folder with that option changed shows
+OTHER_CONFIG = {
+    "fora": (dict(interval=1), ".kind is reuse, which its config .* never runs"),
+    "toca": (dict(score="random"), ".inputs are those of another token score"),
+    "taylorseer": (dict(order=1), ".inputs\\[\\d+\\].shape is \\[\\d\\], but config.order=1 needs"),
+    "clusca": (dict(clusters=2), ".inputs\\[\\d+\\].shape is \\[4\\], but config.clusters=2 needs \\[2\\]"),
+}
 
 
 def test_toca_step_dependent_token_tables_get_one_artifact_each(tmp_path):

@@ -234,3 +234,300 @@ def test_session_records_keep_only_the_newest(exported):
     assert len(records) == 3
     assert [r["step"] for r in records] == [1, 2, 3]
     assert len({r["request"] for r in records}) == 1
+
+
+# -- export replaces only an earlier export, never a folder of other files -----------------------------------------
+
+def test_export_refuses_a_folder_whose_manifest_is_not_an_fxcache_manifest(tmp_path):
+    """A web app folder has a manifest.json too: export must not take it for an earlier export and wipe it."""
+    app = tmp_path / "webapp"
+    (app / "src").mkdir(parents=True)
+    (app / "manifest.json").write_text(json.dumps({"name": "My PWA", "start_url": "/"}))
+    (app / "src" / "app.js").write_text("console.log('mine')")
+    with pytest.raises(ExportError, match="folder of other files.*not an fxcache manifest"):
+        fxcache.export(make_model("dit"), _example(), "fora", out_dir=str(app), num_steps=2)
+    assert (app / "src" / "app.js").read_text() == "console.log('mine')"
+    assert sorted(os.listdir(tmp_path)) == ["webapp"], "a staging folder was left behind"
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "subfolder/", "full.onnx.data/"])
+def test_export_refuses_an_earlier_export_with_other_entries(folder, extra):
+    path = os.path.join(folder, extra.rstrip("/"))
+    if extra.endswith("/"):
+        os.mkdir(path)
+    else:
+        open(path, "w").write("mine")
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ExportError, match=f"folder of other files.*{extra.rstrip('/')}"):
+        fxcache.export(make_model("dit"), _example(), "fora", out_dir=folder, num_steps=2)
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_a_symlinked_out_dir_is_refused_with_or_without_a_trailing_slash(exported, tmp_path):
+    """`link/` resolves through the link: the path is normalised before the check, and nothing is left beside it."""
+    os.symlink(exported, str(tmp_path / "link"))
+    for out_dir in (str(tmp_path / "link"), str(tmp_path / "link") + "/"):
+        with pytest.raises(ExportError, match="symbolic link"):
+            fxcache.export(make_model("dit"), _example(), "fora", out_dir=out_dir, num_steps=2)
+    assert sorted(os.listdir(tmp_path)) == ["link"] and os.path.islink(str(tmp_path / "link"))
+
+
+def test_export_folders_get_the_mode_the_umask_gives(exported, tmp_path):
+    from fxcache.export.api import _staging_folder
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(exported).st_mode & 0o777 == 0o777 & ~umask
+    old = os.umask(0o027)
+    try:
+        staging = _staging_folder(str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    assert os.stat(staging).st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    *[(dict(tolerance=t), "tolerance must be a finite number >= 0") for t in ("x", float("nan"), float("inf"), -1,
+                                                                               True, None)],
+    (dict(check="no"), "check must be True or False"),
+    (dict(timestep_input=1.5), "timestep_input must be"),
+])
+def test_export_arguments_are_checked_before_tracing(tmp_path, kwargs, message):
+    with pytest.raises(fxcache.ConfigError, match=message):
+        fxcache.export(make_model("dit"), _example(), "fora", out_dir=str(tmp_path / "out"), num_steps=2, **kwargs)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_num_steps_has_one_bound_for_export_and_loader(exported, folder, tmp_path):
+    """An export the loader would refuse is refused by export itself; the loader takes the largest export allows."""
+    from fxcache.export.manifest import MAX_NUM_STEPS
+
+    with pytest.raises(fxcache.ConfigError, match=f"num_steps must be an int from 1 to {MAX_NUM_STEPS}"):
+        fxcache.export(make_model("dit"), _example(), "fora", out_dir=str(tmp_path / "out"),
+                       num_steps=MAX_NUM_STEPS + 1)
+    config = fxcache.config.make_config("fora", interval=3)
+
+    def longest(d):
+        d["num_steps"] = MAX_NUM_STEPS
+        d["schedule"] = [{"step": s, "kind": config.step_kind(s).value, "schedule_key": 0}
+                         for s in range(MAX_NUM_STEPS)]
+
+    _edit(folder, longest)
+    assert CachedSession(folder).manifest.num_steps == MAX_NUM_STEPS
+    _edit(folder, lambda d: d.update(num_steps=MAX_NUM_STEPS + 1))
+    with pytest.raises(ExportError, match="manifest field num_steps"):
+        CachedSession(folder)
+
+
+# -- exports in a row do not accumulate -----------------------------------------------------------------------------
+
+def test_exports_in_a_row_leave_no_backend_cache_or_dynamo_entry(monkeypatch, tmp_path):
+    """Each export traces through a forward code object of its own and frees its tracing backend: ten exports of
+    one model neither hit Dynamo's recompile limit (8 by default) nor use up the one the user's own
+    torch.compile of the class then needs, and keep no caches alive. The ONNX writer is stubbed (what piles up
+    is the tracing's: ONNX export would only make the test slower)."""
+    import gc
+
+    from fxcache.api import CacheBackend
+    from fxcache.export.onnx import OnnxWriter
+
+    def stub(self, gm, inputs, in_specs, out_specs, stem, kind):
+        open(stem + self.suffix, "wb").close()
+        return os.path.basename(stem + self.suffix)
+
+    monkeypatch.setattr(OnnxWriter, "write", stub)
+    model = make_model("dit")
+    gc.collect()
+    before = {id(b) for b in gc.get_objects() if type(b) is CacheBackend}
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for _ in range(10):
+            fxcache.export(model, _example(), "fora", out_dir=str(tmp_path / "out"), num_steps=2, check=False)
+    gc.collect()
+    left = [b for b in gc.get_objects() if type(b) is CacheBackend and id(b) not in before]
+    assert left == [], f"{len(left)} tracing backends still alive, holding {sum(b.cache_bytes() for b in left)} bytes"
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(type(model).forward.__code__) == []
+    backend = fxcache.cache_backend("fora", lowering="eager", interval=3)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):  # no entry of the exports in its way
+        for t in (900, 800):
+            compiled(**{**_example(), "timestep": torch.full((2,), t)})
+    assert [r["kind"] for r in fxcache.stats(backend)] == ["full", "reuse"]
+
+
+# -- the manifest against the artifacts: every input present, static, with the runtime's key format -----------------
+
+def _add_input(folder, kind, role, shape, dtype="float32", name="bogus"):
+    def add(d):
+        artifact = next(a for a in d["artifacts"] if a["kind"] == kind)
+        artifact["inputs"].append({"name": name, "role": role, "shape": shape, "dtype": dtype})
+
+    _edit(folder, add)
+
+
+@pytest.mark.parametrize("role,shape,dtype,message", [
+    ("extra:idx:foo", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
+    ("extra:idx:idx:abc", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
+    ("extra:idx:idx:016", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
+    ("extra:idx:idx:16", [], "int64", "shape must be \\(units, k\\) with k <= tokens=16"),
+    ("extra:idx:idx:16", [2, 17], "int64", "shape must be \\(units, k\\) with k <= tokens=16"),
+    ("extra:idx:idx:16", [2, 4], "float32", "dtype must be int64"),
+    ("extra:kinit:k", [4], "int64", "role must be extra:kinit:kinit:<tokens>"),
+    ("extra:kinit:kinit:99999999999", [4], "int64", "role must be extra:kinit:kinit:<tokens>"),
+    ("extra:coef:taylor_coef", [2, 2], "float32", "shape must be \\(n,\\)"),
+    ("extra:warm:cluster_warm", [2], "float32", "shape must be \\[1\\]"),
+])
+def test_runtime_made_inputs_are_checked_at_load(folder, role, shape, dtype, message):
+    _add_input(folder, "reuse", role, shape, dtype)
+    with pytest.raises(ExportError, match="manifest field artifacts\\[1\\].inputs\\[\\d+\\]." + message):
+        CachedSession(folder)
+
+
+@pytest.mark.parametrize("kind,role", [("reuse", "extra:rand:r"), ("full", "extra:cache:zz"),
+                                       ("reuse", "extra:state:s")])
+def test_manifest_inputs_missing_from_the_artifact_are_refused_before_allocation(folder, monkeypatch, kind, role):
+    _add_input(folder, kind, role, [2**31 - 1, 2**31 - 1])
+    allocated = []
+    for name in ("zeros", "rand", "randperm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: allocated.append(a) or _real(*a, **k))
+    with pytest.raises(ExportError, match="lists input 'bogus'.*which the artifact does not have"):
+        CachedSession(folder)
+    assert not allocated
+
+
+def test_symbolic_dimensions_in_an_artifact_are_refused(folder):
+    import onnx
+
+    path = os.path.join(folder, "reuse.onnx")
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(model, path)
+    with pytest.raises(ExportError, match="symbolic shape \\['batch'"):
+        CachedSession(folder)
+
+
+# -- the config against the artifacts ----------------------------------------------------------------------------
+
+def _drop_reuse(d):
+    d["artifacts"] = [a for a in d["artifacts"] if a["kind"] != "reuse"]
+
+
+def _as_duca(d):
+    d["method"] = "duca"
+    d["config"] = fxcache.config.make_config("duca").to_dict()
+
+
+def _as_taylorseer_order_0(d):  # a FORECAST artifact whose Taylor coefficients are those of another order
+    d["method"] = "taylorseer"
+    d["config"] = fxcache.config.make_config("taylorseer", interval=3, order=0, warmup_steps=1).to_dict()
+    for entry in d["schedule"]:
+        entry["kind"] = entry["kind"].replace("reuse", "forecast")
+    d["artifacts"][1]["kind"] = "forecast"
+    d["artifacts"][1]["inputs"].append({"name": "coef:taylor_coef", "role": "extra:coef:taylor_coef", "shape": [3],
+                                        "dtype": "float32"})
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop_reuse, "artifacts has no reuse artifact, which its config FORAConfig"),
+    (lambda d: d["config"].update(method="duca"), "config.method is 'duca' but method is 'fora'"),
+    (_as_duca, "artifacts has no partial artifact"),
+    (lambda d: d["schedule"][1].update(kind="skip"), "schedule\\[1\\].kind is skip, which its config"),
+    (_as_taylorseer_order_0, "artifacts\\[1\\].inputs\\[7\\].shape is \\[3\\], but config.order=0 needs \\[1\\]"),
+])
+def test_the_config_must_match_the_artifacts(folder, edit, message):
+    """Checked at load: otherwise a missing variant is a KeyError at the first cached step, a Taylor order that
+    differs an onnxruntime error mid-generation."""
+    _edit(folder, edit)
+    with pytest.raises(ExportError, match="manifest field " + message):
+        CachedSession(folder)
+
+
+# -- load-time errors are ExportErrors, keyword arguments ConfigErrors -------------------------------------------
+
+def test_an_integer_literal_too_long_to_convert_is_an_export_error(folder):
+    path = os.path.join(folder, "manifest.json")
+    text = open(path).read()
+    open(path, "w").write(text.replace('"num_steps": 4', '"num_steps": ' + "9" * 5000, 1))
+    with pytest.raises(ExportError, match="not valid JSON"):
+        CachedSession(folder)
+
+
+@pytest.mark.parametrize("key", ["__class__", "__dict__", "items", "pop", "_private", ""])
+def test_model_config_keys_that_would_break_the_config_object_are_refused(folder, key):
+    _edit(folder, lambda d: d["model_config"].__setitem__(key, 1))
+    with pytest.raises(ExportError, match="manifest field model_config key"):
+        CachedSession(folder)
+
+
+def test_model_config_values_must_be_json(exported):
+    data = json.load(open(os.path.join(exported, "manifest.json")))
+    data["model_config"]["sample_size"] = [{"nested": {1, 2}}]
+    with pytest.raises(ExportError, match="manifest field model_config\\['sample_size'\\] must be JSON"):
+        Manifest.from_dict(data)
+
+
+@pytest.mark.parametrize("value", ["False", "no", "true", "", 1, 0, None, []])
+def test_only_a_bool_is_trust_remote_code(exported, value, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: loaded.append(a))
+    with pytest.raises(fxcache.ConfigError, match="trust_remote_code must be True or False"):
+        CachedSession(exported, trust_remote_code=value)
+    assert not loaded
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_branches=0), "max_branches must be an int >= 1"),
+    (dict(max_branches=-1), "max_branches must be an int >= 1"),
+    (dict(max_branches="3"), "max_branches must be an int >= 1"),
+    (dict(max_records=-1), "max_records must be an int >= 1"),
+    (dict(max_records=1.5), "max_records must be an int >= 1"),
+    (dict(providers="CPUExecutionProvider"), "providers must be a non-empty list of onnxruntime"),
+    (dict(providers=[1]), "providers must be .* got the entry 1"),
+    (dict(providers=["NopeProvider"]), "unknown onnxruntime provider 'NopeProvider'"),
+])
+def test_session_keyword_arguments_are_checked(exported, kwargs, message):
+    with pytest.raises(fxcache.ConfigError, match=message):
+        CachedSession(exported, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return CachedSession(exported)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("timestep", None, "input 'timestep' must be a tensor or a number, got NoneType"),
+    ("timestep", "900", "input 'timestep' must be a tensor or a number, got str"),
+    ("timestep", 2**70, "input 'timestep' must be a tensor or a number, got int, which torch cannot convert"),
+    ("timestep", float("nan"), "input 'timestep' \\(the timestep\\) must be a finite number"),
+    ("class_labels", None, "input 'class_labels' must be a tensor, got NoneType"),
+    ("hidden_states", {"a": 1}, "input 'hidden_states' must be a tensor, got dict"),
+])
+def test_bad_call_inputs_name_the_input(session, name, value, message):
+    with pytest.raises(fxcache.ConfigError, match=message):
+        session(**{**_example(), name: value})
+    session.reset()
+
+
+def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
+    """Once trusted, a saved program's inputs and outputs are still checked against the manifest before use."""
+    import importlib
+
+    trt = importlib.import_module("fxcache.export.tensorrt")  # fxcache.export is also the export function
+    monkeypatch.setattr(trt, "require_tensorrt", lambda why: None)
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    program = torch.export.export(Double(), (torch.ones(2, 4, 8, 8),))
+
+    def as_tensorrt(d):
+        d["format"] = "tensorrt"
+        for a in d["artifacts"]:
+            a["file"] = a["file"].replace(".onnx", ".ep")
+            torch.export.save(program, os.path.join(folder, a["file"]))
+
+    _edit(folder, as_tensorrt)
+    with pytest.raises(ExportError, match="the manifest lists 3 inputs of full.ep, the program has 1"):
+        CachedSession(folder, trust_remote_code=True)

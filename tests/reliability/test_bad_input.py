@@ -106,3 +106,19 @@ def test_stats_and_reset_of_a_module_compiled_in_place():
     with torch.no_grad():
         model(**make_inputs("dit", t=0.2))
     assert fxcache.stats(model)[-1]["kind"] == "full"
+
+
+@pytest.mark.parametrize("method,option,value,bound", [
+    ("clusca", "kmeans_iters", 2**40, 1000),
+    ("toca", "spatial_grid", 65, 64),
+    ("toca", "step_buckets", 65, 64),
+    ("fora", "interval", 2**200, 10000),
+    ("duca", "warmup_steps", 10001, 10000),
+    ("duca", "num_steps", 10001, 10000),
+])
+def test_options_have_upper_bounds(method, option, value, bound):
+    """A k-means that would loop for hours, or a step count no sampler runs, is refused at once."""
+    extra = dict(schedule="dit") if option == "num_steps" else {}
+    with pytest.raises(ConfigError, match=f"{option} must be <= {bound}"):
+        fxcache.cache_backend(method, **{option: value}, **extra)
+    fxcache.cache_backend(method, **{option: bound}, **extra)  # the bound itself is accepted

@@ -79,7 +79,7 @@ def uncached_engine(model, example: dict, fmt: str, folder: str, providers):
 
     wrapper = Positional().eval()
     if fmt == "tensorrt":
-        from fxcache.export.tensorrt import compile_engine
+        from fxcache.backends.tensorrt import compile_engine
 
         engine = compile_engine(wrapper, list(args))
         return lambda **kw: engine(*[kw[n] for n in names])

@@ -16,7 +16,7 @@ from .pipelines import disable, enable
 from .runtime import lowering_names, register_lowering
 from .runtime.requests import Request
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 __all__ = [
     "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DuCaConfig", "ExportError", "Explanation", "FORAConfig",

@@ -11,9 +11,10 @@ import torch
 
 from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
 from .analysis.inputs import forward_parameters
+from .backends import check_lowering
 from .config import CacheConfig, make_config
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
-from .runtime import Runner, UncachedRunner, get_lowering
+from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
@@ -68,12 +69,10 @@ class CacheBackend:
     def __init__(self, config: CacheConfig, *, lowering: str = "inductor", strict: bool = False,
                  block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS, timestep_input: int | str | None = None,
                  max_records: int = 100_000, inplace: bool | None = None, max_branches: int = 3,
-                 keep_caches: bool | None = None, time_direction: str = "auto"):
+                 keep_caches: bool | None = None, time_direction: str = "auto", keep_example_inputs: bool = False):
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"CacheBackend takes a CacheConfig, got {type(config).__name__}")
-        check = getattr(get_lowering(lowering), "check", None)  # validate early: the name, and what it needs
-        if check is not None:
-            check()
+        check_lowering(lowering)  # validate early: the name, and what it needs
         _check_bool("strict", strict)
         if not isinstance(block_lists, tuple) or not block_lists or not all(isinstance(b, str) and b
                                                                             for b in block_lists):
@@ -81,6 +80,7 @@ class CacheBackend:
         _check_timestep_input(timestep_input)
         _check_bool("inplace", inplace, none=True)
         _check_bool("keep_caches", keep_caches, none=True)
+        _check_bool("keep_example_inputs", keep_example_inputs)
         for name, value in (("max_branches", max_branches), ("max_records", max_records)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -92,6 +92,9 @@ class CacheBackend:
         self.block_lists = block_lists
         self.timestep_input = timestep_input
         self.inplace = inplace
+        # each graph's first call arguments stay on its runner (`example_args`), for fxcache.export to trace with;
+        # off by default: they pin the caller's tensors
+        self.keep_example_inputs = keep_example_inputs
         # in-place buffers have static addresses (CUDA graphs record them): keep them for the next request
         keep = bool(inplace) if keep_caches is None else keep_caches
         self.scope = RequestScope(max_branches=max_branches, max_records=max_records, keep_caches=keep,
@@ -130,8 +133,7 @@ class CacheBackend:
                                             mode=mode, options=options, reason=exc.reason)
             else:
                 log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
-                runner = Runner(backend=self, graph_id=graph_id, plan=plan, config=self.config, variants=variants,
-                                lowering=self.lowering, mode=mode, options=options, gm=gm, inplace=self.inplace)
+                runner = compiled_runner(self, graph_id, gm, plan, variants, mode=mode, options=options)
             self.runners.append(runner)
         return runner
 
@@ -339,6 +341,8 @@ class Explanation:
     break_reasons: list[str]
     plans: list[GraphPlan | None]
     errors: list[str]
+    variants: list[dict] = dataclasses.field(default_factory=list)  # per graph: plan label -> Variant (method=)
+    graphs: bool = False  # print each variant's graph code
 
     def __str__(self) -> str:
         lines = [f"Graph count: {self.graph_count}", f"Graph break count: {self.graph_break_count}"]
@@ -347,24 +351,39 @@ class Explanation:
         for i, (plan, err) in enumerate(zip(self.plans, self.errors)):
             lines.append(f"Graph {i}:")
             lines.append("  " + (plan.summary().replace("\n", "\n  ") if plan else f"not cacheable: {err}"))
+            for label, v in (self.variants[i] if i < len(self.variants) else {}).items():
+                reads = ", ".join(f"{x.role.value} {x.key.name}" for x in v.inputs) or "nothing"
+                writes = ", ".join(x.key.name for x in v.outputs) or "nothing"
+                lines.append(f"  variant {label}: {v.flops / 1e6:.1f} MFLOPs, {v.tokens} tokens; takes {reads}; "
+                             f"writes {writes}")
+                if self.graphs:
+                    lines.append("    " + v.gm.code.strip().replace("\n", "\n    "))
         lines.append(REQUEST_BOUNDARIES)
         return "\n".join(lines)
 
 
 REQUEST_BOUNDARIES = (
     "Request boundaries: calls inside `with fxcache.request(model):` (or a pipeline enabled with "
-    "fxcache.enable(pipe)) are one request. Otherwise a diffusers pipeline's end-of-call reset ends the request, "
-    "and without any signal the step rule guesses from the timesteps and conditioning inputs: a request whose first "
-    "t is below the last one seen, with the same conditioning, cannot be told from a continuation, and two "
-    "unmarked requests with the same conditioning interleaved in one thread look like one. Mark requests in custom "
-    "loops, generators and servers."
+    "fxcache.enable(pipe)) are one request. Otherwise each diffusers pipeline call is a request (its end-of-call "
+    "reset, or the pipeline's next call, ends it), and outside any pipeline the step rule guesses from the "
+    "timesteps and conditioning inputs: a request whose first t is below the last one seen, with the same "
+    "conditioning, cannot be told from a continuation, and two unmarked requests with the same conditioning "
+    "interleaved in one thread look like one. Mark requests in custom loops, generators and servers."
 )
 
 
 def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
-            timestep_input: int | str | None = None, **kwargs) -> Explanation:
-    """Trace `model(*args, **kwargs)` with Dynamo, print and return what fxcache finds in each graph."""
+            timestep_input: int | str | None = None, method: str | CacheConfig | None = None,
+            graphs: bool = False, **kwargs) -> Explanation:
+    """Trace `model(*args, **kwargs)` with Dynamo, print and return what fxcache finds in each graph.
+
+    `method` (a name or a config): also build the variants its schedule starts with and list, for each, what it
+    takes and writes; `graphs=True` prints their graph code too."""
     _check_timestep_input(timestep_input)
+    _check_bool("graphs", graphs)
+    config = None
+    if method is not None:
+        config = method if isinstance(method, CacheConfig) else make_config(method)
     module = getattr(model, "_orig_mod", model)
     with torch.no_grad():
         out = torch._dynamo.explain(module)(*args, **kwargs)
@@ -377,7 +396,17 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
         except UnsupportedGraphError as exc:
             plans.append(None)
             errors.append(str(exc))
+    variants = []
+    if config is not None:
+        for gm, plan in zip(out.graphs, plans):
+            built = {}
+            if plan is not None:
+                try:
+                    built = {p.label: v for p, v in build_variants(gm, plan, config).items()}
+                except UnsupportedGraphError as exc:
+                    errors[len(variants)] = f"{config.method} cannot cache it: {exc}"
+            variants.append(built)
     reasons = [str(getattr(b, "reason", b)) for b in out.break_reasons]
-    result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors)
+    result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors, variants, graphs)
     print(result)
     return result

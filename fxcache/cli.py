@@ -179,11 +179,11 @@ def export_cmd(argv=None) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s")
     for a in manifest.artifacts:
         size = os.path.getsize(os.path.join(args.out, a.file)) / 1e6
-        caches = sum(1 for t in a.inputs if t.role.startswith("extra:cache:"))
+        caches = sum(1 for t in a.inputs if t.role == "cache")
         print(f"  {a.file:<16} {a.kind:<9} {size:7.1f} MB  {a.flops / 1e9:7.2f} GFLOPs  {caches:3d} cache inputs  "
               f"max |runtime - torch| {a.max_abs_error:.1e}")
     letters = {"full": "F", "partial": "P", "skip": "S", "reuse": "R", "forecast": "T", "cluster": "C"}
-    kinds = "".join(letters.get(s["kind"], "?") for s in manifest.schedule)
+    kinds = "".join(letters.get(manifest.artifacts[j].kind, "?") for j in manifest.schedule)
     print(f"schedule ({manifest.num_steps} steps; F full, P partial, S skip, R reuse, T Taylor forecast, C cluster): "
           f"{kinds}\nrun it: fxcache.deploy.CachedSession({args.out!r})")
     return 0

@@ -63,6 +63,18 @@ class CacheConfig:
         return None
 
     @property
+    def draw_seed(self) -> int:
+        """Seed of the random draws a variant makes (token choice, k-means start), reseeded every generation so that
+        runs repeat; 0 for methods that draw nothing."""
+        return 0
+
+    @property
+    def horizon(self) -> int:
+        """Steps within which `step_kind` emits every kind it ever emits: how far the compile-time variant list looks
+        (methods with a cycle override it with a bound of their own)."""
+        return MAX_STEPS
+
+    @property
     def warmup(self) -> int:
         """W: leading FULL steps (every method here has `warmup_steps`)."""
         return int(getattr(self, "warmup_steps", 1))

@@ -6,12 +6,16 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
+# every variant built by a test is checked after each pass (fxcache/passes/checks.py)
+os.environ.setdefault("FXCACHE_CHECK_PASSES", "1")
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=50)
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(int(os.environ.get("FXCACHE_TEST_THREADS", "2")))
+# one thread per pytest-xdist worker (the README runs two on two cores), else two
+_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("FXCACHE_TEST_THREADS", _THREADS)))
 # Every test compiles fresh model instances of the same classes: keep Dynamo from hitting its recompile limit.
 torch._dynamo.config.cache_size_limit = 512
 torch._dynamo.config.accumulated_cache_size_limit = 4096

@@ -9,8 +9,8 @@ import torch
 import fxcache
 from fxcache.testing import MODEL_NAMES
 from helpers import (
-    assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_inputs, make_model, reference_for, rel_err, run,
-    run_reference,
+    all_pairs, assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_inputs, make_model, reference_for,
+    rel_err, run, run_reference,
 )
 
 STEPS = 10
@@ -39,10 +39,9 @@ def test_interval_one_equals_uncached_over_a_loop(name, method):
     assert {r["kind"] for r in fxcache.stats(compiled)} == {"full"}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("method,opts", [("duca", dict(interval=5, ratio=0.5)), ("fora", dict(interval=3)),
-                                         ("duca", dict(interval=4, ratio=0.0))])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name,method,opts,batch", all_pairs(
+    MODEL_NAMES, [("duca", dict(interval=5, ratio=0.5)), ("fora", dict(interval=3)), ("duca", dict(interval=4, ratio=0.0))],
+    [1, 2]))
 def test_cached_loop_equals_hooked_reference(name, method, opts, batch):
     model = make_model(name)
     compiled, backend = compile_cached(model, method, **opts)
@@ -58,11 +57,8 @@ def test_two_generations_one_graph_no_recompile(name):
     model = make_model(name)
     compiled, backend = compile_cached(model, "duca", fullgraph=True)
     first = run(compiled, loop_inputs(name, STEPS))
-    torch._dynamo.config.error_on_recompile = True
-    try:
+    with torch._dynamo.config.patch(error_on_recompile=True):
         second = run(compiled, loop_inputs(name, STEPS))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
     assert len(backend.runners) == 1
     for a, b in zip(first, second):
         assert torch.equal(a, b)  # state resets when t rises: the second request repeats the first exactly
@@ -139,7 +135,7 @@ def test_skip_step_runs_no_block_and_uses_the_current_timestep():
     assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "partial", "skip"]
     runner = backend.runners[0]
     block_nodes = {n.name for b in runner.plan.blocks for n in b.nodes}
-    skip = runner.variants[fxcache.StepKind.SKIP].gm
+    skip = runner.variant_of(fxcache.StepKind.SKIP).gm
     assert block_nodes and not block_nodes & {n.name for n in skip.graph.nodes}
     # Same cached head input, other timestep: the output must change (the head uses the current t).
     with fxcache.step(compiled, 2):

@@ -122,8 +122,10 @@ def analyse(
         if any(not isinstance(o.meta.get("example_value"), torch.Tensor) for o in b.outputs):
             raise UnsupportedGraphError("a block output is not a tensor", block=b.name)
     batch = blocks[-1].outputs[0].meta["example_value"].shape[0]
-    for b in blocks:
+    for i, b in enumerate(blocks):
         b.units = find_units(b, batch)
+        for u in b.units:
+            u.block = i
     if not any(b.units for b in blocks):
         refused = next(((p, why) for b in blocks for p, why in b.refused.items()), None)
         raise UnsupportedGraphError(

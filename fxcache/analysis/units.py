@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..graph_io import Key
+from .aliases import aliases, is_mutation
 from .blocks import Block
 from .module_stack import child_of, is_param_placeholder
 
@@ -48,6 +50,12 @@ class Unit:
     passthrough: list[fx.Node] = dataclasses.field(default_factory=list)
     partial: bool = False
     why_not: str = ""
+    block: int = -1  # index of its block in the plan's blocks
+
+    @property
+    def cache_keys(self) -> list:
+        """The typed cache key of each output, in order."""
+        return [Key.unit_output(self.name, i) for i in range(len(self.outputs))]
 
     @property
     def token_wise(self) -> bool:
@@ -321,10 +329,8 @@ def _carried_input(outs: list[fx.Node], members: set) -> fx.Node | None:
 def _mutated_elsewhere(outs: list[fx.Node], members: set) -> fx.Node | None:
     """A node outside the child that writes into one of its outputs (or a view of one): `attn_out.mul_(gate)`.
     A cache of such an output would hold the written value, and the write would run again on the cache."""
-    from ..passes.dead_code import _aliases, is_mutation
-
     for o in outs:
-        for a in _aliases(o):
+        for a in aliases(o):
             if a not in members and is_mutation(a):
                 return a
     return None

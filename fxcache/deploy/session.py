@@ -10,72 +10,60 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import types
 from typing import Callable
 
 import torch
 
-from ..config import CacheConfig, StepKind
+from ..backends import get_format
+from ..config import CacheConfig
 from ..errors import ConfigError, ExportError
-from ..export.graph import dtype_from_name
 from ..export.manifest import Artifact, Manifest, confined, read_manifest
-from ..runtime.requests import CONTEXT_NAME, Request, RequestScope
-from ..runtime.runner import Runner
-from ..variants import ExtraInput, schedule_key
+from ..graph_io import GraphValue, dtype_from_name
+from ..runtime.attach import CONTEXT_NAME
+from ..runtime.dispatch import Dispatcher
+from ..runtime.fingerprint import conditioning_inputs
+from ..runtime.requests import Request, RequestScope
+from ..runtime.runner import Runner, VariantSource
+from ..step_plan import StepPlan
+from ..variants import first_plans
+
 
 @dataclasses.dataclass
-class VariantSpec:
+class ArtifactVariant:
     """What the runner needs to know of a variant, read from an artifact of the manifest."""
 
-    kind: StepKind
-    extra_inputs: list[ExtraInput]
-    extra_outputs: list[str]
+    plan: StepPlan
+    inputs: list[GraphValue]
+    outputs: list[GraphValue]
     num_outputs: int
     single_output: bool
     flops: int
     tokens: int
-    artifact: Artifact
-
-    @classmethod
-    def of(cls, a: Artifact) -> "VariantSpec":
-        extras = []
-        for t in a.inputs:
-            if t.role.startswith("extra:"):
-                _, kind, key = t.role.split(":", 2)
-                extras.append(ExtraInput(kind, key, tuple(t.shape), dtype_from_name(t.dtype)))
-        caches = [t.role.split(":", 1)[1] for t in a.outputs if t.role.startswith("cache:")]
-        return cls(StepKind(a.kind), extras, caches, a.num_outputs, a.single_output, a.flops, a.tokens, a)
+    writes: list = dataclasses.field(default_factory=list)
 
 
-class _SessionRunner(Runner):
-    """The compiled runner with variants from the manifest and executors instead of lowerings."""
+class ArtifactVariants(VariantSource):
+    """The session's variants: one per exported artifact, found by its plan, run by its executor."""
 
-    def __init__(self, session: "CachedSession", manifest: Manifest, config: CacheConfig,
-                 executors: dict[tuple[str, int], Callable]):
-        specs = {}
-        first = schedule_key(config, config.warmup)
-        for a in manifest.artifacts:
-            kind = StepKind(a.kind)
-            if kind is not StepKind.PARTIAL or a.schedule_key == first or kind not in specs:
-                specs[kind] = VariantSpec.of(a)
-        plan = types.SimpleNamespace(timestep_index=manifest.timestep_input, forward_params=None,
-                                     input_paths={i: t.name for i, t in enumerate(manifest.user_inputs)})
-        super().__init__(backend=session, graph_id=0, plan=plan, config=config, variants=specs, lowering="eager")
-        self.manifest = manifest
-        self.executors = executors
-        self._specs: dict[tuple[StepKind, int], VariantSpec] = {}
+    def __init__(self, manifest: Manifest, executors: list[Callable]):
+        self.num_steps = manifest.num_steps
+        self._by_plan: dict[StepPlan, tuple[ArtifactVariant, Callable]] = {}
+        for a, executor in zip(manifest.artifacts, executors):
+            v = ArtifactVariant(a.step_plan(), a.extra_inputs(), a.written(), a.num_outputs, a.single_output,
+                                a.flops, a.tokens)
+            self._by_plan[v.plan] = (v, executor)
 
-    def _variant(self, kind: StepKind, step: int):
-        key = schedule_key(self.config, step) if kind is StepKind.PARTIAL else 0
-        spec = self._specs.get((kind, key))
-        if spec is None:
-            spec = self._specs[(kind, key)] = VariantSpec.of(self.manifest.artifact(kind.value, key))
-            self._state_keys |= {e.key for e in spec.extra_inputs if e.kind == "state"}
-        return spec, key
+    def variant(self, plan: StepPlan) -> ArtifactVariant:
+        found = self._by_plan.get(plan)
+        if found is None:
+            raise ExportError(f"no exported artifact for the {plan.label} plan a step beyond the exported "
+                              f"num_steps={self.num_steps} asks for; export again with num_steps covering the "
+                              f"sampler's steps")
+        return found[0]
 
-    def _lowered(self, kind: StepKind, key: int, variant: VariantSpec, args) -> Callable:
-        return self.executors[(kind.value, key)]
+    def callable(self, plan: StepPlan, variant, args) -> Callable:
+        return self._by_plan[plan][1]
 
 
 class CachedSession:
@@ -106,7 +94,8 @@ class CachedSession:
             self.cache_config = CacheConfig.from_dict(m.config)
         except Exception as exc:  # an unknown method or option from another fxcache version
             raise ExportError(f"the manifest's cache config cannot be read: {exc}") from None
-        _check_config(m, self.cache_config)
+        self.dispatcher = Dispatcher(self.cache_config, m.graph_view())
+        _check_config(m, self.cache_config, self.dispatcher)
         if m.format == "onnx" and providers is not None:
             _check_provider_names(providers)
         self.providers = providers
@@ -123,24 +112,23 @@ class CachedSession:
                 "can run any code on this machine. Load only folders you made or trust, with "
                 "CachedSession(folder, trust_remote_code=True)")
         # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
-        executors = {(a.kind, a.schedule_key): self._executor(a) for a in m.artifacts}
+        executors = [self._executor(a) for a in m.artifacts]
         if m.format == "onnx":
             timestep = m.user_inputs[m.timestep_input].name
-            full = executors[("full", next(a.schedule_key for a in m.artifacts if a.kind == "full"))]
+            full = executors[next(i for i, a in enumerate(m.artifacts) if a.kind == "full")]
             if all(name != timestep for _, name in full.feed):
                 raise ExportError(f"manifest field timestep_input names {timestep!r}, which the full artifact does "
                                   f"not take")
-        self._runner = _SessionRunner(self, m, self.cache_config, executors)
+        paths = {i: t.name for i, t in enumerate(m.user_inputs)}
+        self._runner = Runner(backend=self, graph_id=0, dispatcher=self.dispatcher,
+                              source=ArtifactVariants(m, executors), timestep_index=m.timestep_input,
+                              conditioning=conditioning_inputs(m.timestep_input, paths), param_indices=[])
 
     def _executor(self, artifact: Artifact):
         path = confined(self.folder, artifact.file)
         if self.manifest.format == "onnx":
-            from ..export.onnx import OnnxExecutor
-
-            return OnnxExecutor(path, artifact.inputs, artifact.outputs, self.providers)
-        from ..export.tensorrt import TensorRTExecutor
-
-        return TensorRTExecutor(path, artifact.inputs, artifact.outputs)
+            return get_format("onnx").executor(path, artifact.inputs, artifact.outputs, self.providers)
+        return get_format("tensorrt").executor(path, artifact.inputs, artifact.outputs)
 
     # -- the runner's backend interface ----------------------------------------------------------------------
     def _warn_once(self, message: str, key: str | None = None) -> None:
@@ -235,7 +223,7 @@ class CachedSession:
             CONTEXT_NAME.reset(token)
 
     def __repr__(self) -> str:
-        kinds = ", ".join(f"{a.kind}" + (f"@{a.schedule_key}" if a.schedule_key else "") for a in self.manifest.artifacts)
+        kinds = ", ".join(a.step_plan().label for a in self.manifest.artifacts)
         return f"CachedSession({self.folder!r}, {self.manifest.method}, {self.manifest.format}: {kinds})"
 
 
@@ -272,8 +260,8 @@ def _check_providers(providers) -> list | None:
 def _check_provider_names(providers: list) -> None:
     """Names onnxruntime knows (it would silently fall back to the CPU for a misspelt one); a known provider this
     build lacks still falls back, as onnxruntime does, so one providers list serves CPU and GPU machines."""
-    from ..export.api import require
-    from ..export.onnx import INSTALL
+    from ..backends import require
+    from ..backends.onnx import INSTALL
 
     ort = require("onnxruntime", INSTALL, "running ONNX artifacts")
     known = ort.get_all_providers()
@@ -283,76 +271,36 @@ def _check_provider_names(providers: list) -> None:
             raise ConfigError(f"unknown onnxruntime provider {name!r}; onnxruntime knows {', '.join(known)}")
 
 
-def _check_config(manifest: Manifest, config: CacheConfig) -> None:
-    """The manifest's config against its artifacts, before any call: every step kind the config's schedule uses
-    has its artifact, none it never uses is there, and each artifact's runtime-made inputs are what the config
-    implies (Taylor scalars of its order, token counts of its ratio, k-means starts of its cluster count), so a
-    mismatch is an ExportError naming the field now, not a KeyError or an onnxruntime error mid-generation."""
+def _check_config(manifest: Manifest, config: CacheConfig, dispatcher: Dispatcher) -> None:
+    """The manifest's config against its artifacts, before any call: the plan the config gives each exported step
+    is the plan of the artifact the schedule names, the FULL plan has its artifact, no artifact is one the config
+    never runs, and each artifact's runtime-made inputs are what the config implies (the recipe's `check_io`), so
+    a mismatch is an ExportError naming the field now, not an error mid-generation."""
     if config.method != manifest.method:
         raise ExportError(f"manifest field config.method is {config.method!r} but method is {manifest.method!r}")
-    kinds = {a.kind for a in manifest.artifacts}
-    for kind in sorted(k.value for k in config.kinds):
-        if kind not in kinds:
-            raise ExportError(f"manifest field artifacts has no {kind} artifact, which its config {config!r} uses "
-                              f"(it has {', '.join(sorted(kinds))}); export the model again with this config")
-    used = {k.value for k in config.kinds}
-    for i, a in enumerate(manifest.artifacts):
-        if a.kind not in used:
-            raise ExportError(f"manifest field artifacts[{i}].kind is {a.kind}, which its config {config!r} never "
-                              f"runs: the artifacts were exported with another config")
-    partial_keys = {a.schedule_key for a in manifest.artifacts if a.kind == "partial"}
-    for i, entry in enumerate(manifest.schedule):
-        if entry["kind"] not in used:
-            raise ExportError(f"manifest field schedule[{i}].kind is {entry['kind']}, which its config {config!r} "
-                              f"never runs")
-        if entry["kind"] == "partial" and entry["schedule_key"] not in partial_keys:
-            raise ExportError(f"manifest field schedule[{i}].schedule_key is {entry['schedule_key']}, for which "
-                              f"artifacts has no partial artifact")
-    order = config.taylor_order
-    clusters = getattr(config, "clusters", None)
-    in_graph = getattr(config, "selects_in_graph", False)
-    for i, a in enumerate(manifest.artifacts):
-        extras = {}
-        for j, t in enumerate(a.inputs):
-            if not t.role.startswith("extra:"):
-                continue
-            _, kind, key = t.role.split(":", 2)
-            extras.setdefault(kind, []).append(t)
-            field = f"manifest field artifacts[{i}].inputs[{j}]"
-            if kind in ("coef", "diff"):
-                if order is None:
-                    raise ExportError(f"{field} is a Taylor {kind} input, but its config {config!r} keeps no "
-                                      f"Taylor factors")
-                want = [order + 1] if kind == "coef" else [order]
-                if t.shape != want:
-                    raise ExportError(f"{field}.shape is {t.shape}, but config.order={order} needs {want}: the "
-                                      f"artifacts were exported with another order")
-            elif kind == "idx":
-                tokens = int(key.split(":")[1])
-                if in_graph or StepKind.PARTIAL not in config.kinds:
-                    raise ExportError(f"{field} takes token indices, which its config {config!r} does not draw")
-                if t.shape[1] != config.tokens_for(tokens):
-                    raise ExportError(f"{field}.shape is {t.shape}, but its config recomputes "
-                                      f"{config.tokens_for(tokens)} of {tokens} tokens: the artifacts were exported "
-                                      f"with another ratio")
-            elif kind == "kinit":
-                tokens = int(key.split(":")[1])
-                if clusters is None:
-                    raise ExportError(f"{field} takes k-means starts, but its config {config!r} runs no k-means")
-                if t.shape != [min(clusters, tokens)]:
-                    raise ExportError(f"{field}.shape is {t.shape}, but config.clusters={clusters} needs "
-                                      f"{[min(clusters, tokens)]}: the artifacts were exported with another count")
-        where = f"manifest field artifacts[{i}].inputs"
-        if order is not None and a.kind in ("forecast", "cluster") and "coef" not in extras:
-            raise ExportError(f"{where} lacks the Taylor coefficients (extra:coef:...) its {a.kind} step takes")
-        if order and a.kind == "full" and len(config.kinds) > 1 and "diff" not in extras:
-            raise ExportError(f"{where} lacks the Taylor step differences (extra:diff:...) of config.order={order}")
-        if in_graph and a.kind == "partial":  # ToCa: random scores are drawn by the runtime, others computed
-            score = getattr(config, "score", None)
-            scored = any(t.role.startswith("extra:cache:tocascore:") for t in a.inputs)
-            if (extras.get("rand") and score != "random") or (scored and score in ("random", "staleness")):
-                raise ExportError(f"{where} are those of another token score than its config's score={score!r}: the "
-                                  f"artifacts were exported with another score")
+    plans = [a.step_plan() for a in manifest.artifacts]
+    if len(set(plans)) != len(plans):
+        raise ExportError("manifest field artifacts has two artifacts of one plan")
+    if dispatcher.full not in plans:
+        raise ExportError(f"manifest field artifacts has no artifact of the {dispatcher.full.label} plan its config "
+                          f"{config!r} runs while caches are missing; export the model again with this config")
+    expected = set(first_plans(config, dispatcher.view))
+    for step, j in enumerate(manifest.schedule):
+        want = dispatcher.scheduled(step)
+        expected.add(want)
+        if plans[j] != want:
+            raise ExportError(f"manifest field schedule[{step}] runs artifacts[{j}], a {plans[j].describe()} plan, "
+                              f"but its config {config!r} plans {want.describe()} for step {step}: the artifacts "
+                              f"were exported with another config")
+    recipe = dispatcher.recipe
+    for i, (a, plan) in enumerate(zip(manifest.artifacts, plans)):
+        if plan not in expected:
+            raise ExportError(f"manifest field artifacts[{i}] is a {plan.label} plan, which its config {config!r} "
+                              f"never runs: the artifacts were exported with another config")
+        problem = recipe.check_io(plan, dispatcher.view, a.extra_inputs())
+        if problem:
+            raise ExportError(f"manifest field artifacts[{i}].inputs: {problem}: the artifacts were exported with "
+                              f"another config than {config!r}")
 
 
 def _model_config(data: dict):

@@ -14,18 +14,29 @@ import secrets
 import shutil
 import stat
 import tempfile
-import time
 import types
 
 import torch
 
 from ..analysis import DEFAULT_BLOCK_LISTS
+from ..backends import get_format
+from ..backends.freeze import lift_constants, remove_noop_squeeze
 from ..config import CacheConfig, StepKind, make_config
-from ..errors import ConfigError, ExportError, MissingDependencyError, UnsupportedGraphError
-from ..variants import schedule_key
-from .graph import dtype_name, example_extra, lift_constants, remove_noop_squeeze
-from .manifest import (FORMATS, MANIFEST, MAX_NUM_STEPS, Artifact, Manifest, Tensor, export_files, load_json,
-                       write_manifest)
+from ..errors import ConfigError, ExportError, UnsupportedGraphError
+from ..graph_io import dtype_name
+from ..variants import first_plans
+from .graph import example_extra
+from .manifest import (
+    FORMATS,
+    MANIFEST,
+    MAX_NUM_STEPS,
+    Artifact,
+    Manifest,
+    Tensor,
+    export_files,
+    load_json,
+    write_manifest,
+)
 
 
 def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config: str | CacheConfig = "duca", *,
@@ -72,9 +83,9 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
     out_dir = _check_out_dir(out_dir)
     example_inputs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
     _check_example_inputs(transformer, example_inputs, timestep_input)
-    writer = _writer(format)
+    writer = get_format(format)
     if format == "tensorrt":  # before tracing: say what is missing at once
-        from .tensorrt import require_tensorrt
+        from ..backends.tensorrt import require_tensorrt
 
         require_tensorrt("format='tensorrt'")
     staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
@@ -109,33 +120,25 @@ def _export(writer, runner, eager_out, transformer, example_inputs, config, form
         path = next((p for p, t in paths if t is value), None)
         if path is not None:
             keep.append(i)
-            user_inputs.append(Tensor(path, f"user:{path}", list(value.shape), dtype_name(value.dtype)))
+            user_inputs.append(Tensor(path, "user", list(value.shape), dtype_name(value.dtype)))
     if runner.plan.timestep_index not in keep:
         raise ExportError("the timestep input of the traced graph is not one of example_inputs' tensors; pass "
                           "the timestep as a tensor (e.g. timestep=torch.tensor([t] * batch))")
     timestep_pos = keep.index(runner.plan.timestep_index)
 
-    artifacts, seen = [], set()
-    schedule = []
-    for step in range(num_steps):
-        kind = config.step_kind(step)
-        key = schedule_key(config, step) if kind is StepKind.PARTIAL else 0
-        schedule.append({"step": step, "kind": kind.value, "schedule_key": key})
-    wanted = [(k, 0) for k in StepKind if k in config.kinds and k is not StepKind.PARTIAL]
-    wanted += sorted({(StepKind.PARTIAL, s["schedule_key"]) for s in schedule if s["kind"] == "partial"},
-                     key=lambda x: x[1])
-    if StepKind.PARTIAL in config.kinds and not any(k is StepKind.PARTIAL for k, _ in wanted):
-        wanted.append((StepKind.PARTIAL, schedule_key(config, config.warmup)))
-    for kind, key in wanted:
-        if (kind, key) in seen:
-            continue
-        seen.add((kind, key))
-        step = next((s["step"] for s in schedule if s["kind"] == kind.value and s["schedule_key"] == key), 0)
-        variant, _ = runner._variant(kind, step)
-        artifacts.append(_export_variant(writer, variant, kind, key, args, keep, user_inputs, staging, check,
-                                         tolerance, eager_tensors))
+    # the runner's own dispatcher says which plan each step runs: the first plan of every kind (a longer sampler
+    # may need it), then every plan of the exported steps, each exported once
+    schedule = runner.dispatcher.schedule(num_steps)
+    plans = list(dict.fromkeys(first_plans(config, runner.dispatcher.view) + schedule))
+    artifacts, names = [], {}
+    for plan in plans:
+        count = names[plan.kind] = names.get(plan.kind, 0) + 1
+        name = plan.kind.value if count == 1 else f"{plan.kind.value}_{count}"
+        artifacts.append(_export_variant(writer, runner.source.variant(plan), name, args, keep, user_inputs,
+                                         staging, check, tolerance, eager_tensors))
     return Manifest(
-        format=format, method=config.method, config=config.to_dict(), num_steps=num_steps, schedule=schedule,
+        format=format, method=config.method, config=config.to_dict(), num_steps=num_steps,
+        view=runner.dispatcher.view.to_json(), schedule=[plans.index(p) for p in schedule],
         user_inputs=user_inputs, timestep_input=timestep_pos, output_structure=structure,
         model_class=type(transformer).__name__, model_config=_model_config(transformer), artifacts=artifacts,
         versions=_versions(format))
@@ -334,8 +337,7 @@ def _trace(transformer, example_inputs, config, block_lists, timestep_input):
     from ..runtime.attach import detach
 
     backend = CacheBackend(config, lowering="eager", strict=True, block_lists=block_lists,
-                           timestep_input=timestep_input)
-    backend.capture_args = True
+                           timestep_input=timestep_input, keep_example_inputs=True)
     forward = _own_forward(transformer)
     code = forward.__func__.__code__ if forward is not None else None
     compiled = torch.compile(forward or transformer, backend=backend, dynamic=False, fullgraph=True)
@@ -388,9 +390,10 @@ def _output_structure(out) -> tuple[str, list[torch.Tensor]]:
 
 # -- one variant ---------------------------------------------------------------------------------------------------
 
-def _export_variant(writer, variant, kind, key, args, keep, user_inputs, out_dir, check, tolerance, eager_tensors):
+def _export_variant(writer, variant, name, args, keep, user_inputs, out_dir, check, tolerance, eager_tensors):
+    kind = variant.plan.kind
     device = args[keep[0]].device
-    extras = [example_extra(e, device) for e in variant.extra_inputs]
+    extras = [example_extra(v, device) for v in variant.inputs]
     full = list(args) + extras
     keep_all = keep + [len(args) + j for j in range(len(extras))]
     lifted = lift_constants(variant.gm, full, keep_all)
@@ -398,55 +401,40 @@ def _export_variant(writer, variant, kind, key, args, keep, user_inputs, out_dir
     inputs = [full[i] for i in keep_all]
     with torch.no_grad():
         expected = list(lifted(*inputs))
-    if len(expected) != variant.num_outputs + len(variant.extra_outputs):
-        raise ExportError(f"{kind.value} variant returned {len(expected)} outputs, expected "
-                          f"{variant.num_outputs} + {len(variant.extra_outputs)} caches")
+    if len(expected) != variant.num_outputs + len(variant.outputs):
+        raise ExportError(f"{name} variant returned {len(expected)} outputs, expected "
+                          f"{variant.num_outputs} + {len(variant.outputs)} caches")
     if kind is StepKind.FULL and len(eager_tensors) != variant.num_outputs:
         raise ExportError(f"the graph has {variant.num_outputs} outputs but the transformer returns "
                           f"{len(eager_tensors)} tensors; export handles models whose outputs are graph outputs")
-    in_specs = list(user_inputs) + [
-        Tensor(f"{e.kind}:{e.key}", f"extra:{e.kind}:{e.key}", list(e.shape), dtype_name(e.dtype))
-        for e in variant.extra_inputs]
-    out_specs = [Tensor(f"output_{i}", f"output:{i}", list(t.shape), dtype_name(t.dtype))
+    in_specs = list(user_inputs) + [Tensor.typed(v) for v in variant.inputs]
+    out_specs = [Tensor(f"output_{i}", "output", list(t.shape), dtype_name(t.dtype))
                  for i, t in enumerate(expected[:variant.num_outputs])]
-    out_specs += [Tensor(f"new:{k}", f"cache:{k}", list(t.shape), dtype_name(t.dtype))
-                  for k, t in zip(variant.extra_outputs, expected[variant.num_outputs:])]
-    name = kind.value if key == 0 else f"{kind.value}_s{key}"
-    t0 = time.perf_counter()
-    file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(out_dir, name), kind.value)
+    out_specs += [Tensor.typed(v, f"new:{v.key.name}") for v in variant.outputs]
+    file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(out_dir, name), name)
     error = None
     if check:
         got = writer.run(os.path.join(out_dir, file), inputs, in_specs, out_specs)
         error = 0.0
         for spec, g, e in zip(out_specs, got, expected):
             if g.shape != e.shape:
-                raise ExportError(f"{kind.value} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
+                raise ExportError(f"{name} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
                                   f"variant {tuple(e.shape)}")
             if e.is_floating_point():
                 diff = (g.float() - e.float()).abs().max().item() if e.numel() else 0.0
                 scale = max(1.0, e.float().abs().max().item() if e.numel() else 0.0)
                 if not diff <= tolerance * scale:
-                    raise ExportError(f"{kind.value} artifact output {spec.name} differs from the torch variant by "
+                    raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant by "
                                       f"{diff:.3g} (tolerance {tolerance * scale:.3g})")
                 error = max(error, diff)
             elif not torch.equal(g.to(e.dtype), e):
-                raise ExportError(f"{kind.value} artifact output {spec.name} differs from the torch variant")
-    return Artifact(file=file, kind=kind.value, schedule_key=key, tokens=variant.tokens, flops=variant.flops,
+                raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
+    return Artifact(file=file, plan=variant.plan.to_json(), tokens=variant.tokens, flops=variant.flops,
                     num_outputs=variant.num_outputs, single_output=variant.single_output, inputs=in_specs,
                     outputs=out_specs, max_abs_error=error)
 
 
 # -- formats ---------------------------------------------------------------------------------------------------
-
-def _writer(format: str):
-    if format == "onnx":
-        from .onnx import OnnxWriter
-
-        return OnnxWriter()
-    from .tensorrt import TensorRTWriter
-
-    return TensorRTWriter()
-
 
 def _model_config(transformer) -> dict:
     config = getattr(transformer, "config", None)
@@ -461,7 +449,7 @@ def _model_config(transformer) -> dict:
 def _versions(format: str) -> dict:
     from importlib import metadata
 
-    from .. import __version__
+    from ..version import __version__
 
     out = {"fxcache": __version__, "torch": torch.__version__}
     for pkg in ("diffusers", "onnx", "onnxruntime", "torch_tensorrt"):
@@ -471,12 +459,3 @@ def _versions(format: str) -> dict:
             pass
     return out
 
-
-def require(module: str, install: str, why: str):
-    """Import an optional dependency or raise MissingDependencyError saying what to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(f"{why} needs the `{module}` package: {install}") from None

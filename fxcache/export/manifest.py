@@ -1,10 +1,12 @@
 """The manifest of an exported cached transformer: everything a runtime needs to replay the schedule.
 
-`manifest.json` in the export folder. Per artifact (one per variant the method needs): its file, step kind,
-schedule key, token rows, FLOPs, and its inputs / outputs in order with their role, shape and dtype. Roles:
-`user:<path>` (a transformer input: `hidden_states`, `added_cond_kwargs.resolution`), `extra:<kind>:<key>` (token
-indices, caches, Taylor scalars: made by the runtime), `output:<i>` (the transformer's i-th output) and
-`cache:<key>` (a cache entry the runtime keeps for later steps).
+`manifest.json` in the export folder: the method's config, the graph's blocks as schedules see them (`view`, so
+the runtime computes every step's plan itself), the artifact each exported step runs, and per artifact (one per
+step plan the schedule uses) its file, plan, token rows, FLOPs, and its inputs / outputs in order with their role,
+shape and dtype. Roles: `user` (a transformer input, named by its path: `hidden_states`,
+`added_cond_kwargs.resolution`), `output` (the transformer's outputs, in order), and the typed roles of
+`fxcache.graph_io` with their key, for what the runtime makes (token indices, caches, Taylor scalars) and the
+cache entries it keeps for later steps.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 
-from ..config import MAX_STEPS
+import torch
+
+from ..config import MAX_STEPS, StepKind
 from ..errors import ExportError
+from ..graph_io import ROLE_SLOTS, GraphValue, Key, Role
+from ..step_plan import BlockKind, BlockStep, GraphView, StepPlan, UnitView
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMATS = ("onnx", "tensorrt")
 #: the most steps an export covers and a manifest may hold: `fxcache.export` and the loader share this bound
 MAX_NUM_STEPS = MAX_STEPS
@@ -26,17 +31,29 @@ MAX_NUM_STEPS = MAX_STEPS
 
 @dataclasses.dataclass
 class Tensor:
+    """An artifact input or output. `role`: "user", "output", or a `Role` value (then `key` says what it is)."""
+
     name: str
     role: str
     shape: list[int]
     dtype: str
+    key: dict | None = None  # `Key.to_json()` of a runtime-made input or a written cache entry
+
+    @classmethod
+    def typed(cls, value: GraphValue, name: str | None = None) -> "Tensor":
+        return cls(name or value.key.name, value.role.value, list(value.shape), dtype_name(value.dtype),
+                   value.key.to_json())
+
+    def value(self) -> GraphValue:
+        """The typed value of a runtime-made input or a written entry (its fields were checked at load)."""
+        return GraphValue(Role(self.role), Key.from_json(self.key, self.name), tuple(self.shape),
+                          getattr(torch, self.dtype))
 
 
 @dataclasses.dataclass
 class Artifact:
     file: str
-    kind: str  # a StepKind value
-    schedule_key: int
+    plan: dict  # `StepPlan.to_json()`
     tokens: int
     flops: int
     num_outputs: int
@@ -45,6 +62,19 @@ class Artifact:
     outputs: list[Tensor]
     max_abs_error: float | None = None  # runtime vs. the torch variant on the export example
 
+    @property
+    def kind(self) -> str:
+        return self.plan["kind"]
+
+    def step_plan(self) -> StepPlan:
+        return _step_plan(self.plan, "plan")
+
+    def extra_inputs(self) -> list[GraphValue]:
+        return [t.value() for t in self.inputs if t.role != "user"]
+
+    def written(self) -> list[GraphValue]:
+        return [t.value() for t in self.outputs[self.num_outputs:]]
+
 
 @dataclasses.dataclass
 class Manifest:
@@ -52,7 +82,8 @@ class Manifest:
     method: str
     config: dict
     num_steps: int
-    schedule: list[dict]  # per step: {"step", "kind", "schedule_key"} (what the runtime will pick with caches)
+    view: list  # `GraphView.to_json()`: the blocks as the schedule sees them
+    schedule: list[int]  # per step: the index of the artifact it runs when its caches are all present
     user_inputs: list[Tensor]  # in the order every artifact takes them first
     timestep_input: int  # index into user_inputs
     output_structure: str  # "tuple" | "tensor" | "model_output"
@@ -63,7 +94,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False, default=_jsonable)
+        data = dataclasses.asdict(self)
+        tensors = data["user_inputs"] + [t for a in data["artifacts"] for t in a["inputs"] + a["outputs"]]
+        for t in tensors:  # only runtime-made values and written entries carry a key
+            if t.get("key") is None:
+                t.pop("key", None)
+        return json.dumps(data, indent=1, sort_keys=False, default=_jsonable)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
@@ -85,44 +121,34 @@ class Manifest:
         _string(data["method"], "method")
         _dict(data["config"], "config")
         num_steps = _int(data["num_steps"], "num_steps", minimum=1, maximum=MAX_NUM_STEPS)
+        view = _view(data["view"])
         schedule = _list(data["schedule"], "schedule")
         if len(schedule) != num_steps:
             raise _fail("schedule", f"a list of num_steps={num_steps} entries", f"{len(schedule)} entries")
-        for i, entry in enumerate(schedule):
-            where = f"schedule[{i}]"
-            _dict(entry, where, keys=("step", "kind", "schedule_key"))
-            if type(entry["step"]) is not int or entry["step"] != i:
-                raise _fail(f"{where}.step", f"{i} (one entry per step, in order)", entry["step"])
-            _one_of(entry["kind"], f"{where}.kind", KINDS)
-            _int(entry["schedule_key"], f"{where}.schedule_key", maximum=MAX_NUM_STEPS)
         user_inputs = [_tensor(t, f"user_inputs[{i}]") for i, t in enumerate(_list(data["user_inputs"], "user_inputs"))]
         if not user_inputs:
             raise ExportError("manifest field user_inputs is empty")
         for i, t in enumerate(user_inputs):
-            if not t.role.startswith("user:"):
-                raise ExportError(f"manifest field user_inputs[{i}].role must start with 'user:', got {t.role!r}")
+            if t.role != "user":
+                raise ExportError(f"manifest field user_inputs[{i}].role must be 'user', got {t.role!r}")
         _int(data["timestep_input"], "timestep_input", maximum=len(user_inputs) - 1)
         _one_of(data["output_structure"], "output_structure", ("tuple", "tensor", "model_output"))
         _string(data["model_class"], "model_class", empty=True)
         _model_config(data["model_config"])
         _dict(data["versions"], "versions")
-        artifacts = [_artifact(a, f"artifacts[{i}]", user_inputs)
+        artifacts = [_artifact(a, f"artifacts[{i}]", user_inputs, view)
                      for i, a in enumerate(_list(data["artifacts"], "artifacts"))]
         if not artifacts:
             raise ExportError("manifest field artifacts is empty")
         if not any(a.kind == "full" for a in artifacts):
             raise ExportError("manifest field artifacts has no full variant (every schedule starts with one)")
+        for i, j in enumerate(schedule):
+            _int(j, f"schedule[{i}]", maximum=len(artifacts) - 1)
         out = dict(data, user_inputs=user_inputs, artifacts=artifacts)
         return cls(**out)
 
-    def artifact(self, kind: str, key: int = 0) -> Artifact:
-        for a in self.artifacts:
-            if a.kind == kind and a.schedule_key == key:
-                return a
-        have = ", ".join(f"{a.kind}@{a.schedule_key}" for a in self.artifacts)
-        raise ExportError(f"no exported artifact for {kind} at schedule key {key} (have: {have}); the schedule "
-                          f"asked for a step beyond the exported num_steps={self.num_steps}? export again with "
-                          f"num_steps covering the sampler's steps")
+    def graph_view(self) -> GraphView:
+        return GraphView.from_json(self.view)
 
 
 def _jsonable(value):
@@ -133,8 +159,7 @@ def _jsonable(value):
 
 # -- field checks ------------------------------------------------------------------------------------------------
 
-KINDS = ("full", "partial", "reuse", "skip", "forecast", "cluster")
-EXTRA_KINDS = ("idx", "rand", "cache", "state", "coef", "diff", "kinit", "warm")
+KINDS = tuple(k.value for k in StepKind)
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 MAX_RANK = 8
 MAX_DIM = 2**31 - 1
@@ -205,63 +230,93 @@ def _model_config(value) -> dict:
     return value
 
 
-_COUNT = re.compile(r"[1-9][0-9]{0,9}")  # a token count in a role key: decimal, no sign, no leading zeros
-
-
-def _extra_role(kind: str, key: str, shape: list[int], dtype: str, where: str) -> None:
-    """What the runtime parses and allocates from an extra input: token indices `idx:<tokens>` (units, k) and
-    k-means starts `kinit:<tokens>` (count,) with k, count <= tokens; Taylor scalars of at most 9 / 8 entries."""
-    def need(ok: bool, field: str, what: str, got) -> None:
-        if not ok:
-            raise _fail(f"{where}.{field}", what, got)
-
-    if kind in ("idx", "kinit"):
-        head, _, count = key.partition(":")
-        need(head == kind and _COUNT.fullmatch(count) is not None and int(count) <= MAX_DIM, "role",
-             f"extra:{kind}:{kind}:<tokens> with tokens an int >= 1", f"extra:{kind}:{key}")
-        tokens = int(count)
-        if kind == "idx":
-            need(len(shape) == 2 and shape[1] <= tokens, "shape", f"(units, k) with k <= tokens={tokens}", shape)
-        else:
-            need(len(shape) == 1 and shape[0] <= tokens, "shape", f"(count,) with count <= tokens={tokens}", shape)
-        need(dtype == "int64", "dtype", "int64 (token indices)", dtype)
-    elif kind in ("coef", "diff"):
-        most = 9 if kind == "coef" else 8  # Taylor orders up to 8: m + 1 coefficients, m differences
-        need(len(shape) == 1 and 1 <= shape[0] <= most, "shape", f"(n,) with 1 <= n <= {most}", shape)
-        need(dtype == "float32", "dtype", "float32 (Taylor scalars)", dtype)
-    elif kind == "warm":
-        need(shape == [1], "shape", "[1]", shape)
-        need(dtype == "float32", "dtype", "float32", dtype)
-    elif kind == "rand":
-        need(dtype == "float32", "dtype", "float32 (uniform draws)", dtype)
+_ROLES = ("user", "output") + tuple(r.value for r in Role)
+MAX_BLOCKS = 10_000
+MAX_UNITS = 64
 
 
 def _tensor(value, where: str) -> Tensor:
-    _dict(value, where, keys=("name", "role", "shape", "dtype"))
-    extra = sorted(set(value) - {"name", "role", "shape", "dtype"})
+    fields = ("name", "role", "shape", "dtype")
+    _dict(value, where, keys=fields)
+    role = _one_of(value["role"], f"{where}.role", _ROLES)
+    typed = role not in ("user", "output")
+    extra = sorted(set(value) - set(fields) - ({"key"} if typed else set()))
     if extra:
-        raise ExportError(f"manifest field {where} has unknown fields {', '.join(extra)}")
+        raise ExportError(f"manifest field {where} has unknown fields {', '.join(map(str, extra))}")
     _string(value["name"], f"{where}.name")
-    role = _string(value["role"], f"{where}.role")
     shape = _list(value["shape"], f"{where}.shape")
     if len(shape) > MAX_RANK:
         raise _fail(f"{where}.shape", f"at most {MAX_RANK} dimensions", shape)
     for j, d in enumerate(shape):
         _int(d, f"{where}.shape[{j}]", maximum=MAX_DIM)
     _one_of(value["dtype"], f"{where}.dtype", DTYPES)
-    head = role.split(":", 1)[0]
-    if head not in ("user", "extra", "output", "cache") or ":" not in role:
-        raise _fail(f"{where}.role", "user:<path>, extra:<kind>:<key>, output:<i> or cache:<key>", role)
-    if head == "extra":
-        parts = role.split(":", 2)
-        if len(parts) != 3 or parts[1] not in EXTRA_KINDS or not parts[2]:
-            raise _fail(f"{where}.role", f"extra:<kind>:<key> with kind one of {', '.join(EXTRA_KINDS)}", role)
-        _extra_role(parts[1], parts[2], list(shape), value["dtype"], where)
-    return Tensor(value["name"], role, list(shape), value["dtype"])
+    tensor = Tensor(value["name"], role, list(shape), value["dtype"])
+    if typed:
+        if "key" not in value:
+            raise ExportError(f"manifest field {where} lacks key (every {role} value has one)")
+        key = Key.from_json(value["key"], f"{where}.key")
+        if key.slot not in ROLE_SLOTS[Role(role)]:
+            raise _fail(f"{where}.key.slot", f"one of {', '.join(sorted(s.value for s in ROLE_SLOTS[Role(role)]))} "
+                        f"for role {role}", key.slot.value)
+        tensor.key = key.to_json()
+        problem = tensor.value().check()
+        if problem:
+            raise ExportError(f"manifest field {where}: {problem}")
+    return tensor
 
 
-def _artifact(value, where: str, user_inputs: list[Tensor]) -> Artifact:
-    keys = ("file", "kind", "schedule_key", "tokens", "flops", "num_outputs", "single_output", "inputs", "outputs")
+def _view(value) -> GraphView:
+    blocks = _list(value, "view")
+    if not blocks or len(blocks) > MAX_BLOCKS:
+        raise _fail("view", f"a list of 1 to {MAX_BLOCKS} blocks", f"{len(blocks)} blocks")
+    out = []
+    for i, units in enumerate(blocks):
+        units = _list(units, f"view[{i}]")
+        if len(units) > MAX_UNITS:
+            raise _fail(f"view[{i}]", f"at most {MAX_UNITS} units", f"{len(units)} units")
+        row = []
+        for j, u in enumerate(units):
+            where = f"view[{i}][{j}]"
+            names = tuple(f.name for f in dataclasses.fields(UnitView))
+            _dict(u, where, keys=names)
+            if set(u) != set(names):
+                raise ExportError(f"manifest field {where} has unknown fields "
+                                  f"{', '.join(sorted(map(str, set(u) - set(names))))}")
+            row.append(UnitView(_string(u["name"], f"{where}.name"), _one_of(u["kind"], f"{where}.kind",
+                                                                             ("attn", "xattn", "mlp")),
+                                _int(u["tokens"], f"{where}.tokens", maximum=MAX_DIM),
+                                _int(u["layer"], f"{where}.layer", maximum=MAX_BLOCKS),
+                                _int(u["layers"], f"{where}.layers", minimum=1, maximum=MAX_BLOCKS),
+                                _int(u["list_index"], f"{where}.list_index", maximum=MAX_BLOCKS)))
+        out.append(tuple(row))
+    return GraphView(tuple(out))
+
+
+def _step_plan(value, where: str, view: GraphView | None = None) -> StepPlan:
+    _dict(value, where, keys=("kind", "blocks"))
+    kind = StepKind(_one_of(value["kind"], f"{where}.kind", KINDS))
+    blocks = _list(value["blocks"], f"{where}.blocks")
+    if view is not None and len(blocks) != len(view.blocks):
+        raise _fail(f"{where}.blocks", f"one entry per block of the view ({len(view.blocks)})", f"{len(blocks)}")
+    steps = []
+    for i, b in enumerate(blocks):
+        w = f"{where}.blocks[{i}]"
+        _dict(b, w, keys=("kind", "k"))
+        block_kind = BlockKind(_one_of(b["kind"], f"{w}.kind", tuple(k.value for k in BlockKind)))
+        ks = tuple(_int(k, f"{w}.k[{j}]", maximum=MAX_DIM) for j, k in enumerate(_list(b["k"], f"{w}.k")))
+        if view is not None:
+            partial = [u for u in view.blocks[i] if u.partial]
+            if block_kind is BlockKind.PARTIAL and (len(ks) != len(partial)
+                                                    or any(k > u.tokens for k, u in zip(ks, partial))):
+                raise _fail(f"{w}.k", f"one k <= tokens per partial unit of the block ({len(partial)})", list(ks))
+            if block_kind is not BlockKind.PARTIAL and ks:
+                raise _fail(f"{w}.k", "empty (only partial blocks recompute k tokens)", list(ks))
+        steps.append(BlockStep(block_kind, ks))
+    return StepPlan(kind, tuple(steps))
+
+
+def _artifact(value, where: str, user_inputs: list[Tensor], view: GraphView) -> Artifact:
+    keys = ("file", "plan", "tokens", "flops", "num_outputs", "single_output", "inputs", "outputs")
     _dict(value, where, keys=keys)
     extra = sorted(set(value) - set(keys) - {"max_abs_error"})
     if extra:
@@ -270,8 +325,7 @@ def _artifact(value, where: str, user_inputs: list[Tensor]) -> Artifact:
     if not is_plain_name(file):
         raise _fail(f"{where}.file", "a file name inside the export folder (no directories, '..' or absolute "
                                      "paths)", file)
-    _one_of(value["kind"], f"{where}.kind", KINDS)
-    _int(value["schedule_key"], f"{where}.schedule_key")
+    plan = _step_plan(value["plan"], f"{where}.plan", view)
     _int(value["tokens"], f"{where}.tokens")
     _int(value["flops"], f"{where}.flops")
     if not isinstance(value["single_output"], bool):
@@ -282,18 +336,22 @@ def _artifact(value, where: str, user_inputs: list[Tensor]) -> Artifact:
     if inputs[:len(user_inputs)] != user_inputs:
         raise ExportError(f"manifest field {where}.inputs must start with user_inputs, in order")
     for i, t in enumerate(inputs[len(user_inputs):], start=len(user_inputs)):
-        if not t.role.startswith("extra:"):
-            raise _fail(f"{where}.inputs[{i}].role", "extra:<kind>:<key> after the user inputs", t.role)
+        if t.role in ("user", "output"):
+            raise _fail(f"{where}.inputs[{i}].role", "a runtime-made role after the user inputs", t.role)
     for i, t in enumerate(outputs):
-        want = "output:" if i < n else "cache:"
-        if not t.role.startswith(want):
-            raise _fail(f"{where}.outputs[{i}].role", f"{want}... (num_outputs={n})", t.role)
+        ok = t.role == "output" if i < n else t.role in (Role.CACHE.value, Role.STATE.value)
+        if not ok:
+            raise _fail(f"{where}.outputs[{i}].role", "output" if i < n else "cache or state (a written entry)",
+                        t.role)
     err = value.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))):
         raise _fail(f"{where}.max_abs_error", "a number or null", err)
-    return Artifact(file=file, kind=value["kind"], schedule_key=value["schedule_key"], tokens=value["tokens"],
-                    flops=value["flops"], num_outputs=n, single_output=value["single_output"], inputs=inputs,
-                    outputs=outputs, max_abs_error=err)
+    return Artifact(file=file, plan=plan.to_json(), tokens=value["tokens"], flops=value["flops"], num_outputs=n,
+                    single_output=value["single_output"], inputs=inputs, outputs=outputs, max_abs_error=err)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def is_plain_name(name: str) -> bool:

@@ -1,12 +1,14 @@
-"""Cache methods; importing this package registers each of them."""
+"""Cache methods, one module each: config, schedule, presets and recipe. Importing this package registers them."""
 
 from .clusca import ClusCaConfig
 from .duca import DuCaConfig
 from .fora import FORAConfig
+from .recipe import Recipe, recipe_for, register_recipe
 from .schedule import cycle_position
 from .taylorseer import TaylorSeerConfig
 from .toca import RATIO_SCHEDULES, ToCaConfig
 
 __all__ = [
-    "ClusCaConfig", "DuCaConfig", "FORAConfig", "RATIO_SCHEDULES", "TaylorSeerConfig", "ToCaConfig", "cycle_position",
+    "ClusCaConfig", "DuCaConfig", "FORAConfig", "RATIO_SCHEDULES", "Recipe", "TaylorSeerConfig", "ToCaConfig",
+    "cycle_position", "recipe_for", "register_recipe",
 ]

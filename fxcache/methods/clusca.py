@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
-                      register_method)
-from .schedule import cycle_position
-
+from ..analysis.clusters import cluster_groups
+from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
+from ..errors import UnsupportedGraphError
+from ..graph_io import Role
+from ..passes import cluster_tokens, forecast_units, refresh_clusters, update_factors
+from ..step_plan import BlockKind
+from .recipe import Recipe, register_recipe, units_in
+from .schedule import cycle_horizon, cycle_position
 
 #: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
 MAX_KMEANS_ITERS = 1000
@@ -70,8 +74,47 @@ class ClusCaConfig(CacheConfig):
         return self.order
 
     @property
+    def draw_seed(self) -> int:
+        return self.seed
+
+    @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps)
+
+    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.CLUSTER}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
         return StepKind.FULL if cycle_position(step, self.interval, self.warmup_steps) == 0 else StepKind.CLUSTER
+
+
+@register_recipe(ClusCaConfig)
+class ClusCaRecipe(Recipe):
+    """FULL steps update the Taylor factors and cluster each refreshed stream (k-means); CLUSTER steps forecast
+    every unit and refresh the refreshed units from one recomputed member per cluster. Steps are uniform: the
+    clustering belongs to the whole step."""
+
+    block_kinds = frozenset({BlockKind.CLUSTER})
+
+    def layout(self, graph):
+        return cluster_groups(graph, self.config.clusters) if self.caches else {}
+
+    def check_io(self, plan, view, inputs) -> str:
+        for v in inputs:
+            if v.role is Role.PERMUTATION and v.shape[0] != min(self.config.clusters, v.key.tokens):
+                return (f"{v.key.name} starts k-means from {v.shape[0]} tokens, but config clusters="
+                        f"{self.config.clusters} needs {min(self.config.clusters, v.key.tokens)}")
+        return super().check_io(plan, view, inputs)
+
+    def build(self, b, graph, plan, layout) -> None:
+        c = self.config
+        if plan.kind is StepKind.FULL:
+            if self.caches:
+                update_factors(b, units_in(graph, plan, BlockKind.FULL), c.order)
+                cluster_tokens(b, layout, c.kmeans_iters)
+            return
+        if plan.count(BlockKind.CLUSTER) != len(plan.blocks):
+            raise UnsupportedGraphError(f"ClusCa builds uniform CLUSTER steps only, not {plan.label}")
+        forecast_units(b, units_in(graph, plan, BlockKind.CLUSTER), c.order)
+        refresh_clusters(b, layout, c.gamma)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
-                      register_method)
-from .schedule import check_schedule, schedule_position
+from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
+from ..errors import UnsupportedGraphError
+from ..graph_io import Role
+from ..passes import expose_final, expose_units, read_final, recompute_subset, reuse_units
+from ..step_plan import BlockKind, BlockStep
+from .recipe import Recipe, partial_units, register_recipe, units_in
+from .schedule import check_schedule, cycle_horizon, schedule_position
 
 
 @register_method
@@ -61,6 +65,14 @@ class DuCaConfig(CacheConfig):
         return 1.0 - float(self.ratio)
 
     @property
+    def draw_seed(self) -> int:
+        return self.seed
+
+    @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
+
+    @property
     def kinds(self) -> frozenset[StepKind]:
         if self.schedule != "counter":
             return frozenset({StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP})
@@ -76,3 +88,43 @@ class DuCaConfig(CacheConfig):
         if j == 0:
             return StepKind.FULL
         return StepKind.PARTIAL if j % 2 == 1 else StepKind.SKIP
+
+
+@register_recipe(DuCaConfig)
+class DuCaRecipe(Recipe):
+    """FULL blocks write every unit output; PARTIAL blocks read attention from the cache and recompute each
+    token-wise unit on `k = tokens_for(tokens)` drawn tokens per stream; SKIP steps run no block and read the last
+    block's output, which the other steps write."""
+
+    block_kinds = frozenset({BlockKind.PARTIAL})
+
+    def block_step(self, kind, step, units) -> BlockStep:
+        return BlockStep(BlockKind.PARTIAL, tuple(self.config.tokens_for(u.tokens) for u in units if u.partial))
+
+    def check_io(self, plan, view, inputs) -> str:
+        ks = {u.tokens: k for units, block in zip(view.blocks, plan.blocks) if block.kind is BlockKind.PARTIAL
+              for u, k in zip([u for u in units if u.partial], block.k)}
+        for v in inputs:
+            if v.role is Role.INDICES and ks.get(v.key.tokens) != v.shape[1]:
+                return (f"{v.key.name} recomputes {v.shape[1]} tokens, but the config recomputes "
+                        f"{ks.get(v.key.tokens, 0)} of {v.key.tokens}")
+        return super().check_io(plan, view, inputs)
+
+    def build(self, b, graph, plan, layout) -> None:
+        if plan.kind is StepKind.SKIP:
+            read_final(b, graph.last_outputs)
+            return
+        if self.caches:
+            expose_units(b, units_in(graph, plan, BlockKind.FULL))
+        recomputed, reused = partial_units(graph, plan)
+        reuse_units(b, reused)
+        streams: dict[int, list] = {}
+        ks: dict[int, int] = {}
+        for unit, k in recomputed:
+            if ks.setdefault(unit.tokens, k) != k:
+                raise UnsupportedGraphError(f"DuCa recomputes one k per token stream; {unit.name} has k={k}, "
+                                            f"its stream k={ks[unit.tokens]}")
+            streams.setdefault(unit.tokens, []).append(unit)
+        recompute_subset(b, streams, ks)
+        if StepKind.SKIP in self.config.kinds:
+            expose_final(b, graph.last_outputs)

@@ -6,7 +6,10 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
-from .schedule import cycle_position
+from ..passes import expose_units, reuse_units
+from ..step_plan import BlockKind
+from .recipe import Recipe, register_recipe, units_in
+from .schedule import cycle_horizon, cycle_position
 
 
 @register_method
@@ -39,8 +42,24 @@ class FORAConfig(CacheConfig):
         check_int("FORAConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
 
     @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps)
+
+    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.REUSE}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
         return StepKind.FULL if cycle_position(step, self.interval, self.warmup_steps) == 0 else StepKind.REUSE
+
+
+@register_recipe(FORAConfig)
+class FORARecipe(Recipe):
+    """FULL blocks write every unit output; REUSE blocks read them."""
+
+    block_kinds = frozenset({BlockKind.REUSE})
+
+    def build(self, b, graph, plan, layout) -> None:
+        if self.caches:
+            expose_units(b, units_in(graph, plan, BlockKind.FULL))
+        reuse_units(b, units_in(graph, plan, BlockKind.REUSE))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..config import MAX_STEPS, STEPS_WHY, check_int
+from ..errors import ConfigError
+
 
 def cycle_position(step: int, interval: int, warmup: int) -> int:
     """j(s): 0 on FULL steps, else steps since the last FULL step (ALGORITHMS.md 1.4)."""
@@ -45,8 +48,6 @@ def progress_position(schedule: str, step: int, interval: int, num_steps: int) -
 
 
 def check_schedule(owner: str, schedule, num_steps) -> None:
-    from ..config import MAX_STEPS, STEPS_WHY, ConfigError, check_int
-
     if schedule not in SCHEDULES:
         raise ConfigError(f"{owner}.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if num_steps is not None:
@@ -60,3 +61,9 @@ def schedule_position(schedule: str, step: int, interval: int, warmup: int, num_
     if schedule == "counter":
         return cycle_position(step, interval, warmup)
     return progress_position(schedule, step, interval, num_steps)
+
+
+def cycle_horizon(interval: int, warmup: int, num_steps: int | None = None) -> int:
+    """Steps within which a cyclic schedule (warm-up, then a cycle of `interval`, possibly stretched over
+    `num_steps` by the progress schedules) has shown every step kind it emits."""
+    return min(MAX_STEPS, warmup + 2 * interval + (num_steps or 0))

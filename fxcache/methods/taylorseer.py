@@ -6,7 +6,10 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
-from .schedule import cycle_position
+from ..passes import forecast_units, update_factors
+from ..step_plan import BlockKind
+from .recipe import Recipe, register_recipe, units_in
+from .schedule import cycle_horizon, cycle_position
 
 
 @register_method
@@ -49,9 +52,25 @@ class TaylorSeerConfig(CacheConfig):
         return self.order
 
     @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps)
+
+    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.FORECAST}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
         j = cycle_position(step, self.interval, self.warmup_steps)
         return StepKind.FULL if j == 0 else StepKind.FORECAST
+
+
+@register_recipe(TaylorSeerConfig)
+class TaylorSeerRecipe(Recipe):
+    """FULL blocks update the Taylor factors of every unit output; FORECAST blocks read the Taylor sum."""
+
+    block_kinds = frozenset({BlockKind.FORECAST})
+
+    def build(self, b, graph, plan, layout) -> None:
+        if self.caches:
+            update_factors(b, units_in(graph, plan, BlockKind.FULL), self.config.order)
+        forecast_units(b, units_in(graph, plan, BlockKind.FORECAST), self.config.order)

@@ -4,13 +4,17 @@ token-wise unit and reuse attention whole."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import math
+from typing import ClassVar
 
-from ..config import (MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed,
-                      register_method)
+from ..analysis.scored import scored_units
+from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
 from ..errors import ConfigError
-from .schedule import check_schedule, schedule_position
+from ..graph_io import Role, Slot
+from ..passes import Selection, expose_units, record_scores, reuse_units, select_and_recompute
+from ..step_plan import BlockKind, BlockStep
+from .recipe import Recipe, partial_units, register_recipe, units_in
+from .schedule import check_schedule, cycle_horizon, schedule_position
 
 SCORES = ("random", "staleness", "knorm", "vnorm", "similarity", "attention", "cross_entropy")
 
@@ -161,6 +165,14 @@ class ToCaConfig(CacheConfig):
         check_seed("ToCaConfig", self.seed)
 
     @property
+    def draw_seed(self) -> int:
+        return self.seed
+
+    @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
+
+    @property
     def kinds(self) -> frozenset[StepKind]:
         if self.interval > 1 or self.schedule != "counter":
             return frozenset({StepKind.FULL, StepKind.PARTIAL})
@@ -190,3 +202,44 @@ class ToCaConfig(CacheConfig):
             list_index=list_index, kind=kind)
         r = min(max(self.fresh_ratio * f, 0.0), 1.0)
         return int(r * tokens + 1e-9)
+
+
+@register_recipe(ToCaConfig)
+class ToCaRecipe(Recipe):
+    """FULL blocks write every unit output and each scored unit's score; PARTIAL blocks read attention from the
+    cache and let each token-wise unit choose its k tokens in the graph (k from the ratio schedule, per unit)."""
+
+    block_kinds = frozenset({BlockKind.PARTIAL})
+
+    def block_step(self, kind, step, units) -> BlockStep:
+        c = self.config
+        return BlockStep(BlockKind.PARTIAL, tuple(
+            c.unit_tokens(step=step, tokens=u.tokens, layer=u.layer, layers=u.layers, list_index=u.list_index,
+                          kind=u.kind) for u in units if u.partial))
+
+    def layout(self, graph):
+        if not self.caches:
+            return {}
+        return {su.unit.name: su for su in scored_units(graph, self.config.score)}
+
+    def check_io(self, plan, view, inputs) -> str:
+        score = self.config.score
+        for v in inputs:
+            if v.key.slot is Slot.SCORE_DRAW and score != "random":
+                return f"it draws random scores ({v.key.name}), but the config's score is {score!r}"
+            if v.key.slot is Slot.SCORE and score in ("random", "staleness"):
+                return f"it reads recorded scores ({v.key.name}), but the config's score is {score!r}"
+            if v.role is Role.INDICES:
+                return f"it takes drawn token indices ({v.key.name}), which ToCa chooses in the graph"
+        return super().check_io(plan, view, inputs)
+
+    def build(self, b, graph, plan, layout) -> None:
+        c = self.config
+        if self.caches:
+            full = units_in(graph, plan, BlockKind.FULL)
+            expose_units(b, full)
+            record_scores(b, [layout[u.name] for u in full if u.name in layout], c.score, c.prefer == "low")
+        recomputed, reused = partial_units(graph, plan)
+        reuse_units(b, reused)
+        how = Selection(c.score, c.staleness_weight, c.interval, c.spatial_grid, c.spatial_bonus)
+        select_and_recompute(b, [(layout[u.name], k) for u, k in recomputed], how)

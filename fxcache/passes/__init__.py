@@ -1,16 +1,23 @@
-"""Graph rewrites that turn one Dynamo graph into cache-aware variants (see README.md for invariants)."""
+"""Graph rewrites that turn one Dynamo graph into cache-aware variants, one pass per file (see README.md for the
+invariants every pass keeps). Each pass takes the `GraphBuilder` of the variant under construction and what it
+works on (units, scored units, token streams), declares the typed inputs it reads and the cache entries it writes
+through the builder, and leaves what later passes need (replaced nodes, Taylor factors) on it."""
 
-from .clusters import add_cluster_refresh, add_kmeans, cluster_members, clusca_refresh, kmeans
-from .expose_unit_outputs import expose_unit_outputs
+from .checks import PASSES, PassInvariantError, checks_enabled, graph_pass
+from .clusters import cluster_tokens, refresh_clusters
+from .expose_units import expose_units
+from .final_output import expose_final, read_final
 from .graph_builder import GraphBuilder, copy_dynamo_meta
 from .propagate_shapes import example_spec, propagate_shapes
-from .read_units_from_cache import read_units_from_cache, safe_name
-from .recompute_token_subset import recompute_token_subset
-from .taylor import factor_key, forecast_from_factors, update_taylor_factors
+from .recompute_subset import recompute_subset
+from .reuse_units import reuse_units
+from .scores import record_scores
+from .select_and_recompute import Selection, select_and_recompute
+from .taylor_forecast import forecast_units
+from .taylor_update import update_factors
 
 __all__ = [
-    "add_cluster_refresh", "add_kmeans", "cluster_members", "clusca_refresh", "kmeans",
-    "GraphBuilder", "copy_dynamo_meta", "example_spec", "expose_unit_outputs", "propagate_shapes",
-    "factor_key", "forecast_from_factors", "read_units_from_cache", "recompute_token_subset", "safe_name",
-    "update_taylor_factors",
+    "GraphBuilder", "PASSES", "PassInvariantError", "Selection", "checks_enabled", "cluster_tokens", "copy_dynamo_meta",
+    "example_spec", "expose_final", "expose_units", "forecast_units", "graph_pass", "propagate_shapes", "read_final",
+    "record_scores", "recompute_subset", "refresh_clusters", "reuse_units", "select_and_recompute", "update_factors",
 ]

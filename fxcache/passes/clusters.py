@@ -1,110 +1,54 @@
-"""ClusCa in the graph: k-means at FULL steps, one recomputed member per cluster and propagation at CLUSTER steps.
-
-The functions below are called from the variant graphs (`call_function`), so Inductor, torch.export and the
-eager lowering all trace them like any other op: static shapes, fixed iteration counts, no host round trips.
-"""
+"""ClusCa in the graph: the residual stream is clustered at FULL steps; at CLUSTER steps one member per cluster
+of each refreshed unit is recomputed and the unit's forecast is refreshed from it."""
 
 from __future__ import annotations
 
 import operator
 
 import torch
-import torch.nn.functional as F
-from torch import fx
 
+from ..analysis.clusters import ClusterGroup
+from ..graph_io import Key, Role, Slot
+from ..ops.kmeans import clusca_refresh, cluster_members, kmeans
+from ..ops.rows import gather_rows
+from .checks import graph_pass
 from .graph_builder import GraphBuilder
-from .recompute_token_subset import gather_rows, recompute_region, scatter_rows
+from .regions import recompute_region
 
 
-def l1_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(B, N, K) L1 distances of tokens x (B, N, D) to centroids c (B, K, D).
-
-    `torch.cdist` has no ONNX translation; for export, one broadcast difference per centroid (K of them) computes
-    the same values with (B, N, D) memory each instead of a (B, N, K, D) intermediate.
-    """
-    if torch.compiler.is_exporting():
-        return torch.stack([(x - c[:, j:j + 1]).abs().sum(-1) for j in range(c.shape[1])], dim=-1)
-    return torch.cdist(x, c, p=1)
-
-
-def kmeans(x: torch.Tensor, prev: torch.Tensor, init_idx: torch.Tensor, warm: torch.Tensor,
-           iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means per batch row, L1 assignment, mean centroids, fixed `iters` (ALGORITHMS.md 5).
-
-    x (B, N, D); prev (B, K, D) float32 centroids of the previous FULL step; init_idx (K,) tokens that seed a
-    cold start; warm (1,) > 0 to start from `prev`. A cluster that loses every member keeps its centroid.
-    Returns labels (B, N) int64 (nearest final centroid) and centroids (B, K, D) float32.
-    """
-    x = x.float()
-    k = init_idx.shape[0]
-    c = torch.where(warm.reshape(1, 1, 1) > 0, prev, torch.index_select(x, 1, init_idx))
-    for _ in range(iters):
-        onehot = F.one_hot(l1_distances(x, c).argmin(-1), k).to(x.dtype)  # (B, N, K)
-        counts = onehot.sum(1).unsqueeze(-1)  # (B, K, 1)
-        sums = onehot.transpose(1, 2) @ x  # (B, K, D)
-        c = torch.where(counts > 0, sums / counts.clamp_min(1.0), c)
-    return l1_distances(x, c).argmin(-1), c
+@graph_pass
+def cluster_tokens(b: GraphBuilder, groups: dict[int, ClusterGroup], iters: int) -> None:
+    """FULL: k-means of each group's feature (B, N, D), warm-started from the branch's centroids when it has
+    them (`warm`), else from drawn tokens; labels and centroids are written."""
+    warm = b.take(Role.WARM, Key.scalar(Slot.WARM), (1,), torch.float32)
+    for tokens, group in groups.items():
+        prev = b.take(Role.CACHE, Key.stream(Slot.CENTROIDS, tokens), group.centroids_shape, torch.float32)
+        init = b.take(Role.PERMUTATION, Key.stream(Slot.KMEANS_INIT, tokens), (group.clusters,), torch.int64)
+        res = b.graph.call_function(kmeans, (b.env[group.feature], prev, init, warm, iters))  # after the blocks
+        b.give(Role.CACHE, Key.stream(Slot.LABELS, tokens), b.graph.call_function(operator.getitem, (res, 0)))
+        b.give(Role.CACHE, Key.stream(Slot.CENTROIDS, tokens), b.graph.call_function(operator.getitem, (res, 1)))
 
 
-def cluster_members(labels: torch.Tensor, rand: torch.Tensor, k: int) -> torch.Tensor:
-    """One member per cluster and batch row (B, k): the member with the largest `rand` (1, N) value.
-
-    A cluster without members repeats the pick of token 0's cluster: the same row recomputed twice from the same
-    input writes the same value, so the update is as if that cluster did not exist.
-    """
-    member = F.one_hot(labels, k).bool()  # (B, N, K)
-    score = torch.where(member, rand.unsqueeze(-1), torch.full_like(rand, -1.0).unsqueeze(-1))
-    pick = score.argmax(1)
-    fallback = pick.gather(1, labels[:, :1])
-    return torch.where(member.any(1), pick, fallback)
-
-
-def clusca_refresh(y: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, gamma: float,
-                   *factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The re-anchored CLUSTER update of one unit (ALGORITHMS.md 5, `anchor="reanchor"`).
-
-    y (B, K, D) exact values of rows idx (B, K); factors F_0..F_m (B, N, D). F_0 moves so that the forecast of
-    the fresh rows is exactly y; with gamma > 0 every row then moves by gamma * (y of its cluster - forecast).
-    Returns (this step's output, new F_0).
-    """
-    higher = None
-    for i in range(1, len(factors)):
-        term = factors[i] * coef[i]
-        higher = term if higher is None else higher + term
-    f0 = factors[0]
-    if higher is not None:
-        f0 = scatter_rows(f0, idx, y - gather_rows(higher, idx))
-        out = f0 * coef[0] + higher
-    else:
-        f0 = scatter_rows(f0, idx, y)
-        out = f0 * coef[0]
-    if gamma > 0:
-        blend = gamma * (gather_rows(y, labels) - out)
-        f0, out = f0 + blend, out + blend
-    return out, f0
-
-
-def add_kmeans(b: GraphBuilder, feature: fx.Node, group: int, clusters: int, iters: int,
-               warm: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
-    """FULL: cluster `feature` (B, N, D); returns (centroid input, init input, labels node, centroids node)."""
-    prev = b.add_placeholder(f"cluster_centroids_{group}")
-    init = b.add_placeholder(f"cluster_init_{group}")
-    res = b.graph.call_function(kmeans, (b.env[feature], prev, init, warm, iters))  # appended after the blocks
-    labels = b.graph.call_function(operator.getitem, (res, 0))
-    centroids = b.graph.call_function(operator.getitem, (res, 1))
-    return prev, init, labels, centroids
-
-
-def add_cluster_refresh(b: GraphBuilder, unit, members: fx.Node, labels: fx.Node, gamma: float,
-                        forecasts: dict) -> fx.Node:
-    """CLUSTER: recompute `unit` on one member per cluster and refresh its forecast; returns the new F_0 node."""
+@graph_pass
+def refresh_clusters(b: GraphBuilder, groups: dict[int, ClusterGroup], gamma: float) -> None:
+    """CLUSTER (after `forecast_units`): per group, one member per cluster and batch row is drawn; each refreshed
+    unit is recomputed on those rows, its output and F_0 re-anchored to them, the largest stream propagated with
+    weight gamma. Writes each refreshed unit's new F_0."""
     g = b.graph
-    out = b.env[unit.outputs[0]]
-    node = unit.outputs[0]
-    rows = recompute_region(b, unit, lambda src: g.call_function(gather_rows, (src, members)), forecasts)
-    with g.inserting_before(out):
-        res = g.call_function(clusca_refresh, (rows, members, labels, b.taylor["coef"], gamma, *b.taylor[node]))
-        value = g.call_function(operator.getitem, (res, 0))
-        f0 = g.call_function(operator.getitem, (res, 1))
-    forecasts[node].replace_all_uses_with(value)
-    return f0
+    for tokens, group in groups.items():
+        labels = b.take(Role.CACHE, Key.stream(Slot.LABELS, tokens), group.labels_shape, torch.int64)
+        rand = b.take(Role.UNIFORM, Key.stream(Slot.MEMBER_DRAW, tokens), (1, tokens), torch.float32)
+        with b.inserting_after_placeholders():
+            members = g.call_function(cluster_members, (labels, rand, group.clusters))
+        weight = gamma if group.propagate else 0.0
+        for unit in group.units:
+            node, key = unit.outputs[0], unit.cache_keys[0]
+            out = b.env[node]
+            rows = recompute_region(b, unit, lambda src: g.call_function(gather_rows, (src, members)))
+            with g.inserting_before(out):
+                res = g.call_function(clusca_refresh, (rows, members, labels, b.coef, weight, *b.factors[key]))
+                value = g.call_function(operator.getitem, (res, 0))
+                f0 = g.call_function(operator.getitem, (res, 1))
+            b.replaced[node].replace_all_uses_with(value)
+            b.replaced[node] = value
+            b.give(Role.CACHE, key.factor(0), f0)

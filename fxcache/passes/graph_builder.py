@@ -1,15 +1,21 @@
-"""A copy of the Dynamo graph under construction: placeholders after the last one, extra outputs, meta copy."""
+"""A copy of the Dynamo graph under construction: typed extra inputs after the last placeholder, typed extra
+outputs after the model's, Dynamo's meta copied."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx
 
+from ..graph_io import GraphValue, Key, Role
 from .dead_code import eliminate_dead_code
 
 
 class GraphBuilder:
-    """Copies `gm.graph`; keeps the mapping old node -> new node in `env`."""
+    """Copies `gm.graph`; keeps the mapping old node -> new node in `env`.
+
+    Passes declare what the variant takes beyond the model's inputs with `take` (a placeholder per typed value, in
+    call order) and what it writes with `give` (an output per cache entry, after the model's outputs): the
+    variant's I/O is these declarations, nothing else."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -20,8 +26,19 @@ class GraphBuilder:
         self.outputs = [out] if self.single_output else list(out)
         self.extra_outputs: list[fx.Node] = []
         self.added: list[fx.Node] = []
+        self.inputs: list[GraphValue] = []  # extra inputs, in placeholder order
+        self.written: list[tuple[Role, Key]] = []  # cache entries written, in the order of `extra_outputs`
+        # what passes leave for later passes: original unit output -> the node that stands for it now (a cache
+        # placeholder, a forecast); per unit output, its Taylor factor placeholders; the Taylor coefficients
+        self.replaced: dict[fx.Node, fx.Node] = {}
+        self.factors: dict[Key, list[fx.Node]] = {}
+        self.coef: fx.Node | None = None
         phs = [n for n in self.graph.nodes if n.op == "placeholder"]
         self._last_placeholder = phs[-1] if phs else None
+
+    def current(self, node: fx.Node) -> fx.Node:
+        """The node that computes `node`'s value in the variant: its replacement, else its copy."""
+        return self.replaced.get(node, self.env.get(node))
 
     def add_placeholder(self, name: str, example: torch.Tensor | None = None) -> fx.Node:
         if self._last_placeholder is None:
@@ -36,12 +53,31 @@ class GraphBuilder:
         self.added.append(ph)
         return ph
 
+    def take(self, role: Role, key: Key, shape, dtype: torch.dtype, example=None) -> fx.Node:
+        """Declare an extra input of the variant and make its placeholder (named after the key)."""
+        if any(v.key == key for v in self.inputs):
+            raise ValueError(f"{key.name} is already an input of this variant")
+        ph = self.add_placeholder(key.placeholder, example)
+        self.inputs.append(GraphValue(role, key, tuple(int(d) for d in shape), dtype))
+        return ph
+
+    def give(self, role: Role, key: Key, node: fx.Node) -> None:
+        """Declare a cache entry the variant writes: `node`'s value, returned after the model's outputs."""
+        if any(k == key for _, k in self.written):
+            raise ValueError(f"{key.name} is already written by this variant")
+        self.extra_outputs.append(node)
+        self.written.append((role, key))
+
     def inserting_after_placeholders(self):
         """Insertion point before the first computation (for values every later node may read)."""
         first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
         return self.graph.inserting_before(first)
 
     def finish(self) -> fx.GraphModule:
+        from .checks import check, checks_enabled
+
+        if checks_enabled():
+            check(self, "the last pass")
         self.graph.output(tuple(self.outputs + self.extra_outputs))
         eliminate_dead_code(self.graph)
         self.graph.lint()

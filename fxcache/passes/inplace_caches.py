@@ -13,64 +13,46 @@ import dataclasses
 import torch
 from torch import fx
 
+from ..graph_io import GraphValue, Role
 from .graph_builder import copy_dynamo_meta
 
-#: extra-input kinds that are cache entries (persistent per CFG branch); the others are per-step values
-CACHE_KINDS = ("cache", "state")
 STATIC = {"_dynamo_static_input_type": "unguarded"}  # what Dynamo sets for torch._dynamo.mark_static_address
-
-
-def written_specs(variant) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every cache entry the variant reads or writes."""
-    specs = {e.key: (tuple(e.shape), e.dtype) for e in variant.extra_inputs if e.kind in CACHE_KINDS}
-    out = next(n for n in variant.gm.graph.nodes if n.op == "output")
-    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
-    for key, node in zip(variant.extra_outputs, values[variant.num_outputs:]):
-        value = node.meta.get("example_value")
-        if value is None:
-            raise ValueError(f"no example value for cache output {key}: run propagate_shapes first")
-        specs.setdefault(key, (tuple(value.shape), value.dtype))
-    return specs
 
 
 def make_inplace(variant):
     """A copy of `variant` whose caches are buffer inputs updated in place; returns the new Variant.
 
-    Its `extra_inputs` gain kind "buffer" entries for caches it only writes; `extra_outputs` becomes empty and
-    `writes` lists the keys it updates (the runner's record of which entries are valid).
+    Every persistent input (cache, state) becomes the branch's buffer; an entry the variant only writes gets a
+    `Role.BUFFER` input; `outputs` becomes empty and `writes` lists what the variant updates (the runner's record
+    of which entries are valid).
     """
-    from ..variants import ExtraInput
-
     gm = variant.gm
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     old_out = graph.graph_copy(gm.graph, env)
     phs = [env[n] for n in gm.graph.nodes if n.op == "placeholder"]
-    first_extra = len(phs) - len(variant.extra_inputs)
-    buffers = {e.key: phs[first_extra + i] for i, e in enumerate(variant.extra_inputs) if e.kind in CACHE_KINDS}
-    specs = written_specs(variant)
-    extras = list(variant.extra_inputs)
+    first_extra = len(phs) - len(variant.inputs)
+    buffers = {v.key: phs[first_extra + i] for i, v in enumerate(variant.inputs) if v.role.persistent}
+    inputs = list(variant.inputs)
     added = []
-    for key in variant.extra_outputs:
-        if key in buffers:
+    for written in variant.outputs:
+        if written.key in buffers:
             continue
         with graph.inserting_after(phs[-1] if not added else added[-1]):
             ph = graph.placeholder(f"buf_{len(added)}")
-        shape, dtype = specs[key]
-        ph.meta["example_value"] = torch.empty(shape, dtype=dtype, device="meta")
-        buffers[key] = ph
+        ph.meta["example_value"] = torch.empty(written.shape, dtype=written.dtype, device="meta")
+        buffers[written.key] = ph
         added.append(ph)
-        extras.append(ExtraInput("buffer", key, shape, dtype))
+        inputs.append(GraphValue(Role.BUFFER, written.key, written.shape, written.dtype))
     for ph in buffers.values():
         ph.meta["tensor_dict"] = dict(STATIC)
     values = list(old_out) if isinstance(old_out, (tuple, list)) else [old_out]
     model_outputs, cache_values = values[:variant.num_outputs], values[variant.num_outputs:]
-    for key, value in zip(variant.extra_outputs, cache_values):
-        graph.call_function(torch.ops.aten.copy_.default, (buffers[key], value))
+    for written, value in zip(variant.outputs, cache_values):
+        graph.call_function(torch.ops.aten.copy_.default, (buffers[written.key], value))
     graph.output(tuple(model_outputs))
     graph.lint()
     new = fx.GraphModule(gm, graph)
     copy_dynamo_meta(new, gm, env, added)
     new.recompile()
-    return dataclasses.replace(variant, gm=new, extra_inputs=extras, extra_outputs=[],
-                               writes=list(variant.extra_outputs))
+    return dataclasses.replace(variant, gm=new, inputs=inputs, outputs=[], writes=list(variant.outputs))

@@ -18,13 +18,14 @@ reused) until it ends.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import weakref
 
 import torch
 
-from .requests import CONTEXT_NAME
-
+#: the `cache_context` name (and its keyword fields) of the current call, set by an attached module's wrapper
+CONTEXT_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("fxcache_cache_context", default=None)
 _ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 _WRAPPED = ("_reset_stateful_cache", "cache_context")
 _MISSING = object()

@@ -21,8 +21,6 @@ import weakref
 #: the active requests, innermost last, each as (request, thread that entered it, frame of its `with` statement)
 _ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("fxcache_requests", default=())
 _OWN_FILES = (__file__, contextlib.__file__)
-#: the `cache_context` name (and its keyword fields) of the current call, set by an attached module's wrapper
-CONTEXT_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("fxcache_cache_context", default=None)
 #: explicit (scope, step, branch) overrides from `fxcache.step`, innermost last
 _OVERRIDES: contextvars.ContextVar[tuple] = contextvars.ContextVar("fxcache_step_overrides", default=())
 _IDS = itertools.count()

@@ -1,8 +1,9 @@
 """The callable the backend hands back to Dynamo: picks a variant per call, keeps the caches of each request.
 
-A runner is static (the variants and their lowerings, one per Dynamo graph); the state of a call lives in the
-`GraphState` of its request (`requests.py`) and model (the first parameter the call passes: two modules of one
-class share a Dynamo graph, never their caches).
+A runner is static (its dispatcher, and the variants and their lowerings or loaded artifacts, one per Dynamo graph
+or export); the state of a call lives in the `GraphState` of its request (`requests.py`) and model (the parameters
+the call passes: two modules of one class share a Dynamo graph, never their caches). The compiled model and the
+export session run this same class: only their `VariantSource` differs.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import CacheConfig, StepKind
+from ..backends import get_lowering
+from ..config import StepKind
 from ..errors import ConfigError
-from ..passes.inplace_caches import CACHE_KINDS, make_inplace
-from ..variants import Variant, build_variant, schedule_key
-from .draws import draw_indices, draw_permutation, draw_uniform
-from .lowering import get_lowering
-from .requests import CONTEXT_NAME
+from ..step_plan import StepPlan
+from .attach import CONTEXT_NAME
+from .dispatch import Dispatcher
+from .fingerprint import summaries
 from .state import GraphState
-from .taylor import TaylorState
 
 if TYPE_CHECKING:
     from .requests import Request
@@ -32,68 +32,59 @@ log = logging.getLogger("fxcache")
 _CALLS = itertools.count()
 
 
-def _observed_inputs(plan, gm) -> tuple[list[int], list[int]]:
-    """(indices of the parameter inputs: together the model's identity, indices of the conditioning inputs)."""
-    from ..analysis.inputs import is_per_step_input
-    from ..analysis.module_stack import is_param_placeholder
+class VariantSource:
+    """Where a runner's variants come from: `variant(plan)` (inputs, outputs, output count, FLOPs, ...) and
+    `callable(plan, variant, args)` (what runs it)."""
 
-    param_indices = []
-    if gm is not None:
-        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        param_indices = [i for i, n in enumerate(phs) if is_param_placeholder(n)]
-    paths = getattr(plan, "input_paths", None) or {}
-    forward = getattr(plan, "forward_params", None)
-    conditioning = [i for i, p in sorted(paths.items())
-                    if i != plan.timestep_index and not is_per_step_input(p, forward)]
-    return param_indices, conditioning
+    def variant(self, plan: StepPlan):
+        raise NotImplementedError
+
+    def callable(self, plan: StepPlan, variant, args) -> Callable:
+        raise NotImplementedError
 
 
-_PERIOD = 4099  # a prime: positions are weighted as (column of a PERIOD-wide matrix, row)
-_WEIGHTS: dict[str, torch.Tensor] = {}  # device -> (2, PERIOD) column weights, 64 KiB each
-_IRRATIONALS = ((5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1, 3 ** 0.5 - 1, (7 ** 0.5) % 1.0)
+class GraphVariants(VariantSource):
+    """Variants built from a Dynamo graph on first use (the eagerly built ones given), lowered on first use."""
 
+    def __init__(self, gm, graph, config, built: dict, *, lowering: str, mode=None, options=None,
+                 inplace: bool = False):
+        from ..methods import recipe_for
+        from ..passes.inplace_caches import make_inplace
 
-def _irrational_weights(n: int, a: float, b: float, device) -> torch.Tensor:
-    """(2, n) float64 weights in (0.25, 1.25): irrational multiples of the position, modulo 1."""
-    k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
-    return torch.stack([(k * a) % 1.0, (k * b) % 1.0]) + 0.25
+        self.gm, self.graph, self.config = gm, graph, config
+        self.lowering, self.mode, self.options, self.inplace = lowering, mode, options, inplace
+        self._make_inplace = make_inplace
+        self._layout = recipe_for(config).layout(graph)
+        self._variants = {p: make_inplace(v) if inplace else v for p, v in built.items()}
+        self._fns: dict[StepPlan, Callable] = {}
+        self._lock = threading.RLock()
 
+    def variant(self, plan: StepPlan):
+        v = self._variants.get(plan)
+        if v is None:
+            from ..variants import build_variant
 
-def _position_weighted_sums(flat: torch.Tensor) -> torch.Tensor:
-    """Two sums of `flat` (float64), each element weighted by a product of irrational column and row weights: two
-    tensors that differ anywhere (a permutation included) get different sums, short of a measure-zero coincidence.
-    The weights kept are a fixed 2 x PERIOD table per device, whatever the input sizes."""
-    key = str(flat.device)
-    cols = _WEIGHTS.get(key)
-    if cols is None:
-        cols = _WEIGHTS[key] = _irrational_weights(_PERIOD, *_IRRATIONALS[:2], flat.device)
-    n = flat.numel()
-    rows = -(-n // _PERIOD)
-    if rows * _PERIOD != n:
-        flat = torch.cat([flat, flat.new_zeros(rows * _PERIOD - n)])
-    per_row = flat.view(rows, _PERIOD) @ cols.T  # (rows, 2)
-    return (per_row * _irrational_weights(rows, *_IRRATIONALS[2:], flat.device).T).sum(0)
+            with self._lock:
+                v = self._variants.get(plan)
+                if v is None:
+                    log.info("fxcache: building the %s variant", plan.label)
+                    v = build_variant(self.gm, self.graph, self.config, plan, self._layout)
+                    v = self._variants[plan] = self._make_inplace(v) if self.inplace else v
+        return v
 
+    def callable(self, plan, variant, args) -> Callable:
+        fn = self._fns.get(plan)
+        if fn is None:
+            with self._lock:
+                fn = self._fns.get(plan)
+                if fn is None:
+                    log.info("fxcache: lowering the %s variant with %s", plan.label, self.lowering)
+                    fn = self._fns[plan] = get_lowering(self.lowering)(variant.gm, args, mode=self.mode,
+                                                                       options=self.options)
+        return fn
 
-def _summaries(values: list, device) -> list[torch.Tensor]:
-    """Three float64 numbers per input (two position-weighted sums and the norm) that change when its values or
-    their order change: DiT class labels [4, 3] and [0, 5], or a prompt's embeddings, shuffled."""
-    out = []
-    for x in values:
-        if not isinstance(x, torch.Tensor):
-            out.append(torch.tensor([float(x), 0.0, 0.0], dtype=torch.float64, device=device))
-            continue
-        x = x.detach()
-        if x.is_complex():
-            x = torch.view_as_real(x)
-        flat = x.reshape(-1).to(torch.float64)
-        if flat.numel() == 0:
-            out.append(torch.zeros(3, dtype=torch.float64, device=device))
-            continue
-        sums = _position_weighted_sums(flat)
-        norm = torch.linalg.vector_norm(flat).reshape(1)
-        out.append(torch.cat([sums, norm]).to(device))
-    return out
+    def built(self) -> dict:
+        return dict(self._variants)
 
 
 class Runner:
@@ -104,36 +95,30 @@ class Runner:
     run it with per-step inputs and caches appended -> keep the caches it wrote.
 
     `inplace`: caches live in persistent buffers per CFG branch that the variants update in place (and per-step
-    inputs in persistent buffers too), as CUDA graphs need; None: on exactly when CUDA graphs are
-    (`mode="reduce-overhead"` or `triton.cudagraphs`).
+    inputs in persistent buffers too), as CUDA graphs need. `cudagraphs`: mark each call a new CUDA-graph step and
+    clone the outputs (a later replay overwrites them).
     """
 
-    def __init__(self, *, backend, graph_id: int, plan, config: CacheConfig, variants: dict[StepKind, Variant],
-                 lowering: str, mode=None, options=None, gm=None, inplace: bool | None = None):
+    def __init__(self, *, backend, graph_id: int, dispatcher: Dispatcher, source: VariantSource,
+                 timestep_index: int, conditioning: list[int], param_indices: list[int], inplace: bool = False,
+                 cudagraphs: bool = False, plan=None, keep_example_args: bool = False):
         self.backend = backend
         self.scope = backend.scope
         self.graph_id = graph_id
-        self.plan = plan
-        self.config = config
-        self.variants = variants
-        self.lowering = lowering
-        self.mode, self.options = mode, options
-        self.gm = gm  # the Dynamo graph, for variants built on first use (ToCa k tables that change per step)
-        self.cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
-        self.inplace = self.cudagraphs if inplace is None else bool(inplace)
-        if self.inplace:
-            self.variants = variants = {kind: make_inplace(v) for kind, v in variants.items()}
-        self.seed = int(getattr(config, "seed", 0))
-        self._param_indices, self._conditioning = _observed_inputs(plan, gm)
-        self._first_key = schedule_key(config, config.warmup)
-        self._more: dict[tuple[StepKind, int], Variant] = {}
-        self._fns: dict[tuple[StepKind, int], Callable] = {}
-        self._state_keys = {e.key for v in variants.values() for e in v.extra_inputs if e.kind == "state"}
-        self._pool: dict[str, list[torch.Tensor]] = {}  # keep_caches: in-place buffers of ended requests
+        self.dispatcher = dispatcher
+        self.config = dispatcher.config
+        self.source = source
+        self.plan = plan  # the analysis (GraphPlan) of a compiled graph; None for an export session
+        self.timestep_index = timestep_index
+        self.cudagraphs = cudagraphs
+        self.inplace = inplace
+        self._param_indices, self._conditioning = param_indices, conditioning
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # keep_caches: in-place buffers of ended requests
         self._models: dict[int, weakref.ref] = {}  # id -> model identity (first parameter) seen
         self.scope.runners.add(self)
         self._lock = threading.RLock()
-        self.example_args: tuple | None = None  # the first call's arguments, kept only for export
+        self.keep_example_args = keep_example_args  # export traces with it: the first call's arguments stay held
+        self.example_args: tuple | None = None
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -182,7 +167,7 @@ class Runner:
             state.model_ref = weakref.ref(model, model_gone)
         return state
 
-    def take_buffer(self, key: str, shape, dtype, device) -> torch.Tensor:
+    def take_buffer(self, key: tuple, shape, dtype, device) -> torch.Tensor:
         with self._lock:
             pool = self._pool.get(key) or []
             while pool:
@@ -193,7 +178,7 @@ class Runner:
         torch._dynamo.mark_static_address(buf)
         return buf
 
-    def give_back_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+    def give_back_buffers(self, buffers: dict[tuple, torch.Tensor]) -> None:
         if not self.scope.keep_caches or self.scope.freeing:
             return
         with self._lock:
@@ -205,13 +190,13 @@ class Runner:
     # -- what a call shows -------------------------------------------------------------------------------
     def _observe(self, args) -> tuple[float, tuple]:
         """(t, conditioning fingerprint) of a call, in one host read."""
-        ts = args[self.plan.timestep_index]
+        ts = args[self.timestep_index]
         if not isinstance(ts, torch.Tensor):
             return float(ts), ()
         device = ts.device
         # the largest t of the call: Wan 2.2's image-to-video passes t = 0 for the first frame's tokens
         parts = [ts.detach().reshape(-1).max().to(torch.float64).reshape(1)]
-        parts += _summaries([args[i] for i in self._conditioning], device)
+        parts += summaries([args[i] for i in self._conditioning], device)
         values = torch.cat(parts).tolist()
         return values[0], tuple(values[1:])
 
@@ -227,115 +212,17 @@ class Runner:
             raise
 
     # -- dispatch ----------------------------------------------------------------------------------------
-    def _kind(self, state: GraphState, step: int, branch: int) -> StepKind:
-        kind = self.config.step_kind(step)
-        if kind is StepKind.FULL:
-            return kind
-        needed = [e.key for e in self.variants[kind].extra_inputs if e.kind == "cache"]
-        have = state.written(branch)
-        return kind if all(k in have for k in needed) else StepKind.FULL
+    @property
+    def variants(self) -> dict:
+        """The variants built so far, by plan (compiled runners)."""
+        return self.source.built() if hasattr(self.source, "built") else {}
 
-    def _extra_inputs(self, state: GraphState, variant: Variant, kind: StepKind, step: int, branch: int,
-                      device) -> list:
-        store = state.caches.get(branch, {})
-        taylor = None
-        if self.config.taylor_order is not None:
-            taylor = state.taylor.get(branch)
-            if taylor is None:
-                taylor = state.taylor[branch] = TaylorState(self.config.taylor_order, self.config.warmup)
-        per_step = [e for e in variant.extra_inputs if e.kind in ("idx", "rand")]
-        draws = self._draws(state, step, per_step, device) if per_step else {}
-        # a FULL step anchors the Taylor deltas even when the variant takes no `taylor_diff` (order 0)
-        diff = taylor.full_inputs(step, device) if kind is StepKind.FULL and taylor is not None else None
-        extra = []
-        for e in variant.extra_inputs:
-            if e.kind in ("idx", "rand"):  # one draw per step, shared by the CFG branches
-                extra.append(draws[e.key])
-            elif e.kind == "buffer" or (self.inplace and e.kind in CACHE_KINDS):  # _into_buffers supplies these
-                extra.append(None)
-            elif e.kind in ("cache", "state"):
-                value = store.get(e.key)
-                if value is None:  # FULL without caches (old Taylor factors, scaled by 0) or fresh staleness
-                    value = torch.zeros(e.shape, dtype=e.dtype, device=device)
-                extra.append(value)
-            elif e.kind == "diff":
-                extra.append(diff)
-            elif e.kind == "coef":
-                extra.append(taylor.forecast_inputs(step, device))
-            elif e.kind == "kinit":
-                tokens = int(e.key.split(":")[1])
-                extra.append(draw_permutation(self.seed, step, e.key, tokens, e.shape[0], device))
-            elif e.kind == "warm":
-                warm = any(k.startswith("clustercentroids:") for k in state.written(branch))
-                extra.append(torch.full(e.shape, 1.0 if warm else 0.0, dtype=e.dtype, device=device))
-            else:  # pragma: no cover - build_variants only emits the kinds above
-                raise AssertionError(e.kind)
-        return self._into_buffers(state, variant, extra, branch, device) if self.inplace else extra
+    def variant_of(self, kind: StepKind):
+        """The variant of the first plan of `kind` the schedule emits (what `explain` and tests look at)."""
+        from ..variants import first_plans
 
-    def _into_buffers(self, state: GraphState, variant, values: list, branch: int, device) -> list:
-        """In-place mode: caches are the branch's persistent buffers (zeroed where this generation has not written
-        them: the 'zeros when absent' rule), per-step values are copied into persistent buffers of their own."""
-        valid = state.valid.setdefault(branch, set())
-        out = []
-        for e, value in zip(variant.extra_inputs, values):
-            if e.kind in CACHE_KINDS or e.kind == "buffer":
-                buf, new = state.buffer(branch, e.key, e.shape, e.dtype, device)
-                if not new and e.key not in valid and e.kind != "buffer":
-                    buf.zero_()
-            else:
-                buf = state.step_buffers.get(e.key)
-                if buf is None or buf.shape != value.shape:
-                    buf = state.step_buffers[e.key] = self.take_buffer(f"step:{e.key}", value.shape, value.dtype,
-                                                                       value.device)
-                buf.copy_(value)
-            out.append(buf)
-        return out
-
-    def _draws(self, state: GraphState, step: int, specs, device) -> dict[str, torch.Tensor]:
-        """The random inputs of `step`: pure functions of (seed, step, key), computed once per step."""
-        if state.draws_step != step or any(e.key not in state.draws for e in specs):
-            if state.draws_step != step:
-                state.draws = {}
-            for e in specs:
-                if e.key in state.draws:
-                    continue
-                if e.kind == "idx":
-                    value = draw_indices(self.seed, step, e.key, e.shape[0], int(e.key.split(":")[1]), e.shape[1],
-                                         device)
-                else:
-                    value = draw_uniform(self.seed, step, e.key, e.shape, device)
-                state.draws[e.key] = value
-            state.draws_step = step
-        return state.draws
-
-    def _variant(self, kind: StepKind, step: int) -> tuple[Variant, int]:
-        key = schedule_key(self.config, step) if kind is StepKind.PARTIAL else 0
-        if kind is not StepKind.PARTIAL or key == self._first_key:
-            return self.variants[kind], key
-        variant = self._more.get((kind, key))
-        if variant is None:
-            with self._lock:
-                variant = self._more.get((kind, key))
-                if variant is None:
-                    log.info("fxcache: building %s variant of graph %d for schedule step %d", kind, self.graph_id,
-                             key)
-                    variant = build_variant(self.gm, self.plan, self.config, kind, key)
-                    if self.inplace:
-                        variant = make_inplace(variant)
-                    self._state_keys |= {e.key for e in variant.extra_inputs if e.kind == "state"}
-                    self._more[(kind, key)] = variant
-        return variant, key
-
-    def _lowered(self, kind: StepKind, key: int, variant: Variant, args) -> Callable:
-        fn = self._fns.get((kind, key))
-        if fn is None:
-            with self._lock:
-                fn = self._fns.get((kind, key))
-                if fn is None:
-                    log.info("fxcache: lowering %s variant of graph %d with %s", kind, self.graph_id, self.lowering)
-                    fn = get_lowering(self.lowering)(variant.gm, args, mode=self.mode, options=self.options)
-                    self._fns[(kind, key)] = fn
-        return fn
+        plan = next(p for p in first_plans(self.config, self.dispatcher.view) if p.kind is kind)
+        return self.source.variant(plan)
 
     def pooled_bytes(self) -> int:
         """Bytes of in-place buffers kept for the next request (`keep_caches`)."""
@@ -357,7 +244,7 @@ class Runner:
                 request.discard(key)
 
     def __call__(self, *args):
-        if self.example_args is None and getattr(self.backend, "capture_args", False):
+        if self.keep_example_args and self.example_args is None:
             self.example_args = args
         state, request, key = self._state(args)
         pos, t = self._position(state, args)
@@ -392,12 +279,12 @@ class Runner:
                 f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
                 f"`with fxcache.request(model):` (or `req.resume()`).")
         step, branch = pos.step, pos.branch
-        kind = self._kind(state, step, branch)
-        variant, key = self._variant(kind, step)
-        device = args[self.plan.timestep_index].device
-        extra = self._extra_inputs(state, variant, kind, step, branch, device)
-        full_args = list(args) + extra
-        fn = self._lowered(kind, key, variant, full_args)
+        plan = self.dispatcher.choose(step, state.written(branch), self.source.variant)
+        variant = self.source.variant(plan)
+        device = args[self.timestep_index].device
+        given = self.dispatcher.step_inputs(state, variant, plan, step, branch, device)
+        full_args = list(args) + state.store.inputs(branch, variant.inputs, given, device)
+        fn = self.source.callable(plan, variant, full_args)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         try:
@@ -407,19 +294,9 @@ class Runner:
             state.drop(branch)
             raise
         n = variant.num_outputs
-        if self.inplace:
-            valid = state.valid.setdefault(branch, set())
-            valid.update(variant.writes)
-            if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
-                valid.difference_update(self._state_keys)
-        else:
-            if kind is StepKind.FULL:  # "state" inputs (ToCa staleness) restart with every FULL step
-                for k in self._state_keys:
-                    state.discard(branch, k)
-            for k, value in zip(variant.extra_outputs, result[n:]):
-                state.put(branch, k, value)
+        state.store.keep(branch, variant, list(result[n:]), full=plan.kind is StepKind.FULL)
         self.scope.record(
-            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=kind.value,
+            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label,
             tokens=variant.tokens, flops=variant.flops, t=t, cached=True, request=state.request_id,
             cache_bytes=state.held,
         )
@@ -427,6 +304,23 @@ class Runner:
         if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
             outs = [o.clone() for o in outs]
         return outs[0] if variant.single_output else tuple(outs)
+
+
+def compiled_runner(backend, graph_id: int, gm, graph, variants: dict, *, mode=None, options=None) -> Runner:
+    """The runner of a Dynamo graph the analysis understood: its variants (those built at compile time, the rest
+    on first use) lowered with the backend's lowering and torch.compile's mode and options."""
+    from ..step_plan import GraphView
+    from .fingerprint import conditioning_inputs, parameter_inputs
+
+    cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+    inplace = cudagraphs if backend.inplace is None else bool(backend.inplace)
+    source = GraphVariants(gm, graph, backend.config, variants, lowering=backend.lowering, mode=mode,
+                           options=options, inplace=inplace)
+    return Runner(backend=backend, graph_id=graph_id, dispatcher=Dispatcher(backend.config, GraphView.of(graph)),
+                  source=source, timestep_index=graph.timestep_index,
+                  conditioning=conditioning_inputs(graph.timestep_index, graph.input_paths, graph.forward_params),
+                  param_indices=parameter_inputs(gm), inplace=inplace, cudagraphs=cudagraphs, plan=graph,
+                  keep_example_args=backend.keep_example_inputs)
 
 
 class UncachedRunner:

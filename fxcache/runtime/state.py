@@ -1,17 +1,12 @@
-"""The state of one graph in one request for one model: step positions, caches per CFG branch, Taylor bookkeeping.
-
-Caches are kept one of two ways: as the tensors the variants return (functional), or in persistent buffers the
-variants update in place (CUDA graphs need static addresses). Both give the same values; `written(branch)` is
-what the current generation of a branch has written, so a step whose inputs are missing runs FULL.
-"""
+"""The state of one graph in one request for one model: step positions, the branches' cache store, Taylor
+bookkeeping, the current step's draws."""
 
 from __future__ import annotations
 
 import weakref
 
-import torch
-
 from .step import StepTracker, TimeDirection
+from .store import CacheStore, FunctionalStore, InplaceStore
 from .taylor import TaylorState
 
 
@@ -24,81 +19,40 @@ class GraphState:
         # depends on the requests before it (the same request twice gives the same output)
         self.tracker = StepTracker(TimeDirection.of(runner.scope.time_direction), runner.scope.max_branches,
                                    continue_unmatched=explicit)
-        self.caches: dict[int, dict[str, torch.Tensor]] = {}  # functional: branch -> key -> tensor
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # in place: branch -> key -> persistent buffer
-        self.valid: dict[int, set[str]] = {}  # in place: branch -> keys written in this generation
+        self.store: CacheStore = InplaceStore(runner) if runner.inplace else FunctionalStore()
         self.taylor: dict[int, TaylorState] = {}
-        self.step_buffers: dict[str, torch.Tensor] = {}  # in place: persistent per-step inputs
-        self.draws: dict[str, torch.Tensor] = {}  # the current step's random inputs, shared by the branches
+        self.draws: dict = {}  # the current step's random inputs, shared by the branches
         self.draws_step = -1
-        self.held = 0  # bytes of caches and buffers held
         self.unmatched = 0  # calls that continued no branch
 
-    def put(self, branch: int, key: str, value: torch.Tensor) -> None:
-        """Functional mode: keep a cache entry the variant returned."""
-        store = self.caches.setdefault(branch, {})
-        old = store.get(key)
-        if old is None:
-            self.held += _nbytes(value)
-        store[key] = value
-
-    def discard(self, branch: int, key: str) -> None:
-        value = self.caches.get(branch, {}).pop(key, None)
-        if value is not None:
-            self.held -= _nbytes(value)
-
-    def buffer(self, branch: int, key: str, shape, dtype, device) -> tuple[torch.Tensor, bool]:
-        """In-place mode: the persistent buffer of a cache entry (made, zeroed, on first use); (buffer, is_new)."""
-        store = self.buffers.setdefault(branch, {})
-        buf = store.get(key)
-        if buf is not None:
-            return buf, False
-        buf = self.runner.take_buffer(key, shape, dtype, device)
-        store[key] = buf
-        self.held += _nbytes(buf)
-        return buf, True
+    @property
+    def held(self) -> int:
+        return self.store.held
 
     def belongs_to(self, model) -> bool:
         return self.model_ref is None or self.model_ref() is model
 
     def written(self, branch: int):
         """The cache keys this branch has written in its current generation."""
-        if self.runner.inplace:
-            return self.valid.get(branch, set())
-        return self.caches.get(branch, {}).keys()
+        return self.store.written(branch)
 
     def restart(self, branch: int) -> None:
         """The branch starts a new generation: nothing it wrote may be read again."""
-        for value in self.caches.pop(branch, {}).values():
-            self.held -= _nbytes(value)
-        self.valid.pop(branch, None)
+        self.store.restart(branch)
         self.taylor.pop(branch, None)
 
     def drop(self, branch: int) -> None:
         """The branch is gone: free its caches too."""
         self.restart(branch)
-        buffers = self.buffers.pop(branch, None)
-        if buffers:
-            self.held -= sum(_nbytes(b) for b in buffers.values())
-            self.runner.give_back_buffers(buffers)
+        self.store.drop(branch)
 
     def release(self) -> None:
         """The request ended: free everything (in-place buffers go back to the runner's pool if it keeps them)."""
-        for branch in list(self.buffers) + list(self.caches):
-            self.drop(branch)
-        self.caches.clear()
-        self.valid.clear()
+        self.store.release()
         self.taylor.clear()
-        if self.step_buffers:
-            self.runner.give_back_buffers({f"step:{k}": v for k, v in self.step_buffers.items()})
-        self.step_buffers.clear()
         self.draws.clear()
         self.draws_step = -1
         self.tracker.reset()
 
     def cache_bytes(self) -> int:
-        return self.held
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+        return self.store.held

@@ -82,3 +82,12 @@ def test_explain_prints_what_was_found(capsys):
     assert result.graph_count == 1 and result.graph_break_count == 0
     assert "transformer_blocks.1" in printed and "ff[mlp 16 tokens partial]" in printed
     assert result.plans[0] is not None and len(result.plans[0].blocks) == 2
+
+
+def test_explain_lists_what_each_variant_of_a_method_takes_and_writes():
+    result = fxcache.explain(make_model("dit"), **make_inputs("dit"), method="duca", graphs=True)
+    variants = result.variants[0]
+    assert list(variants) == ["full", "partial", "skip"]
+    text = str(result)
+    assert "variant skip: " in text and "takes cache final:0; writes nothing" in text
+    assert "variant partial: " in text and "idx idx:16" in text and "index_copy" in text  # graphs=True: the code

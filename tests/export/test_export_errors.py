@@ -131,9 +131,9 @@ def test_tensorrt_without_cuda_says_what_to_install(tmp_path):
 def test_an_op_without_onnx_translation_names_the_variant_and_the_op(tmp_path, monkeypatch):
     """ClusCa's k-means measures L1 distances with torch.cdist, which ONNX lacks; export normally swaps in a
     translatable form. Without that swap the error must say which variant and which op."""
-    import fxcache.passes.clusters as clusters
+    import fxcache.ops.kmeans as kmeans
 
-    monkeypatch.setattr(clusters.torch.compiler, "is_exporting", lambda: False)
+    monkeypatch.setattr(kmeans.torch.compiler, "is_exporting", lambda: False)
     config = fxcache.ClusCaConfig(interval=3, clusters=4, warmup_steps=1, kmeans_iters=1)
     with pytest.raises(ExportError, match="the full variant could not be exported to ONNX.*aten._cdist_forward"):
         fxcache.export(make_model("dit"), loop_inputs("dit", 1, batch=2)[0], config, out_dir=str(tmp_path))

@@ -8,12 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
+from fxcache.graph_io import Key, Slot
 from fxcache import ClusCaConfig, ConfigError, StepKind
-from fxcache.passes import cluster_members, clusca_refresh, kmeans
+from fxcache.ops.kmeans import cluster_members, clusca_refresh, kmeans
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ClusCaReference
-from helpers import (cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run, run_reference,
-                     run_twice_without_recompiles)
+from helpers import (
+    all_pairs, cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run, run_reference,
+    run_twice_without_recompiles,
+)
 
 STEPS = 9
 OPTS = dict(interval=4, order=1, clusters=4, warmup_steps=1, kmeans_iters=3)
@@ -60,10 +63,11 @@ def test_a_stream_shorter_than_k_gets_one_cluster_per_token():
     compiled, backend = compile_cached(model, "clusca", clusters=16, interval=3, warmup_steps=1)
     run(compiled, loop_inputs("flux", 2))
     request = backend.scope.current()
-    state = next(s for (runner, _), s in request.states.items() if runner is backend.runners[0]).caches[0]
-    assert state["clustercentroids:64"].shape[1] == 16
-    assert state["clustercentroids:8"].shape[1] == 8
-    assert sorted(state["clusterlabels:8"][0].tolist()) == list(range(8))  # each text token is its own cluster
+    state = next(s for (runner, _), s in request.states.items() if runner is backend.runners[0]).store.caches[0]
+    centroids, labels = (lambda t: Key.stream(Slot.CENTROIDS, t)), (lambda t: Key.stream(Slot.LABELS, t))
+    assert state[centroids(64)].shape[1] == 16
+    assert state[centroids(8)].shape[1] == 8
+    assert sorted(state[labels(8)][0].tolist()) == list(range(8))  # each text token is its own cluster
 
 
 # -- the in-graph pieces ------------------------------------------------------------------------------------------
@@ -138,9 +142,7 @@ def test_refresh_propagates_gamma_of_the_gap_to_the_cluster_value():
 # -- model level ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("gamma", [0.0, 0.05])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name,gamma,batch", all_pairs(MODEL_NAMES, [0.0, 0.05], [1, 2]))
 def test_loop_equals_hooked_reference(name, gamma, batch):
     model = make_model(name)
     compiled, backend = compile_cached(model, "clusca", gamma=gamma, **OPTS)

@@ -14,8 +14,8 @@ from fxcache import ConfigError, StepKind, TaylorSeerConfig
 from fxcache.runtime.taylor import TaylorState
 from fxcache.testing import MODEL_NAMES
 from helpers import (
-    cfg_calls,
-    compile_cached, loop_inputs, make_model, reference_for, rel_err, run, run_reference, run_twice_without_recompiles,
+    all_pairs, cfg_calls, compile_cached, loop_inputs, make_model, reference_for, rel_err, run, run_reference,
+    run_twice_without_recompiles,
 )
 
 STEPS = 10
@@ -91,9 +91,8 @@ def test_order_zero_equals_fora(name):
 
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("opts", [dict(interval=3, order=2, warmup_steps=1), dict(interval=4, order=1, warmup_steps=3)])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name,opts,batch", all_pairs(
+    MODEL_NAMES, [dict(interval=3, order=2, warmup_steps=1), dict(interval=4, order=1, warmup_steps=3)], [1, 2]))
 def test_loop_equals_hooked_reference(name, opts, batch):
     model = make_model(name)
     compiled, backend = compile_cached(model, "taylorseer", **opts)

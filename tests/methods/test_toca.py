@@ -8,13 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
+from fxcache import UnsupportedGraphError
 from fxcache import ConfigError, StepKind, ToCaConfig
 from fxcache.methods import RATIO_SCHEDULES
-from fxcache.passes.select_tokens import select_tokens, spatial_bonus
+from fxcache.ops.scores import select_tokens, spatial_bonus
 from fxcache.testing import MODEL_NAMES, expected_units
 from fxcache.testing.reference import ToCaReference
 from helpers import (
-    assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run, run_twice_without_recompiles,
+    all_pairs, assert_loop_matches, cfg_calls, compile_cached, loop_inputs, make_model, rel_err, run,
+    run_twice_without_recompiles,
 )
 
 STEPS = 9
@@ -135,9 +137,8 @@ SCORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("opts", SCORE_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name,opts,batch", all_pairs(MODEL_NAMES, SCORE_CASES, [1, 2]),
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_loop_equals_hooked_reference(name, opts, batch):
     opts = dict(dict(interval=4, fresh_ratio=0.3), **opts)
     model = make_model(name)
@@ -178,8 +179,8 @@ def test_step_weighted_schedule_builds_one_variant_per_bucket_without_recompiles
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     runner = backend.runners[0]
-    partial_keys = {k for (kind, k) in runner._fns if kind is StepKind.PARTIAL}
-    assert len(partial_keys) == 3
+    partial_plans = {p for p in runner.variants if p.kind is StepKind.PARTIAL}
+    assert len(partial_plans) == 3
     tokens = [r["tokens"] for r in fxcache.stats(compiled)[:STEPS] if r["kind"] == "partial"]
     assert tokens[0] > tokens[-1]  # the PixArt schedule recomputes fewer tokens as sampling progresses
 
@@ -193,7 +194,7 @@ def test_cross_attention_entropy_score_equals_hooked_reference(batch):
 @pytest.mark.parametrize("name", ["dit", "flux", "sd3"])
 def test_cross_attention_score_without_cross_attention_is_a_clear_error(name):
     compiled, _ = compile_cached(make_model(name), "toca", score="cross_entropy")
-    with pytest.raises(Exception, match="no cross-attention from the"):
+    with pytest.raises(UnsupportedGraphError, match="no cross-attention from the"):
         run(compiled, loop_inputs(name, 1))
 
 

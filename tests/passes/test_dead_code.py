@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxcache.passes.dead_code import eliminate_dead_code, is_mutation
+from fxcache.analysis.aliases import is_mutation
+from fxcache.passes.dead_code import eliminate_dead_code
 
 
 def _ops(gm: fx.GraphModule) -> list[str]:

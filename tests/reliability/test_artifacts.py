@@ -57,10 +57,10 @@ def _edit(folder, fn):
 # -- export writes a new folder whole, or leaves the old one -----------------------------------------------------
 
 def test_a_failed_export_leaves_the_old_folder_intact(folder, monkeypatch):
-    from fxcache.export import onnx as onnx_writer
+    from fxcache.backends import onnx as onnx_writer
 
     before = _files(folder)
-    real = onnx_writer.OnnxWriter.write
+    real = onnx_writer.OnnxFormat.write
     calls = []
 
     def fail_second(self, gm, inputs, in_specs, out_specs, stem, kind):
@@ -69,7 +69,7 @@ def test_a_failed_export_leaves_the_old_folder_intact(folder, monkeypatch):
             raise ExportError("disk full")
         return real(self, gm, inputs, in_specs, out_specs, stem, kind)
 
-    monkeypatch.setattr(onnx_writer.OnnxWriter, "write", fail_second)
+    monkeypatch.setattr(onnx_writer.OnnxFormat, "write", fail_second)
     with pytest.raises(ExportError, match="disk full"):
         fxcache.export(make_model("dit", seed=1), _example(), "duca", out_dir=folder, num_steps=4)
     assert _files(folder) == before
@@ -131,7 +131,7 @@ def test_manifest_shapes_must_match_the_artifact(folder, monkeypatch):
     def huge(d):
         for a in d["artifacts"]:
             for t in a["inputs"]:
-                if t["role"].startswith("extra:cache:"):
+                if t["role"] == "cache":
                     t["shape"] = [2, 65536, 65536]  # 32 GiB of float32
 
     _edit(folder, huge)
@@ -309,8 +309,8 @@ def test_num_steps_has_one_bound_for_export_and_loader(exported, folder, tmp_pat
 
     def longest(d):
         d["num_steps"] = MAX_NUM_STEPS
-        d["schedule"] = [{"step": s, "kind": config.step_kind(s).value, "schedule_key": 0}
-                         for s in range(MAX_NUM_STEPS)]
+        artifact = {a["plan"]["kind"]: i for i, a in enumerate(d["artifacts"])}
+        d["schedule"] = [artifact[config.step_kind(s).value] for s in range(MAX_NUM_STEPS)]
 
     _edit(folder, longest)
     assert CachedSession(folder).manifest.num_steps == MAX_NUM_STEPS
@@ -329,7 +329,7 @@ def test_exports_in_a_row_leave_no_backend_cache_or_dynamo_entry(monkeypatch, tm
     import gc
 
     from fxcache.api import CacheBackend
-    from fxcache.export.onnx import OnnxWriter
+    from fxcache.backends.onnx import OnnxFormat as OnnxWriter
 
     def stub(self, gm, inputs, in_specs, out_specs, stem, kind):
         open(stem + self.suffix, "wb").close()
@@ -356,36 +356,42 @@ def test_exports_in_a_row_leave_no_backend_cache_or_dynamo_entry(monkeypatch, tm
 
 # -- the manifest against the artifacts: every input present, static, with the runtime's key format -----------------
 
-def _add_input(folder, kind, role, shape, dtype="float32", name="bogus"):
+def _add_input(folder, kind, role, key, shape, dtype="float32", name="bogus"):
     def add(d):
-        artifact = next(a for a in d["artifacts"] if a["kind"] == kind)
-        artifact["inputs"].append({"name": name, "role": role, "shape": shape, "dtype": dtype})
+        artifact = next(a for a in d["artifacts"] if a["plan"]["kind"] == kind)
+        artifact["inputs"].append({"name": name, "role": role, "key": key, "shape": shape, "dtype": dtype})
 
     _edit(folder, add)
 
 
-@pytest.mark.parametrize("role,shape,dtype,message", [
-    ("extra:idx:foo", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
-    ("extra:idx:idx:abc", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
-    ("extra:idx:idx:016", [2, 1], "int64", "role must be extra:idx:idx:<tokens>"),
-    ("extra:idx:idx:16", [], "int64", "shape must be \\(units, k\\) with k <= tokens=16"),
-    ("extra:idx:idx:16", [2, 17], "int64", "shape must be \\(units, k\\) with k <= tokens=16"),
-    ("extra:idx:idx:16", [2, 4], "float32", "dtype must be int64"),
-    ("extra:kinit:k", [4], "int64", "role must be extra:kinit:kinit:<tokens>"),
-    ("extra:kinit:kinit:99999999999", [4], "int64", "role must be extra:kinit:kinit:<tokens>"),
-    ("extra:coef:taylor_coef", [2, 2], "float32", "shape must be \\(n,\\)"),
-    ("extra:warm:cluster_warm", [2], "float32", "shape must be \\[1\\]"),
+@pytest.mark.parametrize("role,key,shape,dtype,message", [
+    ("idx", {"slot": "bogus"}, [2, 1], "int64", ".key.slot must be one of"),
+    ("idx", {"slot": "indices", "tokens": "abc"}, [2, 1], "int64", ".key.tokens must be an int from 1"),
+    ("idx", {"slot": "indices", "tokens": 0}, [2, 1], "int64", ".key.tokens must be an int from 1"),
+    ("idx", {"slot": "indices"}, [2, 1], "int64", ".key must have exactly the fields slot, tokens"),
+    ("idx", {"slot": "labels", "tokens": 16}, [2, 1], "int64", ".key.slot must be one of indices for role idx"),
+    ("idx", {"slot": "indices", "tokens": 16}, [], "int64", ": shape must be \\(units, k\\) with k <= tokens=16"),
+    ("idx", {"slot": "indices", "tokens": 16}, [2, 17], "int64", ": shape must be \\(units, k\\) with k <= tokens=16"),
+    ("idx", {"slot": "indices", "tokens": 16}, [2, 4], "float32", ": dtype must be int64"),
+    ("kinit", {"slot": "kmeans_init", "tokens": 99999999999}, [4], "int64", ".key.tokens must be an int from 1"),
+    ("coef", {"slot": "taylor_coef"}, [2, 2], "float32", ": shape must be \\(n,\\)"),
+    ("warm", {"slot": "warm"}, [2], "float32", ": shape must be \\[1\\]"),
+    ("cache", None, [2], "float32", " lacks key"),
 ])
-def test_runtime_made_inputs_are_checked_at_load(folder, role, shape, dtype, message):
-    _add_input(folder, "reuse", role, shape, dtype)
-    with pytest.raises(ExportError, match="manifest field artifacts\\[1\\].inputs\\[\\d+\\]." + message):
+def test_runtime_made_inputs_are_checked_at_load(folder, role, key, shape, dtype, message):
+    _add_input(folder, "reuse", role, key, shape, dtype)
+    if key is None:
+        _edit(folder, lambda d: d["artifacts"][1]["inputs"][-1].pop("key"))
+    with pytest.raises(ExportError, match="manifest field artifacts\\[1\\].inputs\\[\\d+\\]" + message):
         CachedSession(folder)
 
 
-@pytest.mark.parametrize("kind,role", [("reuse", "extra:rand:r"), ("full", "extra:cache:zz"),
-                                       ("reuse", "extra:state:s")])
-def test_manifest_inputs_missing_from_the_artifact_are_refused_before_allocation(folder, monkeypatch, kind, role):
-    _add_input(folder, kind, role, [2**31 - 1, 2**31 - 1])
+@pytest.mark.parametrize("kind,role,key", [("reuse", "rand", {"slot": "score_draw", "unit": "x"}),
+                                          ("full", "cache", {"slot": "unit", "unit": "zz", "output": 0}),
+                                          ("reuse", "state", {"slot": "stale", "unit": "s"})])
+def test_manifest_inputs_missing_from_the_artifact_are_refused_before_allocation(folder, monkeypatch, kind, role,
+                                                                                 key):
+    _add_input(folder, kind, role, key, [2**31 - 1, 2**31 - 1])
     allocated = []
     for name in ("zeros", "rand", "randperm"):
         real = getattr(torch, name)
@@ -409,7 +415,8 @@ def test_symbolic_dimensions_in_an_artifact_are_refused(folder):
 # -- the config against the artifacts ----------------------------------------------------------------------------
 
 def _drop_reuse(d):
-    d["artifacts"] = [a for a in d["artifacts"] if a["kind"] != "reuse"]
+    d["artifacts"] = [a for a in d["artifacts"] if a["plan"]["kind"] != "reuse"]
+    d["schedule"] = [0 for _ in d["schedule"]]
 
 
 def _as_duca(d):
@@ -420,19 +427,22 @@ def _as_duca(d):
 def _as_taylorseer_order_0(d):  # a FORECAST artifact whose Taylor coefficients are those of another order
     d["method"] = "taylorseer"
     d["config"] = fxcache.config.make_config("taylorseer", interval=3, order=0, warmup_steps=1).to_dict()
-    for entry in d["schedule"]:
-        entry["kind"] = entry["kind"].replace("reuse", "forecast")
-    d["artifacts"][1]["kind"] = "forecast"
-    d["artifacts"][1]["inputs"].append({"name": "coef:taylor_coef", "role": "extra:coef:taylor_coef", "shape": [3],
-                                        "dtype": "float32"})
+    plan = d["artifacts"][1]["plan"]
+    plan["kind"] = "forecast"
+    for block in plan["blocks"]:
+        block["kind"] = "forecast"
+    d["artifacts"][1]["inputs"].append({"name": "taylor_coef", "role": "coef", "key": {"slot": "taylor_coef"},
+                                        "shape": [3], "dtype": "float32"})
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_drop_reuse, "artifacts has no reuse artifact, which its config FORAConfig"),
+    (_drop_reuse, "schedule\\[1\\] runs artifacts\\[0\\], a full plan, but its config FORAConfig.* plans reuse"),
     (lambda d: d["config"].update(method="duca"), "config.method is 'duca' but method is 'fora'"),
-    (_as_duca, "artifacts has no partial artifact"),
-    (lambda d: d["schedule"][1].update(kind="skip"), "schedule\\[1\\].kind is skip, which its config"),
-    (_as_taylorseer_order_0, "artifacts\\[1\\].inputs\\[7\\].shape is \\[3\\], but config.order=0 needs \\[1\\]"),
+    (_as_duca, "schedule\\[1\\] runs artifacts\\[1\\], a reuse plan, but its config DuCaConfig.* plans partial"),
+    (lambda d: d["schedule"].__setitem__(1, 0), "schedule\\[1\\] runs artifacts\\[0\\], a full plan"),
+    (lambda d: d["artifacts"][1]["plan"]["blocks"].pop(), "artifacts\\[1\\].plan.blocks must be one entry per block"),
+    (_as_taylorseer_order_0, "artifacts\\[1\\].inputs: taylor_coef has shape \\[3\\], but config order=0 needs "
+                             "\\[1\\]"),
 ])
 def test_the_config_must_match_the_artifacts(folder, edit, message):
     """Checked at load: otherwise a missing variant is a KeyError at the first cached step, a Taylor order that
@@ -513,7 +523,7 @@ def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
     """Once trusted, a saved program's inputs and outputs are still checked against the manifest before use."""
     import importlib
 
-    trt = importlib.import_module("fxcache.export.tensorrt")  # fxcache.export is also the export function
+    trt = importlib.import_module("fxcache.backends.tensorrt")
     monkeypatch.setattr(trt, "require_tensorrt", lambda why: None)
 
     class Double(torch.nn.Module):

@@ -99,7 +99,7 @@ def test_class_labels_with_equal_sums_and_norms_are_other_requests():
 
 
 def test_a_permuted_prompt_embedding_is_other_conditioning():
-    from fxcache.runtime.runner import _summaries
+    from fxcache.runtime.fingerprint import summaries as _summaries
 
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
     variants = [x, x.flip(0), x.flip(1), x.transpose(1, 2).reshape(2, 6, 32), torch.tensor([4, 3]), torch.tensor([0, 5]),

@@ -173,16 +173,16 @@ def test_an_exception_inside_the_model_call_makes_the_next_call_start_over():
     backend = cached(pipe, "fora", "compile", interval=3)
     with torch.no_grad():
         flux_generate(pipe, steps=3)
-        runner = backend.runners[0]
-        real = runner._lowered
+        source = backend.runners[0].source
+        real = source.callable
 
         def broken(*a, **k):
             raise RuntimeError("device lost")
 
-        runner._lowered = lambda *a, **k: broken
+        source.callable = lambda *a, **k: broken
         with pytest.raises(RuntimeError, match="device lost"):
             flux_generate(pipe, steps=6)
-        runner._lowered = real
+        source.callable = real
         start = len(backend.stats())
         again = flux_generate(pipe, steps=6)
     fresh = flux_pipeline()

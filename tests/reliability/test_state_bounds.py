@@ -11,7 +11,7 @@ import torch
 
 import fxcache
 from fxcache import FxCacheWarning
-from fxcache.runtime import runner as runner_module
+from fxcache.runtime import fingerprint
 from fxcache.testing import make_inputs, make_model
 
 TS = [999, 900, 800, 700, 600, 500]
@@ -102,13 +102,15 @@ def test_forced_branches_obey_max_branches():
 @pytest.mark.parametrize("numel", [7, 4099, 3 * 4099 + 5, 200_000])
 def test_the_conditioning_fingerprint_sees_any_change_and_keeps_little(numel):
     x = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(numel))
-    base = runner_module._position_weighted_sums(x)
+    base = fingerprint.position_weighted_sums(x)
     swapped = x.clone()
     swapped[[0, numel - 1]] = swapped[[numel - 1, 0]]
     nudged = x.clone()
     nudged[numel // 2] += 1e-6
-    assert torch.equal(base, runner_module._position_weighted_sums(x.clone()))
+    assert torch.equal(base, fingerprint.position_weighted_sums(x.clone()))
     for changed in (swapped, nudged):
-        assert not torch.equal(base, runner_module._position_weighted_sums(changed))
-    kept = sum(w.numel() * w.element_size() for w in runner_module._WEIGHTS.values())
-    assert kept <= 2 * runner_module._PERIOD * 8 * len(runner_module._WEIGHTS) and len(runner_module._WEIGHTS) <= 2
+        assert not torch.equal(base, fingerprint.position_weighted_sums(changed))
+    # what stays: one 2 x PERIOD column table per device, a bounded number of (rows, 2) row tables
+    assert all(tuple(w.shape) == (2, fingerprint._PERIOD) for w in fingerprint._WEIGHTS.values())
+    assert len(fingerprint._WEIGHTS) <= 2 and len(fingerprint._ROWS) <= fingerprint._MAX_ROW_TABLES
+    assert all(w.shape[1] == 2 for w in fingerprint._ROWS.values())

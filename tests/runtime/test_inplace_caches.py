@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxcache
+from fxcache.graph_io import Role
 from fxcache.config import make_config
 
 from helpers import loop_inputs, make_model, rel_err, run, run_twice_without_recompiles
@@ -50,8 +51,8 @@ def test_inplace_equals_functional_over_two_generations(name, method, opts):
     first, second = run_twice_without_recompiles(inplace, inputs)
     assert all(torch.equal(a, b) for a, b in zip(first + second, expected))
     runner, state = backend.runners[0], graph_state(backend)
-    assert runner.inplace and not any(state.caches.values()), "in-place mode must not keep caches returned as outputs"
-    assert state.buffers[0] and backend.cache_bytes() > 0
+    assert runner.inplace and not hasattr(state.store, "caches"), "in-place mode keeps no caches returned as outputs"
+    assert state.store.buffers[0] and backend.cache_bytes() > 0
 
 
 def test_buffers_keep_their_address_and_variants_return_model_outputs_only():
@@ -64,15 +65,15 @@ def test_buffers_keep_their_address_and_variants_return_model_outputs_only():
         for kw in inputs + inputs:
             c(**kw)
             runner = backend.runners[0]
-            addresses.append({k: v.data_ptr() for k, v in graph_state(backend).buffers[0].items()})
+            addresses.append({k: v.data_ptr() for k, v in graph_state(backend).store.buffers[0].items()})
     final = addresses[-1]
     assert all(a.items() <= final.items() for a in addresses), "a cache buffer moved"
-    for kind, variant in runner.variants.items():
+    for plan, variant in runner.variants.items():
         out = next(n for n in variant.gm.graph.nodes if n.op == "output")
-        assert len(out.args[0]) == variant.num_outputs == 1 and variant.extra_outputs == []
+        assert len(out.args[0]) == variant.num_outputs == 1 and variant.outputs == []
         copies = [n for n in variant.gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
         assert len(copies) == len(variant.writes)
-        if kind is not fxcache.StepKind.SKIP:
+        if plan.kind is not fxcache.StepKind.SKIP:
             assert variant.writes
 
 
@@ -86,11 +87,10 @@ def test_cache_buffers_are_the_static_inputs_cudagraphs_sees():
     for variant in backend.runners[0].variants.values():
         phs = [n for n in variant.gm.graph.nodes if n.op == "placeholder"]
         _, static = _try_get_metadata_from_dynamo(variant.gm, {}.keys(), len(phs), [None] * len(phs))
-        first_extra = len(phs) - len(variant.extra_inputs)
-        buffers = {first_extra + i for i, e in enumerate(variant.extra_inputs) if e.kind in ("cache", "state",
-                                                                                                 "buffer")}
+        first_extra = len(phs) - len(variant.inputs)
+        buffers = {first_extra + i for i, v in enumerate(variant.inputs) if v.role.persistent}
         assert buffers and buffers <= set(static)
-        per_step = {first_extra + i for i, e in enumerate(variant.extra_inputs) if e.kind == "idx"}
+        per_step = {first_extra + i for i, v in enumerate(variant.inputs) if v.role is Role.INDICES}
         assert not per_step & set(static)  # copied by cudagraphs on replay, like any other input
 
 
@@ -126,8 +126,8 @@ def test_requests_reuse_the_buffers_of_finished_ones():
             with fxcache.request(c) as req:
                 outs.append(run(c, inputs))
                 state = next(s for (r, _), s in req.states.items() if r is backend.runners[0])
-                addresses.append({k: v.data_ptr() for k, v in state.buffers[0].items()}
-                                 | {f"step:{k}": v.data_ptr() for k, v in state.step_buffers.items()})
+                addresses.append({k: v.data_ptr() for k, v in state.store.buffers[0].items()}
+                                 | {("step", k): v.data_ptr() for k, v in state.store.step_buffers.items()})
             # the kept buffers are held memory: counted until reset() frees them
             assert backend.cache_bytes() == backend.runners[0].pooled_bytes() > 0
     assert addresses[0] == addresses[1] and addresses[0]

@@ -1,4 +1,9 @@
-"""ONNX artifacts: `torch.onnx.export` (dynamo exporter) of a lifted variant, and an onnxruntime executor."""
+"""ONNX: `torch.onnx.export` (dynamo exporter) of a variant whose weights are constants, run by onnxruntime.
+
+The artifact format of `fxcache.export(format="onnx")` (`FORMAT`) and `lowering="onnx"` (`lower`: each variant
+exported on first use and run in an onnxruntime session inside torch.compile, so a CPU or GPU deployment can be
+tried before exporting; weights are frozen at that moment, as in an export).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,18 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from .graph import dtype_from_name
+from ..graph_io import dtype_from_name
+from . import require
 
 INSTALL = "pip install 'fxcache[onnx]' (onnx, onnxscript, onnxruntime; onnxruntime-gpu for the CUDA provider)"
 
 
 def _require():
-    from .api import require
-
     require("onnx", INSTALL, "ONNX export")
     require("onnxscript", INSTALL, "ONNX export")
 
 
-class OnnxWriter:
+class OnnxFormat:
     suffix = ".onnx"
 
     def write(self, gm, inputs, in_specs, out_specs, stem: str, kind: str) -> str:
@@ -47,6 +51,9 @@ class OnnxWriter:
     def run(self, path, inputs, in_specs, out_specs) -> list[torch.Tensor]:
         return OnnxExecutor(path, in_specs, out_specs)(*inputs)
 
+    def executor(self, path, in_specs, out_specs, providers=None) -> "OnnxExecutor":
+        return OnnxExecutor(path, in_specs, out_specs, providers)
+
 
 class _quiet:
     """The exporter and its ONNX libraries log progress and notes at INFO / WARNING; keep the user's console clean."""
@@ -67,8 +74,6 @@ class OnnxExecutor:
     """One artifact in an onnxruntime session; called with torch tensors in manifest order, returns torch tensors."""
 
     def __init__(self, path: str, in_specs, out_specs, providers=None):
-        from .api import require
-
         ort = require("onnxruntime", INSTALL, "running ONNX artifacts")
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -101,7 +106,7 @@ def check_signature(file: str, in_specs, out_specs, graph_inputs, graph_outputs)
         for spec in specs:
             meta = declared.get(spec.name)
             if meta is None:
-                if role == "input" and spec.role.startswith("user:"):
+                if role == "input" and spec.role == "user":
                     continue
                 raise ExportError(f"the manifest lists {role} {spec.name!r} ({spec.role}) of {file}, which the "
                                   f"artifact does not have")
@@ -133,3 +138,47 @@ def _numpy(value) -> np.ndarray:
             raise ExportError("bfloat16 inputs cannot go through numpy to onnxruntime; export in float16 / float32")
         return t.contiguous().numpy()
     return np.asarray(value)
+
+
+FORMAT = OnnxFormat()
+
+
+def check() -> None:
+    _require()
+    require("onnxruntime", INSTALL, "lowering='onnx'")
+
+
+def lower(gm, example_inputs, *, mode=None, options=None):
+    """Export `gm` with its parameters (inputs that are `nn.Parameter`s) as constants and run it in onnxruntime;
+    the callable takes the graph's inputs as lowerings do. `options`: {"providers": [...]} for onnxruntime."""
+    import os
+    import tempfile
+
+    from ..graph_io import dtype_name
+    from .freeze import lift_constants, remove_noop_squeeze
+
+    args = list(example_inputs)
+    keep = [i for i, a in enumerate(args) if not isinstance(a, torch.nn.Parameter)]
+    lifted = lift_constants(gm, args, keep)
+    remove_noop_squeeze(lifted)
+    inputs = [args[i] for i in keep]
+    with torch.no_grad():
+        expected = lifted(*inputs)
+    single = not isinstance(expected, (tuple, list))
+    outs = [expected] if single else list(expected)
+
+    class Spec:
+        def __init__(self, name, t):
+            self.name, self.role, self.shape, self.dtype = name, "input", list(t.shape), dtype_name(t.dtype)
+
+    in_specs = [Spec(f"input_{i}", args[i]) for i in keep]
+    out_specs = [Spec(f"output_{j}", t) for j, t in enumerate(outs)]
+    with tempfile.TemporaryDirectory(prefix="fxcache-onnx-") as folder:  # the session holds the model in memory
+        file = FORMAT.write(lifted, inputs, in_specs, out_specs, os.path.join(folder, "variant"), "lowered")
+        executor = FORMAT.executor(os.path.join(folder, file), in_specs, out_specs, (options or {}).get("providers"))
+
+    def run(*call_args):
+        result = executor(*[call_args[i] for i in keep])
+        return result[0] if single else tuple(result)
+
+    return run

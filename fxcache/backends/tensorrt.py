@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import ExportError, MissingDependencyError
-from ..runtime.lowering import register_lowering
 
 INSTALL = ("pip install 'fxcache[tensorrt]' (torch-tensorrt of the same minor version as torch "
            f"{torch.__version__.split('+')[0]}, and a CUDA GPU)")
@@ -44,7 +43,7 @@ def compile_engine(gm, inputs, precisions=(torch.float32,)):
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
 
-class TensorRTWriter:
+class TensorRTFormat:
     suffix = ".ep"
 
     def write(self, gm, inputs, in_specs, out_specs, stem: str, kind: str) -> str:
@@ -58,6 +57,9 @@ class TensorRTWriter:
     def run(self, path, inputs, in_specs, out_specs) -> list[torch.Tensor]:
         outs = TensorRTExecutor(path)(*[t.cuda() for t in inputs])
         return [o.to(inputs[0].device) for o in outs]
+
+    def executor(self, path, in_specs, out_specs, providers=None) -> "TensorRTExecutor":
+        return TensorRTExecutor(path, in_specs, out_specs)
 
 
 class TensorRTExecutor:
@@ -77,7 +79,7 @@ def check_program(file: str, program, in_specs, out_specs) -> None:
     """The manifest's inputs and outputs of a saved program against the program's own, before anything is
     allocated from the manifest's shapes: as many, in order, each with the same static shape and dtype (where the
     program records one)."""
-    from .graph import dtype_name
+    from ..graph_io import dtype_name
 
     nodes = {n.name: n for n in program.graph.nodes}
     inputs = [nodes.get(name) for name in program.graph_signature.user_inputs]
@@ -99,12 +101,16 @@ def check_program(file: str, program, in_specs, out_specs) -> None:
                                   f"dtype {spec.dtype}, the program declares {shape} and {dtype_name(value.dtype)}")
 
 
-@register_lowering("tensorrt")
-def lower_tensorrt(gm, example_inputs, *, mode=None, options=None):
+def lower(gm, example_inputs, *, mode=None, options=None):
     """Each variant becomes a TensorRT engine (torch-tensorrt's dynamo path); weights stay graph inputs."""
     require_tensorrt("lowering='tensorrt'")
     engine = compile_engine(gm, [t for t in example_inputs], **(options or {}))
     return lambda *args: engine(*args)
 
 
-lower_tensorrt.check = lambda: require_tensorrt("lowering='tensorrt'")  # fail at cache_backend(), not mid-run
+def check() -> None:
+    """Fail at cache_backend(), not mid-run."""
+    require_tensorrt("lowering='tensorrt'")
+
+
+FORMAT = TensorRTFormat()

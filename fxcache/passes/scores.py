@@ -1,0 +1,48 @@
+"""ToCa, FULL blocks: each scored unit's score at this step (or the value it is computed from later) is written to
+a cache, for the partial steps that follow to choose tokens by."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..analysis.scored import ScoredUnit
+from ..analysis.units import _sdpa_arg
+from ..graph_io import Key, Role
+from ..ops.scores import attention_received_score, cross_entropy_score, norm_score
+from .checks import graph_pass
+from .graph_builder import GraphBuilder
+
+
+@graph_pass
+def record_scores(b: GraphBuilder, units: list[ScoredUnit], score: str, prefer_low: bool) -> None:
+    """`score`: "attention" / "cross_entropy" (from the attention's q and k), "knorm" / "vnorm" (from the
+    projection), "similarity" (the unit's input itself); "random" and "staleness" record nothing."""
+    for su in units:
+        key = Key.score(su.name)
+        if su.attention is not None:
+            a = su.attention
+            q, k = (b.env[_sdpa_arg(a.sdpa, i, n)] for i, n in ((0, "query"), (1, "key")))
+            mask = _sdpa_arg(a.sdpa, 3, "attn_mask")
+            mask = b.env[mask] if isinstance(mask, fx.Node) else None
+            scale = a.sdpa.kwargs.get("scale")
+            if score == "attention":
+                node = b.graph.call_function(attention_received_score, (q, k, mask, scale, a.offset, a.length))
+            else:
+                node = b.graph.call_function(cross_entropy_score, (q, k, mask, scale))
+            b.give(Role.CACHE, key, node)
+            continue
+        if su.source is None:
+            continue
+        src = b.env[su.source]
+        if score in ("knorm", "vnorm"):
+            src = b.graph.call_function(norm_score, (src, su.heads, prefer_low))
+        b.give(Role.CACHE, key, src)
+
+
+def score_shape(su: ScoredUnit, score: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """What `record_scores` writes for the unit: the input itself for "similarity", else a (tokens,) score."""
+    if score == "similarity":
+        v = su.source.meta["example_value"]
+        return tuple(v.shape), v.dtype
+    return (su.unit.tokens,), torch.float32

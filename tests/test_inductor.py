@@ -30,10 +30,32 @@ def test_inductor_loop_equals_hooked_reference(name, method, opts):
     assert len(backend.runners) == 1
 
 
-def test_compile_mode_and_options_reach_the_lowering():
+@pytest.mark.parametrize("compile_kwargs,expected", [
+    (dict(options={"epilogue_fusion": False}), {"epilogue_fusion": False}),
+    (dict(mode="max-autotune-no-cudagraphs"), {"max_autotune": True}),
+])
+def test_compile_mode_and_options_reach_the_lowering(monkeypatch, compile_kwargs, expected):
+    """torch.compile's mode= and options= reach Inductor's compile_fx for every variant, as config patches that
+    change what Inductor sees. compile_fx is replaced by a recorder that runs the graph eagerly (no C++ build)."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def recording_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        with torch._inductor.config.patch(config_patches or {}):
+            seen.append({k: getattr(torch._inductor.config, k) for k in expected})
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", recording_compile_fx)
+    for key, value in expected.items():
+        assert getattr(torch._inductor.config, key) != value  # the patch must change something to be seen
     model = make_model("dit")
     backend = fxcache.cache_backend("fora", interval=2)
-    compiled = torch.compile(model, backend=backend, dynamic=False, options={"epilogue_fusion": False})
-    with torch.no_grad():
-        compiled(**loop_inputs("dit", 1)[0])
-    assert backend.runners[0].options == {"epilogue_fusion": False}
+    compiled = torch.compile(model, backend=backend, dynamic=False, **compile_kwargs)
+    inputs = loop_inputs("dit", 3)
+    outs = run(compiled, inputs)
+    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "full"]
+    assert seen == [expected, expected]  # one lowering per variant (FULL, REUSE), each with the patches
+    eager, _ = compile_cached(make_model("dit"), "fora", interval=2)
+    for o, e in zip(outs, run(eager, inputs)):
+        assert torch.equal(o, e)

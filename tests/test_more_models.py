@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fxcache
+from fxcache import UnsupportedGraphError
 from fxcache import FxCacheWarning
 from fxcache.testing import HookedReference
 from helpers import compile_cached, rel_err
@@ -357,7 +358,7 @@ def test_unsupported_model_falls_back_cleanly(name):
 
     torch._dynamo.reset()
     strict, _ = compile_cached(make(name), "duca", strict=True, interval=3, ratio=0.5)
-    with pytest.raises(Exception, match="|".join(FALLBACK[name])), torch.no_grad():
+    with pytest.raises(UnsupportedGraphError, match="|".join(FALLBACK[name])), torch.no_grad():
         strict(**inputs(name))
 
 

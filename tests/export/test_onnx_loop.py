@@ -52,7 +52,7 @@ def refuses_another_config(folder, change, message):
     data = json.load(open(path))
     data["config"].update(change)
     json.dump(data, open(path, "w"))
-    with pytest.raises(ExportError, match="manifest field artifacts\\[\\d+\\]" + message):
+    with pytest.raises(ExportError, match="manifest field " + message):
         CachedSession(folder)
 
 
@@ -65,7 +65,9 @@ def test_duca_loop_through_onnx_equals_torch(tmp_path, name):
     inputs = loop_inputs(name, STEPS, batch=2)
     first, second = session_loop(session, inputs), session_loop(session, inputs)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    refuses_another_config(str(tmp_path), dict(ratio=0.5), ".inputs\\[\\d+\\].shape is .*but its config recomputes")
+    refuses_another_config(str(tmp_path), dict(ratio=0.5),
+                           "schedule\\[1\\] runs artifacts\\[\\d\\], a partial k=.* plan, but its config .* plans "
+                           "partial k=")
 
 
 @pytest.mark.parametrize("method,opts", [
@@ -82,10 +84,12 @@ def test_every_method_loops_through_onnx(tmp_path, method, opts):
 
 #: per method, an option that changes the artifacts, and the mismatch a folder with that option changed shows
 OTHER_CONFIG = {
-    "fora": (dict(interval=1), ".kind is reuse, which its config .* never runs"),
-    "toca": (dict(score="random"), ".inputs are those of another token score"),
-    "taylorseer": (dict(order=1), ".inputs\\[\\d+\\].shape is \\[\\d\\], but config.order=1 needs"),
-    "clusca": (dict(clusters=2), ".inputs\\[\\d+\\].shape is \\[4\\], but config.clusters=2 needs \\[2\\]"),
+    "fora": (dict(interval=1), "schedule\\[1\\] runs artifacts\\[1\\], a reuse plan, but its config .* plans full"),
+    "toca": (dict(score="random"), "artifacts\\[\\d\\].inputs: it reads recorded scores .* config's score is 'random'"),
+    "taylorseer": (dict(order=1), "artifacts\\[\\d\\].inputs: taylor_diff has shape \\[2\\], but config order=1 needs "
+                                  "\\[1\\]"),
+    "clusca": (dict(clusters=2), "artifacts\\[\\d\\].inputs: kinit:16 starts k-means from 4 tokens, but config "
+                                 "clusters=2 needs 2"),
 }
 
 
@@ -93,10 +97,9 @@ def test_toca_step_dependent_token_tables_get_one_artifact_each(tmp_path):
     config = make_config("toca", interval=2, fresh_ratio=0.3, ratio_schedule="pixart", num_steps=STEPS,
                          step_buckets=2)
     manifest, _, _ = export_and_compare(tmp_path, "pixart", config)
-    partial = [a for a in manifest.artifacts if a.kind == "partial"]
-    assert len({a.schedule_key for a in partial}) == 2
-    used = {s["schedule_key"] for s in manifest.schedule if s["kind"] == "partial"}
-    assert used == {a.schedule_key for a in partial}
+    partial = [i for i, a in enumerate(manifest.artifacts) if a.kind == "partial"]
+    assert len({manifest.artifacts[i].step_plan() for i in partial}) == 2
+    assert {j for j in manifest.schedule if manifest.artifacts[j].kind == "partial"} == set(partial)
 
 
 def test_manifest_round_trips_and_describes_the_export(tmp_path):
@@ -107,14 +110,49 @@ def test_manifest_round_trips_and_describes_the_export(tmp_path):
     assert again == manifest
     assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
     assert manifest.method == "duca" and manifest.config == make_config("duca").to_dict()
-    assert [s["kind"] for s in manifest.schedule] == [make_config("duca").step_kind(i).value for i in range(10)]
+    assert [manifest.artifacts[j].kind for j in manifest.schedule] == [make_config("duca").step_kind(i).value
+                                                                       for i in range(10)]
     assert [t.name for t in manifest.user_inputs] == ["hidden_states", "timestep", "encoder_hidden_states"]
     assert manifest.user_inputs[manifest.timestep_input].name == "timestep"
     assert manifest.versions["torch"] == torch.__version__ and "fxcache" in manifest.versions
     assert manifest.model_class == "PixArtTransformer2DModel" and manifest.model_config["num_layers"] == 2
-    partial = manifest.artifact("partial")
-    caches_in = [t for t in partial.inputs if t.role.startswith("extra:cache:")]
+    partial = next(a for a in manifest.artifacts if a.kind == "partial")
+    caches_in = [t for t in partial.inputs if t.role == "cache"]
     assert caches_in and all(t.dtype == "float32" and t.shape[0] == 2 for t in caches_in)
-    idx = [t for t in partial.inputs if t.role.startswith("extra:idx:")]
+    idx = [t for t in partial.inputs if t.role == "idx"]
     assert idx and all(t.dtype == "int64" for t in idx)
     assert partial.tokens == idx[0].shape[1] * 2 // 2 and all(a.max_abs_error < 1e-4 for a in manifest.artifacts)
+
+
+def test_onnx_lowering_runs_every_variant_in_onnxruntime(monkeypatch):
+    """lowering="onnx": each variant is exported on first use and runs in onnxruntime; a ToCa loop (FULL and
+    PARTIAL with in-graph token choice) equals the eager lowering, and no temporary model file is left behind."""
+    import tempfile
+
+    from fxcache.backends import onnx as onnx_backend
+
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        made.append(folder.name)
+        return folder
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
+    calls = []
+    real_executor = onnx_backend.OnnxExecutor.__call__
+    monkeypatch.setattr(onnx_backend.OnnxExecutor, "__call__",
+                        lambda self, *a: calls.append(1) or real_executor(self, *a))
+    config = make_config("toca", interval=2, fresh_ratio=0.25, score="random", warmup_steps=1)
+    inputs = loop_inputs("pixart", 5)
+    compiled, _ = compile_cached(make_model("pixart"), config, lowering="onnx")
+    outs = run(compiled, inputs)
+    eager, _ = compile_cached(make_model("pixart"), config)
+    expected = run(eager, inputs)
+    kinds = [r["kind"] for r in fxcache.stats(compiled)]
+    assert kinds == [r["kind"] for r in fxcache.stats(eager)] and {"full", "partial"} <= set(kinds)
+    assert len(calls) == len(inputs)  # every step ran in onnxruntime, none fell back to torch
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 1e-4, (s, kinds[s])
+    assert made and not any(os.path.exists(f) for f in made)

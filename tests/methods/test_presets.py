@@ -14,12 +14,33 @@ CASES = [(m, p) for m in METHODS for p in sorted(fxcache.get_method(m).PRESETS)]
 
 
 @pytest.mark.parametrize("method,preset", CASES)
-def test_every_preset_is_a_valid_config_with_its_documented_values(method, preset):
-    cls = fxcache.get_method(method)
+def test_every_preset_emits_each_step_kind_it_declares(method, preset):
+    """A preset's schedule, over its own step count (50 where it names none), runs every kind its variants are
+    built for, starts with a FULL step and refreshes again later (a preset that never refreshes would drift)."""
     config = fxcache.cache_backend(method, preset=preset, lowering="eager").config
-    for key, value in cls.PRESETS[preset].items():
-        assert getattr(config, key) == value
-    assert "PRESETS" in cls.__dict__ and cls.__doc__  # each method documents its presets
+    steps = getattr(config, "num_steps", None) or 50
+    kinds = [config.step_kind(s) for s in range(steps)]
+    assert set(kinds) == set(config.kinds), (preset, sorted(set(kinds)), sorted(config.kinds))
+    assert kinds[0] is fxcache.StepKind.FULL and fxcache.StepKind.FULL in kinds[steps // 2:]
+    assert kinds.count(fxcache.StepKind.FULL) < steps  # the preset caches something
+    assert "PRESETS" in fxcache.get_method(method).__dict__ and fxcache.get_method(method).__doc__
+
+
+# FULL steps of a 50-step FLUX run, from the papers' settings and ALGORITHMS.md (1.4: #FULL = W + floor((50-W)/N);
+# errata 11): FORA N=3 W=1, ToCa N=4 W=3, DuCa N=5 W=3, TaylorSeer N=6 W=3 (FULL at 0,1,2,8,...,44), ClusCa N=5 W=3
+FLUX_FULL_STEPS = {"fora": 17, "toca": 14, "duca": 12, "taylorseer": 10, "clusca": 12}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_flux_presets_refresh_as_often_as_the_papers_settings(method):
+    config = fxcache.cache_backend(method, preset="flux", lowering="eager").config
+    full = [s for s in range(50) if config.step_kind(s) is fxcache.StepKind.FULL]
+    assert len(full) == FLUX_FULL_STEPS[method], full
+    if method == "taylorseer":
+        assert full == [0, 1, 2, 8, 14, 20, 26, 32, 38, 44]
+    if method == "duca":  # after warm-up, cycles of F C A C A (ALGORITHMS.md 3: j odd conservative, even aggressive)
+        F, C, A = fxcache.StepKind.FULL, fxcache.StepKind.PARTIAL, fxcache.StepKind.SKIP
+        assert [config.step_kind(s) for s in range(2, 12)] == [F, C, A, C, A, F, C, A, C, A]
 
 
 def test_flux_presets_are_the_papers_headline_settings():

@@ -198,14 +198,22 @@ def test_pixart_schedule_golden_ten_steps():
 
 @given(schedule=st.sampled_from(["dit", "pixart"]), interval=st.integers(1, 8), steps=st.integers(2, 80))
 def test_progress_schedules_start_full_and_count_up_to_the_next_full(schedule, interval, steps):
+    """Both start FULL and never wait longer than their largest interval: Nt = N / (1.4 - 0.8 i/T) with i <= T-1
+    (DiT; 2 in the sensitive range) or N / (0.8 + 0.4 s/T) (PixArt) is at most round(N / 0.6) or round(N / 0.8).
+    PixArt's position s mod Nt counts up by one between FULL steps."""
     from fxcache.methods.schedule import progress_position
 
     pos = [progress_position(schedule, s, interval, steps) for s in range(steps)]
+    longest = max(2 if schedule == "dit" else 1, round(interval / (0.6 if schedule == "dit" else 0.8)))
     assert pos[0] == 0
-    for s in range(1, steps):
-        assert pos[s] >= 0
-        if pos[s] and pos[s - 1] and schedule == "pixart":
-            assert pos[s] == pos[s - 1] + 1  # PixArt counts up from its last FULL step
+    assert all(0 <= p < longest for p in pos), (pos, longest)
+    fulls = [s for s in range(steps) if pos[s] == 0] + [steps]
+    assert all(b - a <= longest for a, b in zip(fulls, fulls[1:])), (fulls, longest)
+    if schedule == "pixart":
+        # j = s mod Nt: up by one between FULL steps (a new Nt may start it above 1 after a FULL step)
+        assert all(pos[s] == pos[s - 1] + 1 for s in range(1, steps) if pos[s] and pos[s - 1]), pos
+    if interval == 1 and schedule == "pixart":
+        assert pos == [0] * steps  # N=1: every step FULL
 
 
 def test_progress_schedules_need_num_steps():

@@ -8,7 +8,13 @@ import torch
 from fxcache import DuCaConfig, FORAConfig, StepKind
 from fxcache.analysis import analyse
 from fxcache.testing import MODEL_NAMES, make_inputs, make_model
-from fxcache.variants import build_variants
+from fxcache.graph_io import Role
+from fxcache.variants import build_variants as build_plans
+
+
+def build_variants(gm, plan, config):
+    """The variants a graph builds at compile time, by step kind (each kind's first plan)."""
+    return {p.kind: v for p, v in build_plans(gm, plan, config).items()}
 
 
 def capture(name):
@@ -59,7 +65,8 @@ def test_placeholders_outputs_and_dynamo_meta(kind):
     variant = build_variants(gm, plan, DuCaConfig(interval=5, ratio=0.5))[kind]
     old, new = placeholders(gm), placeholders(variant.gm)
     assert [n.name for n in new[: len(old)]] == [n.name for n in old]  # originals first, same order
-    assert len(new) == len(old) + len(variant.extra_inputs)
+    assert len(new) == len(old) + len(variant.inputs)
+    assert [n.name for n in new[len(old):]] == [v.key.placeholder for v in variant.inputs]  # declared = placeholders
     for o, n in zip(old, new):
         assert n._dynamo_source is o._dynamo_source
     for n in new[len(old):]:
@@ -67,24 +74,38 @@ def test_placeholders_outputs_and_dynamo_meta(kind):
     assert variant.gm.meta.get("dynamo_compile_id") == gm.meta.get("dynamo_compile_id")
     assert variant.gm._param_name_to_source is gm._param_name_to_source
     outputs = variant.gm.graph.find_nodes(op="output")[0].args[0]
-    assert len(outputs) == variant.num_outputs + len(variant.extra_outputs)
+    assert len(outputs) == variant.num_outputs + len(variant.outputs)
+    for v, node in zip(variant.outputs, outputs[variant.num_outputs:]):  # declared = what the graph returns
+        assert tuple(node.meta["example_value"].shape) == v.shape and node.meta["example_value"].dtype == v.dtype
     for n in variant.gm.graph.nodes:  # shapes were re-propagated after the rewrite
         if n.op not in ("output",) and n.meta.get("example_value") is None and n.op != "placeholder":
             pytest.fail(f"{n.name} has no example_value")
 
 
 def test_full_variant_without_other_kinds_is_the_untouched_graph():
-    gm = capture("dit")
+    """interval=1: nothing to cache, so the FULL variant is the Dynamo graph op for op, and computes the same."""
+    captured = []
+
+    def backend(gm, example_inputs, **kwargs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(make_model("dit"), backend=backend, dynamic=False)(**make_inputs("dit"))
+    gm, example = captured[0]
     variant = build_variants(gm, analyse(gm), FORAConfig(interval=1))[StepKind.FULL]
-    assert variant.extra_inputs == [] and variant.extra_outputs == []
-    assert len(variant.gm.graph.nodes) == len(gm.graph.nodes)
+    assert variant.inputs == [] and variant.outputs == []
+    ops = [(n.op, n.target, len(n.args)) for n in gm.graph.nodes]
+    assert [(n.op, n.target, len(n.args)) for n in variant.gm.graph.nodes] == ops
+    with torch.no_grad():
+        assert torch.equal(variant.gm(*example)[0], gm(*example)[0])
 
 
 def test_partial_index_shape_follows_the_ratio():
     gm = capture("flux")
     plan = analyse(gm)
     variant = build_variants(gm, plan, DuCaConfig(interval=5, ratio=0.75))[StepKind.PARTIAL]
-    idx = {e.key: e.shape for e in variant.extra_inputs if e.kind == "idx"}
+    idx = {v.key.name: v.shape for v in variant.inputs if v.role is Role.INDICES}
     # FLUX tiny: image stream 64 tokens (2 ff), text 8 (2 ff_context), joint 72 (2 single-block proj_out)
     assert idx == {"idx:64": (2, 16), "idx:8": (2, 2), "idx:72": (2, 18)}
     assert variant.tokens == 18
@@ -105,6 +126,8 @@ def test_full_variant_flops_equal_the_eager_model(name):
 
 def test_ratio_one_recomputes_no_token():
     gm = capture("dit")
-    variant = build_variants(gm, analyse(gm), DuCaConfig(ratio=1.0))[StepKind.PARTIAL]
-    assert [e.shape for e in variant.extra_inputs if e.kind == "idx"] == [(2, 0)]
+    plan = analyse(gm)
+    variant = build_variants(gm, plan, DuCaConfig(ratio=1.0))[StepKind.PARTIAL]
+    assert not any(v.role is Role.INDICES for v in variant.inputs) and count(variant.gm, "index_copy") == 0
+    assert {v.key for v in variant.inputs if v.role is Role.CACHE} >= {k for u in plan.units for k in u.cache_keys}
     assert variant.tokens == 0

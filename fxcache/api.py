@@ -194,7 +194,8 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
 
     Args:
         method_or_config: a registered method name ("duca", "fora", ...) or a config instance.
-        lowering: "inductor" (default; honours torch.compile's mode= and options=) or "eager".
+        lowering: "inductor" (default; honours torch.compile's mode= and options=), "eager", "onnx" (onnxruntime)
+            or "tensorrt" (CUDA), or a name given to `fxcache.register_lowering`.
         strict: raise UnsupportedGraphError (at the first call) for a graph the analysis does not understand,
             instead of warning once and running it uncached.
         block_lists: names of the module lists that hold the transformer blocks.

@@ -25,3 +25,17 @@ torch._dynamo.config.accumulated_cache_size_limit = 4096
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
+
+
+#: the files that take longest (about 60-100 s each on the 2-core machine), run first: pytest-xdist hands out whole
+#: files in collection order, so a long file collected last would leave one worker running it alone
+LONGEST_FIRST = ("reliability/test_requests.py", "export/test_onnx_loop.py", "test_end_to_end.py",
+                 "test_more_models.py", "methods/test_toca.py", "quality/test_peers.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = os.path.relpath(str(item.path), os.path.dirname(__file__)).replace(os.sep, "/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept

@@ -23,13 +23,3 @@ def example_extra(v: GraphValue, device) -> torch.Tensor:
         return torch.rand(v.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=v.dtype)
     return torch.zeros(v.shape, dtype=v.dtype, device=device)
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return value

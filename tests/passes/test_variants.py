@@ -7,9 +7,10 @@ import torch
 
 from fxcache import DuCaConfig, FORAConfig, StepKind
 from fxcache.analysis import analyse
-from fxcache.testing import MODEL_NAMES, make_inputs, make_model
 from fxcache.graph_io import Role
+from fxcache.testing import MODEL_NAMES, make_inputs, make_model
 from fxcache.variants import build_variants as build_plans
+from pass_helpers import capture as capture_graph
 
 
 def build_variants(gm, plan, config):
@@ -18,15 +19,7 @@ def build_variants(gm, plan, config):
 
 
 def capture(name):
-    graphs = []
-
-    def backend(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(make_model(name), backend=backend, dynamic=False)(**make_inputs(name))
-    return graphs[0]
+    return capture_graph(name)[0]
 
 
 def count(gm, fragment):

@@ -12,7 +12,7 @@ from ..graph_io import Role
 from ..passes import cluster_tokens, forecast_units, refresh_clusters, update_factors
 from ..step_plan import BlockKind
 from .recipe import Recipe, register_recipe, units_in
-from .schedule import cycle_horizon, cycle_position
+from .schedule import check_schedule, cycle_horizon, schedule_position
 
 #: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
 MAX_KMEANS_ITERS = 1000
@@ -23,8 +23,8 @@ MAX_KMEANS_ITERS = 1000
 class ClusCaConfig(CacheConfig):
     """Cluster-driven caching (ClusCa, arXiv 2509.10312), on TaylorSeer forecasting.
 
-    FULL steps follow the counter schedule (W warm-up steps, then one every N) and update the Taylor factors as
-    TaylorSeer does. They also run k-means (L1 distance, mean centroids, `kmeans_iters` Lloyd iterations,
+    FULL steps follow the schedule (below; by default W warm-up steps, then one every N) and update the Taylor
+    factors as TaylorSeer does. They also run k-means (L1 distance, mean centroids, `kmeans_iters` Lloyd iterations,
     warm-started from the previous centroids) per batch row on the residual stream after the last block that
     holds a refreshed unit, once per token stream (image, text). Every other step is CLUSTER: every unit is
     forecast; each refreshed unit (the token-wise feed-forward units of the first block list: FLUX double
@@ -38,16 +38,22 @@ class ClusCaConfig(CacheConfig):
         gamma: propagation weight (FLUX 0.005). warmup_steps: W (FLUX 3). kmeans_iters: Lloyd iterations (10, at
             most 1000: lowered and exported graphs unroll them).
         seed: seed of the k-means initialisation and of the member choice, reseeded every generation.
+        schedule: "counter" (W warm-up steps, then one FULL step every N), or "countdown": the DiT references'
+            fixed interval counted down from the last step, FULL when step < W or (num_steps - 1 - step) % N == 0
+            (the last step is always FULL). num_steps: the sampler's step count, needed by "countdown".
     Defaults are the paper's FLUX.1-dev setting.
     """
 
     method = "clusca"
     #: ClusCa paper / Cache4Diffusion defaults: FLUX.1-dev N=5, O=1, K=16, gamma=0.005, W=3, 10 k-means
-    #: iterations (4.96x, IR 0.9949); DiT-XL/2 N=4, O=4, K=16, gamma=0, W=2, 100 iterations; HunyuanVideo N=5,
-    #: O=1, K=32, gamma=0.01, W=1, 10 iterations (LinCa: 4.99x FLOPs, VBench 79.99).
+    #: iterations: 12 FULL steps of 50, at most about 4.17x FLOPs (the paper's 4.96x headline needs about 10 FULL
+    #: steps, another setting: ALGORITHMS.md erratum 11); DiT-XL/2 DDIM-50 N=4, O=4, K=16, gamma=0 (sample.py),
+    #: 100 iterations, FULL at s = 0, 1, 5, ..., 49 (the authors' countdown, docs/authors/dit-schedules.md
+    #: section 5); HunyuanVideo N=5, O=1, K=32, gamma=0.01, W=1, 10 iterations (LinCa: 4.99x FLOPs, VBench 79.99).
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=5, order=1, clusters=16, gamma=0.005, warmup_steps=3, kmeans_iters=10),
-        "dit": dict(interval=4, order=4, clusters=16, gamma=0.0, warmup_steps=2, kmeans_iters=100),
+        "dit": dict(interval=4, order=4, clusters=16, gamma=0.0, warmup_steps=1, kmeans_iters=100,
+                    schedule="countdown", num_steps=50),
         "video": dict(interval=5, order=1, clusters=32, gamma=0.01, warmup_steps=1, kmeans_iters=10),
     }
     interval: int = 5
@@ -58,6 +64,9 @@ class ClusCaConfig(CacheConfig):
     kmeans_iters: int = 10
     seed: int = 0
 
+    schedule: str = "counter"
+    num_steps: int | None = None
+
     def _validate(self) -> None:
         check_int("ClusCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_int("ClusCaConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
@@ -65,6 +74,7 @@ class ClusCaConfig(CacheConfig):
         check_fraction("ClusCaConfig", "gamma", self.gamma)
         object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
         check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
+        check_schedule("ClusCaConfig", self.schedule, self.num_steps, allowed=("counter", "countdown"))
         check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0, maximum=MAX_KMEANS_ITERS,
                   why="the papers use 10-100; lowered or exported graphs unroll them")
         check_seed("ClusCaConfig", self.seed)
@@ -79,14 +89,15 @@ class ClusCaConfig(CacheConfig):
 
     @property
     def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps)
+        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
 
     @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.CLUSTER}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
-        return StepKind.FULL if cycle_position(step, self.interval, self.warmup_steps) == 0 else StepKind.CLUSTER
+        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        return StepKind.FULL if j == 0 else StepKind.CLUSTER
 
 
 @register_recipe(ClusCaConfig)

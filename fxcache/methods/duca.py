@@ -32,18 +32,21 @@ class DuCaConfig(CacheConfig):
         seed: seed of the token choice; reseeded at the start of every generation, so runs repeat.
         schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
             follows the sampling progress (need num_steps; see methods.schedule.progress_position).
+            "countdown": a fixed interval counted down from the last step (needs num_steps).
     """
 
     method = "duca"
     #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896); HunyuanVideo reference: N=5,
     #: R=90%, W=1 (random tokens, no staleness); DiT README: N=3, r=0.05 (the reference scores by attention,
-    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT/PixArt use the modulo
-    #: schedule of their references (interval following the progress; num_steps assumed 50 / 20: pass yours).
+    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT uses the modulo schedule of
+    #: its reference (interval following the progress; num_steps assumed 50: pass yours). DuCa-PixArt keeps the
+    #: interval constant (its force_scheduler's step weight is 0 in both branches; cal_type: FULL iff s % N == 0,
+    #: odd positions conservative, even aggressive), which is the counter schedule with W=1.
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=5, ratio=0.9, warmup_steps=3),
         "video": dict(interval=5, ratio=0.9, warmup_steps=1),
         "dit": dict(interval=3, ratio=0.95, warmup_steps=1, schedule="dit", num_steps=50),
-        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1, schedule="pixart", num_steps=20),
+        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1),
     }
     interval: int = 5
     ratio: float = 0.9

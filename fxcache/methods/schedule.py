@@ -15,7 +15,7 @@ def cycle_position(step: int, interval: int, warmup: int) -> int:
     return (step - (warmup - 1)) % interval
 
 
-SCHEDULES = ("counter", "dit", "pixart")
+SCHEDULES = ("counter", "countdown", "dit", "pixart")
 
 
 def progress_position(schedule: str, step: int, interval: int, num_steps: int) -> int:
@@ -47,19 +47,34 @@ def progress_position(schedule: str, step: int, interval: int, num_steps: int) -
     return j
 
 
-def check_schedule(owner: str, schedule, num_steps) -> None:
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"{owner}.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+def check_schedule(owner: str, schedule, num_steps, allowed: tuple[str, ...] = SCHEDULES) -> None:
+    if schedule not in allowed:
+        raise ConfigError(f"{owner}.schedule must be one of {', '.join(allowed)}, got {schedule!r}")
     if num_steps is not None:
         check_int(owner, "num_steps", num_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
     if schedule != "counter" and num_steps is None:
-        raise ConfigError(f"{owner}.schedule={schedule!r} follows the sampling progress: pass num_steps")
+        raise ConfigError(f"{owner}.schedule={schedule!r} counts the sampling steps: pass num_steps (the sampler's "
+                          "step count)")
+
+
+def countdown_position(step: int, interval: int, warmup: int, num_steps: int) -> int:
+    """j(s) of the DiT references' fixed interval, counted on their down-counting index i = T-1-s: FULL when
+    s < W or i mod N == 0, so the last step is always FULL (DiT-ToCa with fresh ratio 0, i.e. FORA; TaylorSeer-DiT;
+    ClusCa-DiT: FULL at s = 0, 1, 4, 7, ..., 49 for N=3, T=50). j counts the steps since the last FULL one."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    last = step
+    while last >= warmup and (num_steps - 1 - last) % interval:
+        last -= 1
+    return step - last
 
 
 def schedule_position(schedule: str, step: int, interval: int, warmup: int, num_steps: int | None) -> int:
-    """j(s) under `schedule`: the counter schedule, or a progress-dependent reference schedule."""
+    """j(s) under `schedule`: the counter schedule, the references' countdown, or a progress-dependent one."""
     if schedule == "counter":
         return cycle_position(step, interval, warmup)
+    if schedule == "countdown":
+        return countdown_position(step, interval, warmup, num_steps)
     return progress_position(schedule, step, interval, num_steps)
 
 

@@ -91,19 +91,21 @@ class ToCaConfig(CacheConfig):
       cost nearly nothing.
       Scores are averaged over batch rows, so every row (and both halves of a batched CFG call) refreshes the
       same tokens. staleness counts the partial steps since a token was last recomputed; FULL resets it.
-      spatial bonus: square token grids only; the grid is cut into `spatial_grid`^2 cells and each cell's best
-      token gets S += spatial_bonus * S.
+      spatial bonus: square token grids only; the grid is cut into cells of `spatial_grid` x `spatial_grid` tokens
+      and each cell's best token gets S += spatial_bonus * S.
 
     Args:
         interval: N (FLUX reference 4). fresh_ratio: r, the fraction recomputed (README "R=0.1").
         warmup_steps: W (FLUX 3). score, prefer, staleness_weight (lambda3; 0.25 in the ToCa repo),
-        spatial_grid (0 = off; DiT 2, PixArt 4; at most 64), spatial_bonus (DiT 0.6, PixArt 0.4).
+        spatial_grid: the side of a bonus cell in tokens (0 = off; DiT 2, PixArt 4; at most 64), spatial_bonus
+        (DiT 0.6, PixArt 0.4).
         ratio_schedule: a name of RATIO_SCHEDULES ("flat" default); schedules with a step weight need
         num_steps, and then use `step_buckets` distinct k tables per generation (one compiled variant each; at
         most 64).
         seed: seed of the random score.
         schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
             follows the sampling progress (need num_steps).
+            "countdown": a fixed interval counted down from the last step (needs num_steps).
     """
 
     method = "toca"

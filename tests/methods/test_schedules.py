@@ -223,3 +223,60 @@ def test_progress_schedules_need_num_steps():
         DuCaConfig(schedule="dit")
     with pytest.raises(ConfigError, match="schedule must be one of"):
         DuCaConfig(schedule="cosine", num_steps=10)
+
+
+# -- the DiT references' countdown (FORA through DiT-ToCa, TaylorSeer-DiT, ClusCa-DiT) ------------------------------
+
+
+def _full_steps(config, steps):
+    return [s for s in range(steps) if config.step_kind(s) is F]
+
+
+def test_dit_presets_refresh_where_the_authors_code_does():
+    """docs/authors/dit-schedules.md sections 2, 4 and 5: 50 DDIM steps, FULL at s = 0, 1, 4, ..., 49 (FORA, 18
+    FULL: the paper's 2.77x) and at s = 0, 1, 5, ..., 49 (TaylorSeer and ClusCa, 14 FULL)."""
+    fora = FORAConfig(**FORAConfig.PRESETS["dit"])
+    assert _full_steps(fora, 50) == [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40, 43, 46, 49]
+    for cls in (TaylorSeerConfig, ClusCaConfig):
+        config = cls(**cls.PRESETS["dit"])
+        assert _full_steps(config, 50) == [0, 1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], cls
+
+
+def test_countdown_golden_twenty_one_steps():
+    """Worked by hand, T=21, N=3: i = 20 - s is a multiple of 3 at s = 2, 5, ..., 20; s = 0 is the warm-up step.
+    The counter schedule would refresh at s = 0, 3, 6, ... instead."""
+    fora = FORAConfig(interval=3, schedule="countdown", num_steps=21)
+    assert _full_steps(fora, 21) == [0, 2, 5, 8, 11, 14, 17, 20]
+    ts = TaylorSeerConfig(interval=3, order=1, warmup_steps=1, schedule="countdown", num_steps=21)
+    assert [ts.step_kind(s) for s in range(6)] == [F, StepKind.FORECAST, F, StepKind.FORECAST, StepKind.FORECAST, F]
+
+
+@given(interval=st.integers(1, 7), warmup=st.integers(1, 4), steps=st.integers(1, 60))
+def test_countdown_ends_full_and_refreshes_every_interval(interval, warmup, steps):
+    from fxcache.methods.schedule import schedule_position
+
+    pos = [schedule_position("countdown", s, interval, warmup, steps) for s in range(steps)]
+    full = [s for s in range(steps) if pos[s] == 0]
+    assert full[-1] == steps - 1  # the last step is always FULL
+    assert all(s in full for s in range(min(warmup, steps)))
+    later = [s for s in full if s >= warmup]
+    assert all(b - a == interval for a, b in zip(later, later[1:]))
+    assert all(pos[s] == pos[s - 1] + 1 for s in range(1, steps) if pos[s])  # steps since the last FULL one
+
+
+@pytest.mark.parametrize("cls", [FORAConfig, TaylorSeerConfig, ClusCaConfig])
+def test_fixed_interval_methods_take_the_counter_or_the_countdown_only(cls):
+    from fxcache import ConfigError
+
+    with pytest.raises(ConfigError, match="schedule must be one of counter, countdown"):
+        cls(schedule="dit", num_steps=50)
+    with pytest.raises(ConfigError, match="pass num_steps"):
+        cls(schedule="countdown")
+
+
+def test_duca_pixart_preset_keeps_the_authors_constant_interval():
+    """DuCa @0a7151b, DuCa-PixArt-alpha/diffusion/model/cache_functions: force_scheduler.py L3-10 sets the step
+    weight to 0 in both branches, so the threshold stays N=3; cal_type.py L14-21: FULL iff s % 3 == 0 (or s == 0),
+    odd positions conservative (ToCa), even ones aggressive. Whatever the step count: F C A F C A ..."""
+    duca = DuCaConfig(**DuCaConfig.PRESETS["pixart"])
+    assert [duca.step_kind(s) for s in range(12)] == [F, P, S] * 4

@@ -57,20 +57,21 @@ def similarity_score(current: torch.Tensor, reference: torch.Tensor) -> torch.Te
     return l2_normalise((1.0 - cos).mean(0))
 
 
-def spatial_bonus(s: torch.Tensor, grid: int, bonus: float) -> torch.Tensor:
-    """On a square token grid cut into grid x grid cells, each cell's best token gets s += bonus * s."""
+def spatial_bonus(s: torch.Tensor, cell: int, bonus: float) -> torch.Tensor:
+    """On a square token grid cut into cells of `cell` x `cell` tokens, each cell's best token gets s += bonus * s
+    (the authors' `local_selection_with_bonus(score, bonus, cell)`: DiT cells of 2 x 2 tokens)."""
     n = s.shape[0]
-    side = math.isqrt(n)
-    cell = side // grid
-    cells = s.reshape(grid, cell, grid, cell).permute(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+    per_side = math.isqrt(n) // cell
+    cells = s.reshape(per_side, cell, per_side, cell).permute(0, 2, 1, 3).reshape(per_side * per_side, cell * cell)
     best = F.one_hot(cells.argmax(1), cell * cell).to(s.dtype)
-    mask = best.reshape(grid, grid, cell, cell).permute(0, 2, 1, 3).reshape(n)
+    mask = best.reshape(per_side, per_side, cell, cell).permute(0, 2, 1, 3).reshape(n)
     return s + bonus * s * mask
 
 
-def bonus_applies(tokens: int, grid: int) -> bool:
+def bonus_applies(tokens: int, cell: int) -> bool:
+    """Square grids whose side the cell side divides."""
     side = math.isqrt(tokens)
-    return grid > 0 and side * side == tokens and side % grid == 0
+    return cell > 0 and side * side == tokens and side % cell == 0
 
 
 def select_tokens(base: torch.Tensor, stale: torch.Tensor, k: int, stale_weight: float, interval: int, grid: int,

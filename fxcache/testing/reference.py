@@ -360,11 +360,11 @@ class ToCaReference(HookedReference):
         s = self._base(name, tokens) + c.staleness_weight * stale / c.interval
         side = int(round(tokens ** 0.5))
         if c.spatial_grid and c.spatial_bonus and side * side == tokens and side % c.spatial_grid == 0:
-            cell = side // c.spatial_grid
+            cell = c.spatial_grid  # the side of a cell, in tokens
             grid = s.reshape(side, side)
             boosted = grid.clone()
-            for gy in range(c.spatial_grid):
-                for gx in range(c.spatial_grid):
+            for gy in range(side // cell):
+                for gx in range(side // cell):
                     block = grid[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell]
                     j = int(block.flatten().argmax())
                     y, x = gy * cell + j // cell, gx * cell + j % cell

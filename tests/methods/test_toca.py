@@ -109,6 +109,39 @@ def test_spatial_bonus_boosts_each_cells_best_token_only():
     assert torch.equal(out[boosted], s[boosted] * 1.5)
 
 
+@pytest.mark.parametrize("cell", [2, 4])
+def test_spatial_bonus_cells_are_cell_by_cell_tokens_on_a_16x16_grid(cell):
+    """ALGORITHMS.md erratum 5: `local_selection_with_bonus(score, bonus, g)` cuts the grid into cells of g x g
+    tokens (DiT: 64 cells of 2 x 2 on 16 x 16), not g cells per side. Scores rising along the rows: each cell's
+    best token is its bottom-right one, at row g*a + g-1 and column g*b + g-1."""
+    s = torch.arange(256, dtype=torch.float32) + 1
+    out = spatial_bonus(s, cell, 0.6)
+    boosted = (out != s).nonzero().flatten().tolist()
+    per_side = 16 // cell
+    assert len(boosted) == per_side * per_side
+    assert boosted == sorted((cell * a + cell - 1) * 16 + cell * b + cell - 1
+                             for a in range(per_side) for b in range(per_side))
+    assert torch.allclose(out[boosted], s[boosted] * 1.6)
+
+
+def test_spatial_bonus_on_a_16x16_token_dit_equals_hooked_reference():
+    """The bonus inside the graph against the hooked reference on a grid where cells of 2 x 2 tokens and 2 cells
+    per side differ (DiT at 32 x 32 latents: 16 x 16 tokens)."""
+    opts = dict(interval=3, fresh_ratio=0.1, score="vnorm", staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.6)
+    model = make_model("dit", sample_size=32)
+    compiled, backend = compile_cached(model, "toca", **opts)
+    inputs = loop_inputs("dit", 5, size=32)
+    outs = run(compiled, inputs)
+    ref = toca_reference("dit", backend.config, make_model("dit", sample_size=32))
+    expected = []
+    for s, kw in enumerate(inputs):
+        expected.append(ref(s, 0, **kw)[0])
+        if s == 0:
+            ref.k = {n: int(opts["fresh_ratio"] * ref.tokens[n] + 1e-9) for n in ref.order}
+    assert set(ref.tokens.values()) >= {256}
+    assert_loop_matches(compiled, backend.config, outs, expected, run(model, inputs))
+
+
 # -- model level -------------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from ..graph_io import Role
 from ..passes import cluster_tokens, forecast_units, refresh_clusters, update_factors
 from ..step_plan import BlockKind
 from .recipe import Recipe, register_recipe, units_in
-from .schedule import check_schedule, cycle_horizon, schedule_position
+from .schedule import Cyclic, SeededDraws, check_schedule
 
 #: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
 MAX_KMEANS_ITERS = 1000
@@ -20,7 +20,7 @@ MAX_KMEANS_ITERS = 1000
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ClusCaConfig(CacheConfig):
+class ClusCaConfig(Cyclic, SeededDraws, CacheConfig):
     """Cluster-driven caching (ClusCa, arXiv 2509.10312), on TaylorSeer forecasting.
 
     FULL steps follow the schedule (below; by default W warm-up steps, then one every N) and update the Taylor
@@ -84,19 +84,11 @@ class ClusCaConfig(CacheConfig):
         return self.order
 
     @property
-    def draw_seed(self) -> int:
-        return self.seed
-
-    @property
-    def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
-
-    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.CLUSTER}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
-        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        j = self.position(step)
         return StepKind.FULL if j == 0 else StepKind.CLUSTER
 
 

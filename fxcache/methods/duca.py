@@ -12,12 +12,12 @@ from ..graph_io import Role
 from ..passes import expose_final, expose_units, read_final, recompute_subset, reuse_units
 from ..step_plan import BlockKind, BlockStep
 from .recipe import Recipe, partial_units, register_recipe, units_in
-from .schedule import check_schedule, cycle_horizon, schedule_position
+from .schedule import Cyclic, SeededDraws, check_schedule
 
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DuCaConfig(CacheConfig):
+class DuCaConfig(Cyclic, SeededDraws, CacheConfig):
     """Dual caching (DuCa, arXiv 2412.18911).
 
     Steps count up from 0 in sampling order; j = position in the cycle (0 = FULL). j odd -> PARTIAL
@@ -68,14 +68,6 @@ class DuCaConfig(CacheConfig):
         return 1.0 - float(self.ratio)
 
     @property
-    def draw_seed(self) -> int:
-        return self.seed
-
-    @property
-    def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
-
-    @property
     def kinds(self) -> frozenset[StepKind]:
         if self.schedule != "counter":
             return frozenset({StepKind.FULL, StepKind.PARTIAL, StepKind.SKIP})
@@ -87,7 +79,7 @@ class DuCaConfig(CacheConfig):
         return frozenset(kinds)
 
     def step_kind(self, step: int) -> StepKind:
-        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        j = self.position(step)
         if j == 0:
             return StepKind.FULL
         return StepKind.PARTIAL if j % 2 == 1 else StepKind.SKIP

@@ -9,12 +9,12 @@ from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, reg
 from ..passes import expose_units, reuse_units
 from ..step_plan import BlockKind
 from .recipe import Recipe, register_recipe, units_in
-from .schedule import check_schedule, cycle_horizon, schedule_position
+from .schedule import Cyclic, check_schedule
 
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FORAConfig(CacheConfig):
+class FORAConfig(Cyclic, CacheConfig):
     """Fixed-interval reuse (FORA, arXiv 2407.01425).
 
     Steps count up from 0 in sampling order. By default FULL when `step < warmup_steps` or
@@ -50,15 +50,11 @@ class FORAConfig(CacheConfig):
         check_schedule("FORAConfig", self.schedule, self.num_steps, allowed=("counter", "countdown"))
 
     @property
-    def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
-
-    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.REUSE}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
-        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        j = self.position(step)
         return StepKind.FULL if j == 0 else StepKind.REUSE
 
 

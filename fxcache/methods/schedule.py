@@ -82,3 +82,24 @@ def cycle_horizon(interval: int, warmup: int, num_steps: int | None = None) -> i
     """Steps within which a cyclic schedule (warm-up, then a cycle of `interval`, possibly stretched over
     `num_steps` by the progress schedules) has shown every step kind it emits."""
     return min(MAX_STEPS, warmup + 2 * interval + (num_steps or 0))
+
+
+class Cyclic:
+    """Mixin of the configs with `interval`, `warmup_steps`, `schedule` and `num_steps`: where a step sits in its
+    cycle, and how far the compile-time variant list looks."""
+
+    def position(self, step: int) -> int:
+        """j(s) under the config's schedule: 0 on FULL steps, else the position in the cycle."""
+        return schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+
+    @property
+    def horizon(self) -> int:
+        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
+
+
+class SeededDraws:
+    """Mixin of the configs with a `seed` field: the seed of their random draws."""
+
+    @property
+    def draw_seed(self) -> int:
+        return self.seed

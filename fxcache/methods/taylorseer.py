@@ -9,12 +9,12 @@ from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, reg
 from ..passes import forecast_units, update_factors
 from ..step_plan import BlockKind
 from .recipe import Recipe, register_recipe, units_in
-from .schedule import check_schedule, cycle_horizon, schedule_position
+from .schedule import Cyclic, check_schedule
 
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TaylorSeerConfig(CacheConfig):
+class TaylorSeerConfig(Cyclic, CacheConfig):
     """TaylorSeer (arXiv 2503.06923).
 
     By default FULL when `step < warmup_steps` or `(step - warmup_steps + 1) % interval == 0`. A FULL step at s_k keeps,
@@ -60,15 +60,11 @@ class TaylorSeerConfig(CacheConfig):
         return self.order
 
     @property
-    def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
-
-    @property
     def kinds(self) -> frozenset[StepKind]:
         return frozenset({StepKind.FULL, StepKind.FORECAST}) if self.interval > 1 else frozenset({StepKind.FULL})
 
     def step_kind(self, step: int) -> StepKind:
-        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        j = self.position(step)
         return StepKind.FULL if j == 0 else StepKind.FORECAST
 
 

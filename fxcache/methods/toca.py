@@ -14,7 +14,7 @@ from ..graph_io import Role, Slot
 from ..passes import Selection, expose_units, record_scores, reuse_units, select_and_recompute
 from ..step_plan import BlockKind, BlockStep
 from .recipe import Recipe, partial_units, register_recipe, units_in
-from .schedule import check_schedule, cycle_horizon, schedule_position
+from .schedule import Cyclic, SeededDraws, check_schedule
 
 SCORES = ("random", "staleness", "knorm", "vnorm", "similarity", "attention", "cross_entropy")
 
@@ -71,7 +71,7 @@ MAX_STEP_BUCKETS = 64  # k tables per generation: each is one more compiled PART
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ToCaConfig(CacheConfig):
+class ToCaConfig(Cyclic, SeededDraws, CacheConfig):
     """Token-wise caching (ToCa, arXiv 2410.05317).
 
     Counter schedule: W warm-up FULL steps, then FULL every N steps; the others are PARTIAL: attention units
@@ -167,14 +167,6 @@ class ToCaConfig(CacheConfig):
         check_seed("ToCaConfig", self.seed)
 
     @property
-    def draw_seed(self) -> int:
-        return self.seed
-
-    @property
-    def horizon(self) -> int:
-        return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
-
-    @property
     def kinds(self) -> frozenset[StepKind]:
         if self.interval > 1 or self.schedule != "counter":
             return frozenset({StepKind.FULL, StepKind.PARTIAL})
@@ -185,7 +177,7 @@ class ToCaConfig(CacheConfig):
         return True
 
     def step_kind(self, step: int) -> StepKind:
-        j = schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        j = self.position(step)
         return StepKind.FULL if j == 0 else StepKind.PARTIAL
 
     def schedule_step(self, step: int) -> int:

@@ -75,6 +75,12 @@ class CacheConfig:
         return MAX_STEPS
 
     @property
+    def planned_steps(self) -> int | None:
+        """The sampler step count the schedule is written for (`num_steps` of schedules that count the steps),
+        None when it fits any step count."""
+        return None
+
+    @property
     def warmup(self) -> int:
         """W: leading FULL steps (every method here has `warmup_steps`)."""
         return int(getattr(self, "warmup_steps", 1))

@@ -96,6 +96,10 @@ class Cyclic:
     def horizon(self) -> int:
         return cycle_horizon(self.interval, self.warmup_steps, self.num_steps)
 
+    @property
+    def planned_steps(self) -> int | None:
+        return self.num_steps if self.schedule != "counter" else None
+
 
 class SeededDraws:
     """Mixin of the configs with a `seed` field: the seed of their random draws."""

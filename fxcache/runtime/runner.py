@@ -279,6 +279,13 @@ class Runner:
                 f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
                 f"`with fxcache.request(model):` (or `req.resume()`).")
         step, branch = pos.step, pos.branch
+        planned = self.config.planned_steps
+        if planned is not None and step >= planned:
+            self.backend._warn_once(
+                f"fxcache: graph {self.graph_id}: step {step} is past num_steps={planned}, the step count the "
+                f"config's {self.config.schedule!r} schedule is written for (presets assume one): pass your "
+                f"sampler's step count as num_steps, or the schedule does not end as the reference's does",
+                key=f"planned-steps-{self.graph_id}")
         plan = self.dispatcher.choose(step, state.written(branch), self.source.variant)
         variant = self.source.variant(plan)
         device = args[self.timestep_index].device

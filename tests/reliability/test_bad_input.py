@@ -122,3 +122,18 @@ def test_options_have_upper_bounds(method, option, value, bound):
     with pytest.raises(ConfigError, match=f"{option} must be <= {bound}"):
         fxcache.cache_backend(method, **{option: value}, **extra)
     fxcache.cache_backend(method, **{option: bound}, **extra)  # the bound itself is accepted
+
+
+def test_a_step_count_other_than_the_schedules_num_steps_is_said():
+    """A schedule written for num_steps (the countdown of the dit presets) says so when a loop goes past it, once,
+    and an export for another step count is refused before tracing."""
+    compiled = torch.compile(make_model("dit"), backend=fxcache.cache_backend(
+        "fora", interval=2, schedule="countdown", num_steps=3, lowering="eager"), dynamic=False)
+    with pytest.warns(fxcache.FxCacheWarning, match="step 3 is past num_steps=3") as caught, torch.no_grad():
+        for s in range(5):
+            compiled(**make_inputs("dit", t=1.0 - s / 6))
+    assert sum("past num_steps" in str(w.message) for w in caught) == 1
+    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "full", "reuse", "full"]
+    with pytest.raises(ConfigError, match="written for num_steps=50 but the export covers num_steps=25"):
+        fxcache.export(make_model("dit"), make_inputs("dit"), "fora", preset="dit", out_dir="/nonexistent/x",
+                       num_steps=25)

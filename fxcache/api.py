@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 
 import torch
@@ -344,6 +345,7 @@ class Explanation:
     errors: list[str]
     variants: list[dict] = dataclasses.field(default_factory=list)  # per graph: plan label -> Variant (method=)
     graphs: bool = False  # print each variant's graph code
+    method: str = ""  # the method whose variants were built (method=)
 
     def __str__(self) -> str:
         lines = [f"Graph count: {self.graph_count}", f"Graph break count: {self.graph_break_count}"]
@@ -359,6 +361,12 @@ class Explanation:
                              f"writes {writes}")
                 if self.graphs:
                     lines.append("    " + v.gm.code.strip().replace("\n", "\n    "))
+            built = self.variants[i] if i < len(self.variants) else {}
+            if built:
+                held = {x.key: x for v in built.values() for x in v.outputs if x.role.persistent}
+                size = sum(math.prod(x.shape) * x.dtype.itemsize for x in held.values())
+                lines.append(f"  cache memory per branch with {self.method}: {size / 2**20:.2f} MiB (every value its "
+                             f"variants keep between steps)")
         lines.append(REQUEST_BOUNDARIES)
         return "\n".join(lines)
 
@@ -382,6 +390,9 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
     takes and writes; `graphs=True` prints their graph code too."""
     _check_timestep_input(timestep_input)
     _check_bool("graphs", graphs)
+    if graphs and method is None:
+        raise ConfigError("graphs=True prints the variant graphs a method builds: pass method= too (a method name "
+                          "or a config), e.g. explain(model, **inputs, method='fora', graphs=True)")
     config = None
     if method is not None:
         config = method if isinstance(method, CacheConfig) else make_config(method)
@@ -408,6 +419,7 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
                     errors[len(variants)] = f"{config.method} cannot cache it: {exc}"
             variants.append(built)
     reasons = [str(getattr(b, "reason", b)) for b in out.break_reasons]
-    result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors, variants, graphs)
+    result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors, variants, graphs,
+                         config.method if config is not None else "")
     print(result)
     return result

@@ -41,8 +41,8 @@ class OnnxFormat:
                                   external_data=weight_bytes > 1_800_000_000,
                                   input_names=[s.name for s in in_specs], output_names=[s.name for s in out_specs])
         except Exception as exc:  # the exporter raises many types; name the variant and the op
-            text = str(exc)
-            ops = sorted(set(re.findall(r"(aten\.\w+(?:\.\w+)?)", text)))
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its messages
+            ops = sorted(set(re.findall(r"((?:aten|prims)\.\w+(?:\.\w+)?)", text)))
             op = f"; ops named in the exporter's message: {', '.join(ops[:8])}" if ops else ""
             raise ExportError(f"the {kind} variant could not be exported to ONNX: {type(exc).__name__}: "
                               f"{text.strip().splitlines()[0] if text.strip() else ''}{op}") from exc

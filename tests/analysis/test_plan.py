@@ -91,3 +91,25 @@ def test_explain_lists_what_each_variant_of_a_method_takes_and_writes():
     text = str(result)
     assert "variant skip: " in text and "takes cache final:0; writes nothing" in text
     assert "variant partial: " in text and "idx idx:16" in text and "index_copy" in text  # graphs=True: the code
+
+
+@pytest.mark.parametrize("method", ["fora", "taylorseer", "clusca"])
+def test_explain_memory_with_a_method_is_what_a_generation_holds(method):
+    """explain(method=) counts what the method's variants keep between steps (TaylorSeer: order + 1 tensors per
+    unit), which is what the backend holds after a generation of one branch (batch 2 in one call)."""
+    import re
+
+    text = str(fxcache.explain(make_model("flux"), **make_inputs("flux", batch=2), method=method))
+    said = float(re.search(rf"cache memory per branch with {method}: ([0-9.]+) MiB", text).group(1))
+    backend = fxcache.cache_backend(method, lowering="eager")
+    compiled = torch.compile(make_model("flux"), backend=backend, dynamic=False)
+    with torch.no_grad(), fxcache.request(compiled):
+        for s in range(8):
+            compiled(**make_inputs("flux", batch=2, t=1 - s / 10))
+            held = backend.cache_bytes() / 2**20
+    assert said == pytest.approx(held, abs=0.006)
+
+
+def test_explain_graphs_without_a_method_says_what_is_missing():
+    with pytest.raises(fxcache.ConfigError, match="pass method="):
+        fxcache.explain(make_model("dit"), **make_inputs("dit"), graphs=True)

@@ -139,6 +139,28 @@ def test_an_op_without_onnx_translation_names_the_variant_and_the_op(tmp_path, m
         fxcache.export(make_model("dit"), loop_inputs("dit", 1, batch=2)[0], config, out_dir=str(tmp_path))
 
 
+def test_an_onnx_conversion_error_is_plain_text_and_names_prims_ops(tmp_path):
+    """The exporter colours its messages and names decomposed ops as prims.*: the ExportError keeps neither the
+    colour codes out nor the op from the user (torch.special.bessel_j0 has no ONNX translation)."""
+
+    class Bessel(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.bessel_j0(x)
+
+    from fxcache.backends.onnx import FORMAT
+
+    class Spec:
+        def __init__(self, name):
+            self.name = name
+
+    gm = torch.fx.symbolic_trace(Bessel())
+    with pytest.raises(ExportError) as info:
+        FORMAT.write(gm, [torch.randn(4)], [Spec("x")], [Spec("y")], str(tmp_path / "bessel"), "full")
+    message = str(info.value)
+    assert "the full variant could not be exported to ONNX" in message and "\x1b" not in message
+    assert "bessel_j0" in message
+
+
 def test_scalar_timesteps_are_broadcast_like_the_transformer_does(exported):
     session = CachedSession(exported)
     kw = loop_inputs("pixart", 1, batch=2)[0]

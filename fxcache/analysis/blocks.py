@@ -24,6 +24,20 @@ def block_regex(block_lists: tuple[str, ...]) -> re.Pattern:
     return re.compile(rf"^((?:{names}))\.(\d+)(?:\.|$)")
 
 
+def nested_block_lists(gm: fx.GraphModule, block_lists: tuple[str, ...]) -> list[str]:
+    """Paths of module lists with one of `block_lists`' names below the root (a wrapped transformer:
+    `model.transformer_blocks`, PEFT's `base_model.model.transformer_blocks`): what to pass as block_lists."""
+    names = "|".join(re.escape(b) for b in sorted(block_lists, key=len, reverse=True))
+    pattern = re.compile(rf"^(.+\.(?:{names}))\.\d+(?:\.|$)")
+    found = set()
+    for n in gm.graph.nodes:
+        for path, _ in stack_entries(n) or ():
+            m = pattern.match(path)
+            if m:
+                found.add(m.group(1))
+    return sorted(found)
+
+
 @dataclasses.dataclass
 class Block:
     """One transformer block: its first contiguous run of nodes in the graph."""

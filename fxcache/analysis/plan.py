@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedGraphError
-from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks
+from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists
 from .inputs import input_paths
 from .module_stack import is_param_placeholder
 from .timestep import find_timestep_input, resolve_timestep_input
@@ -113,11 +113,12 @@ def analyse(
             )
     blocks = find_blocks(gm, block_lists)
     if not blocks:
+        nested = nested_block_lists(gm, block_lists)
+        hint = (f"; the model holds {', '.join(nested)} below its root (a wrapper): pass "
+                f"block_lists={tuple(nested)!r}" if nested else
+                " (pass block_lists=(...) naming the ModuleList that holds the blocks)")
         raise UnsupportedGraphError(
-            "no transformer blocks found: no node runs inside a module list named "
-            + ", ".join(block_lists)
-            + " (pass block_lists=(...) naming the ModuleList that holds the blocks)"
-        )
+            "no transformer blocks found: no node runs inside a module list named " + ", ".join(block_lists) + hint)
     for b in blocks:
         if any(not isinstance(o.meta.get("example_value"), torch.Tensor) for o in b.outputs):
             raise UnsupportedGraphError("a block output is not a tensor", block=b.name)

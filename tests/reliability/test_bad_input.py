@@ -137,3 +137,28 @@ def test_a_step_count_other_than_the_schedules_num_steps_is_said():
     with pytest.raises(ConfigError, match="written for num_steps=50 but the export covers num_steps=25"):
         fxcache.export(make_model("dit"), make_inputs("dit"), "fora", preset="dit", out_dir="/nonexistent/x",
                        num_steps=25)
+
+
+def test_a_wrapped_transformer_gets_the_block_lists_to_pass():
+    """A wrapper module (PEFT's base_model.model, a user's own) moves the block list below the root: the error names
+    the path to pass, and passing it caches the model."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    strict = torch.compile(Wrapper(make_model("dit")), backend=fxcache.cache_backend(
+        "fora", strict=True, lowering="eager"), dynamic=False)
+    with pytest.raises(UnsupportedGraphError, match=r"pass block_lists=\('inner.transformer_blocks',\)"), \
+            torch.no_grad():
+        strict(**make_inputs("dit"))
+    backend = fxcache.cache_backend("fora", strict=True, lowering="eager", block_lists=("inner.transformer_blocks",))
+    compiled = torch.compile(Wrapper(make_model("dit")), backend=backend, dynamic=False)
+    with torch.no_grad():
+        for s in range(3):
+            compiled(**make_inputs("dit", t=1.0 - s / 4))
+    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "reuse"]

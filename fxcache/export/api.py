@@ -79,7 +79,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
     if not isinstance(config, CacheConfig):
         raise ConfigError(f"method_or_config must be a method name or a CacheConfig, got {method_or_config!r}")
     if config.planned_steps is not None and config.planned_steps != num_steps:
-        raise ConfigError(f"the config's {config.schedule!r} schedule is written for num_steps={config.planned_steps} "
+        raise ConfigError(f"the config's schedule is written for num_steps={config.planned_steps} "
                           f"but the export covers num_steps={num_steps}: give the config num_steps={num_steps} (an "
                           f"option overrides a preset's) or export num_steps={config.planned_steps}")
     if options and not isinstance(method_or_config, str):

@@ -24,6 +24,7 @@ from .attach import CONTEXT_NAME
 from .dispatch import Dispatcher
 from .fingerprint import summaries
 from .state import GraphState
+from .store import nbytes
 
 if TYPE_CHECKING:
     from .requests import Request
@@ -54,7 +55,9 @@ class GraphVariants(VariantSource):
         self.gm, self.graph, self.config = gm, graph, config
         self.lowering, self.mode, self.options, self.inplace = lowering, mode, options, inplace
         self._make_inplace = make_inplace
-        self._layout = recipe_for(config).layout(graph)
+        self._recipe = recipe_for(config)
+        # (the method's view of the graph,): worked out when a plan not built eagerly is met (a layout may be None)
+        self._layout = None
         self._variants = {p: make_inplace(v) if inplace else v for p, v in built.items()}
         self._fns: dict[StepPlan, Callable] = {}
         self._lock = threading.RLock()
@@ -68,7 +71,9 @@ class GraphVariants(VariantSource):
                 v = self._variants.get(plan)
                 if v is None:
                     log.info("fxcache: building the %s variant", plan.label)
-                    v = build_variant(self.gm, self.graph, self.config, plan, self._layout)
+                    if self._layout is None:
+                        self._layout = (self._recipe.layout(self.graph),)
+                    v = build_variant(self.gm, self.graph, self.config, plan, self._layout[0])
                     v = self._variants[plan] = self._make_inplace(v) if self.inplace else v
         return v
 
@@ -119,6 +124,7 @@ class Runner:
         self._lock = threading.RLock()
         self.keep_example_args = keep_example_args  # export traces with it: the first call's arguments stay held
         self.example_args: tuple | None = None
+        self._planned_steps = self.config.planned_steps  # the step count the schedule is written for, if any
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -227,7 +233,7 @@ class Runner:
     def pooled_bytes(self) -> int:
         """Bytes of in-place buffers kept for the next request (`keep_caches`)."""
         with self._lock:
-            return sum(b.numel() * b.element_size() for pool in self._pool.values() for b in pool)
+            return sum(nbytes(b) for pool in self._pool.values() for b in pool)
 
     def free_pool(self) -> None:
         with self._lock:
@@ -279,11 +285,11 @@ class Runner:
                 f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
                 f"`with fxcache.request(model):` (or `req.resume()`).")
         step, branch = pos.step, pos.branch
-        planned = self.config.planned_steps
+        planned = self._planned_steps
         if planned is not None and step >= planned:
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id}: step {step} is past num_steps={planned}, the step count the "
-                f"config's {self.config.schedule!r} schedule is written for (presets assume one): pass your "
+                f"config's schedule is written for (presets assume one): pass your "
                 f"sampler's step count as num_steps, or the schedule does not end as the reference's does",
                 key=f"planned-steps-{self.graph_id}")
         plan = self.dispatcher.choose(step, state.written(branch), self.source.variant)

@@ -14,7 +14,7 @@ import torch
 from ..graph_io import GraphValue, Key, Role
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
@@ -76,17 +76,17 @@ class FunctionalStore(CacheStore):
             for key in self.state_keys:
                 old = store.pop(key, None)
                 if old is not None:
-                    self.held -= _nbytes(old)
+                    self.held -= nbytes(old)
         for v, value in zip(variant.outputs, results):
             if v.role is Role.STATE:
                 self.state_keys.add(v.key)
             if store.get(v.key) is None:
-                self.held += _nbytes(value)
+                self.held += nbytes(value)
             store[v.key] = value
 
     def restart(self, branch) -> None:
         for value in self.caches.pop(branch, {}).values():
-            self.held -= _nbytes(value)
+            self.held -= nbytes(value)
 
     def drop(self, branch) -> None:
         self.restart(branch)
@@ -115,7 +115,7 @@ class InplaceStore(CacheStore):
         buf = store.get(v.key)
         if buf is None:
             buf = store[v.key] = self.runner.take_buffer(("cache", v.key), v.shape, v.dtype, device)
-            self.held += _nbytes(buf)
+            self.held += nbytes(buf)
         elif v.role is not Role.BUFFER and v.key not in self.valid.get(branch, ()):
             buf.zero_()  # this generation has not written it: "zeros when absent" (BUFFERs are only written)
         return buf
@@ -148,7 +148,7 @@ class InplaceStore(CacheStore):
         self.restart(branch)
         buffers = self.buffers.pop(branch, None)
         if buffers:
-            self.held -= sum(_nbytes(b) for b in buffers.values())
+            self.held -= sum(nbytes(b) for b in buffers.values())
             self.runner.give_back_buffers({("cache", k): b for k, b in buffers.items()})
 
     def release(self) -> None:

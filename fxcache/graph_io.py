@@ -239,7 +239,7 @@ ROLE_SLOTS = {
     Role.STATE: {Slot.STALE},
     Role.BUFFER: {Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.SCORE, Slot.LABELS, Slot.CENTROIDS, Slot.STALE},
     Role.INDICES: {Slot.INDICES},
-    Role.UNIFORM: {Slot.SCORE_DRAW, Slot.MEMBER_DRAW},
+    Role.UNIFORM: {Slot.SCORE_DRAW, Slot.MEMBER_DRAW, Slot.KMEANS_INIT},  # KMEANS_INIT: ClusCa kmeans="ref"
     Role.PERMUTATION: {Slot.KMEANS_INIT},
     Role.WARM: {Slot.WARM},
     Role.TAYLOR_DIFF: {Slot.TAYLOR_DIFF},

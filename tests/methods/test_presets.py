@@ -45,8 +45,10 @@ def test_flux_presets_refresh_as_often_as_the_papers_settings(method):
 
 def test_flux_presets_are_the_papers_headline_settings():
     assert fxcache.cache_backend("duca", preset="flux").config == fxcache.DuCaConfig(interval=5, ratio=0.9,
-                                                                                     warmup_steps=3)
-    assert fxcache.cache_backend("clusca", preset="flux").config == fxcache.ClusCaConfig()
+                                                                                     warmup_steps=3,
+                                                                                     ratio_schedule="flux")
+    assert fxcache.cache_backend("clusca", preset="flux").config == fxcache.ClusCaConfig(anchor="ref", draws="per_unit",
+                                                                                          kmeans="ref")
     ts = fxcache.cache_backend("taylorseer", preset="flux").config
     full = [s for s in range(50) if ts.step_kind(s) == fxcache.StepKind.FULL]
     assert len(full) == 10  # 50 / (50 / 10) = 4.99x FLOPs in the paper
@@ -73,5 +75,5 @@ def test_presets_run_on_their_family(method, preset, model):
     compiled = torch.compile(m, backend=backend, dynamic=False)
     outs = run(compiled, loop_inputs(model, 8))
     assert all(torch.isfinite(o).all() for o in outs)
-    kinds = {r["kind"] for r in fxcache.stats(compiled)}
+    kinds = {r["plan"].kind.value for r in fxcache.stats(compiled)}
     assert kinds == {k.value for k in backend.config.kinds}  # every step kind of the method ran

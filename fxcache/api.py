@@ -279,7 +279,8 @@ def _served(model) -> list:
 
 
 def stats(model) -> list[dict]:
-    """One record per call of the compiled model: graph, request, step, branch, kind, tokens, flops, t,
+    """One record per call of the compiled model: graph, request, step, branch, kind, plan (the `StepPlan` that
+    ran: each block's kind and the tokens each partial unit recomputed; None uncached), tokens, flops, t,
     cache_bytes (held by that graph in that request after the call). For a pipeline with two transformers
     (Wan 2.2), the records of both, each with the `component` it came from."""
     state = getattr(model, "__dict__", {}).get("_fxcache")

@@ -61,6 +61,10 @@ field_values = {
     "spatial_bonus": weights,
     "ratio_schedule": st.sampled_from(["flat", "flux", "opensora"]),
     "step_buckets": st.integers(1, 50),
+    "rows": st.sampled_from(["each", "shared"]),
+    "anchor": st.sampled_from(["exact", "ref"]),
+    "draws": st.sampled_from(["shared", "per_unit"]),
+    "kmeans": st.sampled_from(["fixed", "ref"]),
 }
 
 

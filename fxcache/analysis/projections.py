@@ -91,20 +91,21 @@ def _child_sdpas(block: Block, child: str) -> list[fx.Node]:
 
 
 def find_self_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSource | None:
-    """The block's self/joint attention, and the key positions of the unit's stream (joint attention
-    concatenates streams: the offset is found from the key projection of the unit's stream)."""
+    """The block's self/joint attention, and the key positions of the unit's stream. Self-attention over the unit's
+    tokens is found by the key length alone (any projection layout: separate or fused qkv); joint attention
+    concatenates streams, and the offset is found from the key projection of the unit's stream."""
     proj = find_projection(block, unit, "k", batch)
-    if proj is None:
-        return None
     for child in [u.name for u in block.units if u.kind == ATTN]:
         for sdpa in _child_sdpas(block, child):
             key = _sdpa_arg(sdpa, 1, "key")
             ks = _shape(key)
-            if ks is None or len(ks) != 4:
+            if ks is None or len(ks) != 4 or ks[0] != batch:
                 continue
             keys = ks[2]
-            if keys == unit.tokens:
+            if keys == unit.tokens:  # self-attention over the unit's tokens, whatever its projections (fused qkv)
                 return AttentionSource(sdpa, 0, keys)
+            if proj is None:  # joint attention: the unit's slice is found from its stream's key projection
+                continue
             for n in _upstream(key, {proj.node}):
                 if n.op != "call_function" or getattr(n.target, "__name__", "") not in ("cat", "concat"):
                     continue

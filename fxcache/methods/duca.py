@@ -11,42 +11,56 @@ from ..errors import UnsupportedGraphError
 from ..graph_io import Role
 from ..passes import expose_final, expose_units, read_final, recompute_subset, reuse_units
 from ..step_plan import BlockKind, BlockStep
+from ..analysis.scored import scored_units
 from .recipe import Recipe, partial_units, register_recipe, units_in
 from .schedule import Cyclic, SeededDraws, check_schedule
+from .selection import TokenSelection
+from .toca import build_selection
 
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DuCaConfig(Cyclic, SeededDraws, CacheConfig):
+class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     """Dual caching (DuCa, arXiv 2412.18911).
 
     Steps count up from 0 in sampling order; j = position in the cycle (0 = FULL). j odd -> PARTIAL
-    (token-wise units recomputed on a random `1 - ratio` fraction of tokens, attention from cache);
-    j even >= 2 -> SKIP (no block runs; the head gets the cached last-block output and the current
+    (conservative: attention from cache, token-wise units recomputed on 1 - ratio of their tokens);
+    j even >= 2 -> SKIP (aggressive: no block runs; the head gets the cached last-block output and the current
     timestep). N=5: FULL PARTIAL SKIP PARTIAL SKIP.
+
+    Token choice: by default a random `1 - ratio` fraction per token stream (the same draw for every unit of a
+    stream). The authors' DiT and PixArt code makes conservative steps ToCa steps (ALGORITHMS.md erratum 8): set
+    `score` (any of ToCa's), `staleness_weight`, `spatial_grid` / `spatial_bonus`, `ratio_schedule` (k per step,
+    layer and unit: `fresh_ratio` = 1 - ratio scaled by it) and `rows`, with ToCa's meaning (see ToCaConfig);
+    any of them set, the tokens are chosen in the graph per unit as ToCa does.
 
     Args:
         interval: N, cycle length (paper default 5). 1 disables caching.
         ratio: fraction of tokens *cached* on a PARTIAL step (paper "R=90%" -> 0.9); 1 - ratio is recomputed.
         warmup_steps: W, leading FULL steps (1; the FLUX references use 3).
         seed: seed of the token choice; reseeded at the start of every generation, so runs repeat.
-        schedule: "counter" (above), or the DiT / PixArt references' "dit" / "pixart" schedules, whose interval
-            follows the sampling progress (need num_steps; see methods.schedule.progress_position).
-            "countdown": a fixed interval counted down from the last step (needs num_steps).
+        schedule: "counter" (above); "dit": the DiT reference's per-block schedule (see ToCaConfig; a FULL block 0
+            may precede aggressive blocks: that step runs block 0 for its caches, then the head on the cached
+            output); "pixart": the PixArt reference's; "countdown": a fixed interval counted down from the last
+            step. All but "counter" need num_steps.
     """
 
     method = "duca"
-    #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896); HunyuanVideo reference: N=5,
-    #: R=90%, W=1 (random tokens, no staleness); DiT README: N=3, r=0.05 (the reference scores by attention,
-    #: fxcache's DuCa always picks random tokens); PixArt README: N=3, r=0.75. DiT uses the modulo schedule of
-    #: its reference (interval following the progress; num_steps assumed 50: pass yours). DuCa-PixArt keeps the
-    #: interval constant (its force_scheduler's step weight is 0 in both branches; cal_type: FULL iff s % N == 0,
-    #: odd positions conservative, even aggressive), which is the counter schedule with W=1.
+    #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896; FULL 12 of 50, with the ToCa FLUX
+    #: ratio schedule its FLOPs row fits: erratum 8); HunyuanVideo reference (Cache4Diffusion): N=5, R=90%, W=1,
+    #: random tokens with the FLUX layer / stream factors. DiT (DuCa-DiT README: N=3, r=0.05, attention score,
+    #: lambda3 0.25, bonus 2x2 / 0.8, the ToCa DDIM-50 ratio schedule, the per-block modulo schedule: FULL 18,
+    #: mixed 2, conservative 22, aggressive 8 of 50 steps: docs/authors/dit-schedules.md section 3).
+    #: PixArt (DuCa-PixArt README: N=3, r=0.75, cross-attention entropy, lambda3 0.25, bonus 4x4 / 0.4, the
+    #: PixArt ratio schedule for 20 steps; its interval is constant: FULL iff s % 3 == 0, conservative at s % 3 == 1,
+    #: aggressive at s % 3 == 2, the counter schedule with W=1).
     PRESETS: ClassVar[dict] = {
-        "flux": dict(interval=5, ratio=0.9, warmup_steps=3),
-        "video": dict(interval=5, ratio=0.9, warmup_steps=1),
-        "dit": dict(interval=3, ratio=0.95, warmup_steps=1, schedule="dit", num_steps=50),
-        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1),
+        "flux": dict(interval=5, ratio=0.9, warmup_steps=3, ratio_schedule="flux"),
+        "video": dict(interval=5, ratio=0.9, warmup_steps=1, ratio_schedule="flux"),
+        "dit": dict(interval=3, ratio=0.95, warmup_steps=1, schedule="dit", num_steps=50, score="attention",
+                    staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.8, ratio_schedule="dit-ddim50"),
+        "pixart": dict(interval=3, ratio=0.25, warmup_steps=1, score="cross_entropy", staleness_weight=0.25,
+                       spatial_grid=4, spatial_bonus=0.4, ratio_schedule="pixart", num_steps=20),
     }
     interval: int = 5
     ratio: float = 0.9
@@ -54,6 +68,14 @@ class DuCaConfig(Cyclic, SeededDraws, CacheConfig):
     seed: int = 0
     schedule: str = "counter"
     num_steps: int | None = None
+    score: str = "random"
+    prefer: str = "low"
+    staleness_weight: float = 0.0
+    spatial_grid: int = 0
+    spatial_bonus: float = 0.0
+    ratio_schedule: str = "flat"
+    step_buckets: int | None = None
+    rows: str = "each"
 
     def _validate(self) -> None:
         check_int("DuCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
@@ -62,10 +84,17 @@ class DuCaConfig(Cyclic, SeededDraws, CacheConfig):
         object.__setattr__(self, "ratio", float(self.ratio) + 0.0)  # 1 == 1.0, -0.0 == 0.0: one cache_key
         check_int("DuCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_seed("DuCaConfig", self.seed)
+        self._validate_selection("DuCaConfig")
 
     @property
     def fresh_ratio(self) -> float:
-        return 1.0 - float(self.ratio)
+        return round(1.0 - float(self.ratio), 12)  # 1 - 0.95 is 0.05, as the authors' r = 0.05
+
+    @property
+    def selects_by_score(self) -> bool:
+        """Whether conservative steps choose tokens as ToCa does (any selection option set), else a flat draw."""
+        return (self.score != "random" or self.staleness_weight > 0 or self.spatial_bonus > 0
+                or self.ratio_schedule != "flat")
 
     @property
     def kinds(self) -> frozenset[StepKind]:
@@ -88,15 +117,31 @@ class DuCaConfig(Cyclic, SeededDraws, CacheConfig):
 @register_recipe(DuCaConfig)
 class DuCaRecipe(Recipe):
     """FULL blocks write every unit output; PARTIAL blocks read attention from the cache and recompute each
-    token-wise unit on `k = tokens_for(tokens)` drawn tokens per stream; SKIP steps run no block and read the last
-    block's output, which the other steps write."""
+    token-wise unit on k tokens: a flat random draw per stream (`tokens_for`), or, with selection options, ToCa's
+    in-graph choice per unit; SKIP steps run no block (except a FULL block 0 of a mixed step, for its caches) and
+    read the last block's output, which the other steps write."""
 
     block_kinds = frozenset({BlockKind.PARTIAL})
 
     def block_step(self, kind, step, units) -> BlockStep:
-        return BlockStep(BlockKind.PARTIAL, tuple(self.config.tokens_for(u.tokens) for u in units if u.partial))
+        c = self.config
+        if c.selects_by_score:
+            return BlockStep(BlockKind.PARTIAL, tuple(
+                c.unit_tokens(step=step, tokens=u.tokens, layer=u.layer, layers=u.layers, list_index=u.list_index,
+                              kind=u.kind) for u in units if u.partial))
+        return BlockStep(BlockKind.PARTIAL, tuple(c.tokens_for(u.tokens) for u in units if u.partial))
+
+    def layout(self, graph):
+        if not self.caches or not self.config.selects_by_score:
+            return {}
+        return {su.unit.name: su for su in scored_units(graph, self.config.score)}
 
     def check_io(self, plan, view, inputs) -> str:
+        if self.config.selects_by_score:
+            for v in inputs:
+                if v.role is Role.INDICES:
+                    return f"it takes drawn token indices ({v.key.name}), but the config chooses tokens by score"
+            return super().check_io(plan, view, inputs)
         ks = {u.tokens: k for units, block in zip(view.blocks, plan.blocks) if block.kind is BlockKind.PARTIAL
               for u, k in zip([u for u in units if u.partial], block.k)}
         for v in inputs:
@@ -106,9 +151,23 @@ class DuCaRecipe(Recipe):
         return super().check_io(plan, view, inputs)
 
     def build(self, b, graph, plan, layout) -> None:
+        c = self.config
         if plan.kind is StepKind.SKIP:
+            if plan.uses(BlockKind.FULL) and self.caches:  # a mixed step: block 0 refreshes its caches
+                if c.selects_by_score:
+                    build_selection(b, graph, plan, layout, c, True)
+                else:
+                    expose_units(b, units_in(graph, plan, BlockKind.FULL))
             read_final(b, graph.last_outputs)
             return
+        if c.selects_by_score:
+            build_selection(b, graph, plan, layout, c, self.caches)
+        else:
+            self._build_drawn(b, graph, plan)
+        if StepKind.SKIP in c.kinds:
+            expose_final(b, graph.last_outputs)
+
+    def _build_drawn(self, b, graph, plan) -> None:
         if self.caches:
             expose_units(b, units_in(graph, plan, BlockKind.FULL))
         recomputed, reused = partial_units(graph, plan)
@@ -121,5 +180,3 @@ class DuCaRecipe(Recipe):
                                             f"its stream k={ks[unit.tokens]}")
             streams.setdefault(unit.tokens, []).append(unit)
         recompute_subset(b, streams, ks)
-        if StepKind.SKIP in self.config.kinds:
-            expose_final(b, graph.last_outputs)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from ..passes import expose_units, reuse_units
 from ..step_plan import BlockKind
-from .recipe import Recipe, register_recipe, units_in
+from .recipe import Recipe, read_units, register_recipe, units_in
 from .schedule import Cyclic, check_schedule
 
 
@@ -66,5 +66,5 @@ class FORARecipe(Recipe):
 
     def build(self, b, graph, plan, layout) -> None:
         if self.caches:
-            expose_units(b, units_in(graph, plan, BlockKind.FULL))
-        reuse_units(b, units_in(graph, plan, BlockKind.REUSE))
+            expose_units(b, read_units(graph, units_in(graph, plan, BlockKind.FULL)))
+        reuse_units(b, read_units(graph, units_in(graph, plan, BlockKind.REUSE)))

@@ -66,8 +66,13 @@ class Recipe:
         if kind is StepKind.FULL:
             return self.full_plan(view)
         if kind is StepKind.SKIP:
-            return StepPlan.uniform(kind, len(view.blocks))
-        return StepPlan(kind, tuple(self.block_step(kind, step, units) for units in view.blocks))
+            blocks = [BlockStep(BlockKind.SKIPPED)] * len(view.blocks)
+        else:
+            blocks = [self.block_step(kind, step, units) for units in view.blocks]
+        lead = getattr(self.config, "lead_position", None)
+        if blocks and lead is not None and lead(step) == 0:
+            blocks[0] = BlockStep(BlockKind.FULL)  # a mixed step: block 0 FULL, the others not (DiT references)
+        return StepPlan(kind, tuple(blocks))
 
     def block_step(self, kind: StepKind, step: int, units: tuple[UnitView, ...]) -> BlockStep:
         """What one block does on a cached step of `kind` (override to give partial blocks their k)."""
@@ -108,7 +113,7 @@ class Recipe:
                                         f"{len(graph.blocks)}")
         allowed = self.block_kinds | {BlockKind.FULL}
         if plan.kind is StepKind.SKIP:
-            allowed = {BlockKind.SKIPPED}
+            allowed = {BlockKind.SKIPPED, BlockKind.FULL}
         bad = {b.kind for b in plan.blocks} - allowed
         if bad:
             raise UnsupportedGraphError(f"{self.config.method} cannot build blocks of kind "
@@ -131,3 +136,22 @@ def partial_units(graph: GraphPlan, plan: StepPlan) -> tuple[list[tuple[Unit, in
             k = next(ks) if unit.partial else 0
             (recomputed.append((unit, k)) if k > 0 else reused.append(unit))
     return recomputed, reused
+
+
+def read_units(graph: GraphPlan, units: list[Unit]) -> list[Unit]:
+    """`units` less those read only by another unit of their block (FLUX single blocks: the attention output
+    feeds nothing but the fused projection). A step that reuses or forecasts the outer unit never reads them, so
+    methods whose cached steps only reuse or forecast keep no cache and no Taylor factors for them
+    (ALGORITHMS.md erratum 15)."""
+    return [u for u in units if not _inner(graph, u)]
+
+
+def _inner(graph: GraphPlan, unit: Unit) -> bool:
+    block = graph.blocks[unit.block]
+    for other in block.units:
+        if other is unit or not other.region:
+            continue
+        inside = set(other.region) | set(other.outputs)
+        if all(user in inside for out in unit.outputs for user in out.users):
+            return True
+    return False

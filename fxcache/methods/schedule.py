@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from ..config import MAX_STEPS, STEPS_WHY, check_int
 from ..errors import ConfigError
 
@@ -18,33 +22,67 @@ def cycle_position(step: int, interval: int, warmup: int) -> int:
 SCHEDULES = ("counter", "countdown", "dit", "pixart")
 
 
-def progress_position(schedule: str, step: int, interval: int, num_steps: int) -> int:
-    """j(s) of the DiT / PixArt reference schedules, whose interval Nt follows the sampling progress.
+def _reference_interval(schedule: str, interval: int, s: int, num_steps: int, fixed: bool) -> int:
+    """The references' `force_scheduler` at a FULL block of step s: Nt = round(N / float32(f)), half-to-even as
+    torch.round. DiT (i = T-1-s): f = 1 + w - 2 w i / T, w = 0.4, and Nt = 2 when i lies in range(int(0.2 T),
+    int(0.4 T)), the "sensitive" range, decided at the FULL step that sets Nt (erratum 12). PixArt: f = 1 - w +
+    2 w s / T, w = 0.2. `fixed` (the authors' fresh ratio 0, their FORA): w = 0 and no sensitive range."""
+    if schedule == "dit":
+        i = num_steps - 1 - s
+        w = 0.0 if fixed else 0.4
+        factor = np.float32(1.0 + w - 2.0 * w * i / num_steps)
+    else:
+        w = 0.0 if fixed else 0.2
+        factor = np.float32(1.0 - w + 2.0 * w * s / num_steps)
+    nt = int(np.round(np.float32(interval) / factor))
+    if schedule == "dit" and not fixed and num_steps - 1 - s in range(int(0.2 * num_steps), int(0.4 * num_steps)):
+        nt = 2
+    return max(1, nt)
 
-    Walks the steps from 0 (Nt is recomputed at every FULL step, so the position depends on the history):
-      dit:    i = T-1-s counts down; FULL iff i == T-1 or i mod Nt == 0; Nt = round(N / (1.4 - 0.8 i / T)),
-              and Nt = 2 while 0.2 T <= i < 0.4 T (the "sensitive" range); j = i mod Nt.
-      pixart: FULL iff s == 0 or s mod Nt == 0; Nt = round(N / (0.8 + 0.4 s / T)); j = s mod Nt.
-    `round` is half-to-even, as torch.round. Decided once per step, never per block.
-    """
+
+@functools.lru_cache(maxsize=256)
+def _reference_walk(schedule: str, interval: int, num_steps: int, fixed: bool,
+                    steps: int) -> tuple[tuple[int, int], ...]:
+    """(position of block 0, position of the other blocks) for steps 0..steps-1 of the DiT / PixArt references,
+    whose every block decides its own type (`cal_type`: FULL iff first step or n mod Nt == 0, n = i = T-1-s for
+    DiT, s for PixArt) and whose FULL block 0 recomputes Nt for the blocks after it (`force_init` /
+    `force_scheduler`). Block 0 decides with the Nt of the previous FULL step and the others with the new one:
+    mixed steps (erratum 2; PixArt too: golden table pixart_toca, s=4)."""
+    out, nt = [], interval
+    for s in range(steps):
+        n = num_steps - 1 - s if schedule == "dit" else s
+        first = s == 0
+        lead = 0 if first or n % nt == 0 else n % nt
+        if lead == 0:
+            nt = _reference_interval(schedule, interval, s, num_steps, fixed)
+        rest = 0 if first or n % nt == 0 else n % nt
+        out.append((lead, rest))
+    return tuple(out)
+
+
+def reference_positions(schedule: str, step: int, interval: int, num_steps: int,
+                        fixed: bool = False) -> tuple[int, int]:
+    """(j of block 0, j of the other blocks) at `step` under the DiT / PixArt references' per-block schedule."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     if schedule not in ("dit", "pixart"):
         raise ValueError(f"unknown progress schedule {schedule!r}")
-    nt, j = 1, 0
-    for s in range(step + 1):
-        if schedule == "dit":
-            i = num_steps - 1 - s
-            eff = 2 if 0.2 * num_steps <= i < 0.4 * num_steps else nt
-            full = s == 0 or i % eff == 0
-            if full:
-                nt = max(1, round(interval / (1.4 - 0.8 * i / num_steps)))
-                eff = 2 if 0.2 * num_steps <= i < 0.4 * num_steps else nt
-            j = 0 if full else i % eff
-        else:
-            full = s == 0 or s % nt == 0
-            if full:
-                nt = max(1, round(interval / (0.8 + 0.4 * s / num_steps)))
-            j = 0 if full else s % nt
-    return j
+    return _reference_walk(schedule, interval, num_steps, fixed, max(num_steps, step + 1))[step]
+
+
+def dit_positions(step: int, interval: int, num_steps: int, fixed: bool = False) -> tuple[int, int]:
+    return reference_positions("dit", step, interval, num_steps, fixed)
+
+
+def progress_position(schedule: str, step: int, interval: int, num_steps: int, fixed: bool = False) -> int:
+    """j(s) of the DiT / PixArt reference schedules, whose interval Nt follows the sampling progress: the position
+    of blocks 1..L-1, which read the Nt that a FULL block 0 recomputed in the same step (`reference_positions`).
+
+      dit:    i = T-1-s counts down; FULL iff s == 0 or i mod Nt == 0; Nt = round(N / (1.4 - 0.8 i / T)), and 2
+              when set in the sensitive range 0.2 T <= i < 0.4 T; j = i mod Nt.
+      pixart: FULL iff s == 0 or s mod Nt == 0; Nt = round(N / (0.8 + 0.4 s / T)); j = s mod Nt.
+    """
+    return reference_positions(schedule, step, interval, num_steps, fixed)[1]
 
 
 def check_schedule(owner: str, schedule, num_steps, allowed: tuple[str, ...] = SCHEDULES) -> None:
@@ -89,8 +127,24 @@ class Cyclic:
     cycle, and how far the compile-time variant list looks."""
 
     def position(self, step: int) -> int:
-        """j(s) under the config's schedule: 0 on FULL steps, else the position in the cycle."""
+        """j(s) under the config's schedule: 0 on FULL steps, else the position in the cycle (under "dit", the
+        position of every block but the first)."""
+        if self.schedule in ("dit", "pixart"):
+            return reference_positions(self.schedule, step, self.interval, self.num_steps, self.fixed_interval)[1]
         return schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+
+    def lead_position(self, step: int) -> int:
+        """j(s) of the first block: differs from `position` only under "dit" / "pixart", where block 0 decides with the
+        interval of the previous FULL step (mixed steps: block 0 FULL, the others not)."""
+        if self.schedule in ("dit", "pixart"):
+            return reference_positions(self.schedule, step, self.interval, self.num_steps, self.fixed_interval)[0]
+        return self.position(step)
+
+    @property
+    def fixed_interval(self) -> bool:
+        """Under "dit" / "pixart": the authors' FORA (fresh ratio 0) keeps Nt = N (no step weight, no sensitive
+        range)."""
+        return False
 
     @property
     def horizon(self) -> int:

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from ..passes import forecast_units, update_factors
 from ..step_plan import BlockKind
-from .recipe import Recipe, register_recipe, units_in
+from .recipe import Recipe, read_units, register_recipe, units_in
 from .schedule import Cyclic, check_schedule
 
 
@@ -76,5 +76,5 @@ class TaylorSeerRecipe(Recipe):
 
     def build(self, b, graph, plan, layout) -> None:
         if self.caches:
-            update_factors(b, units_in(graph, plan, BlockKind.FULL), self.config.order)
-        forecast_units(b, units_in(graph, plan, BlockKind.FORECAST), self.config.order)
+            update_factors(b, read_units(graph, units_in(graph, plan, BlockKind.FULL)), self.config.order)
+        forecast_units(b, read_units(graph, units_in(graph, plan, BlockKind.FORECAST)), self.config.order)

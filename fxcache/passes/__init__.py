@@ -12,12 +12,12 @@ from .propagate_shapes import example_spec, propagate_shapes
 from .recompute_subset import recompute_subset
 from .reuse_units import reuse_units
 from .scores import record_scores
-from .select_and_recompute import Selection, select_and_recompute
+from .select_and_recompute import Selection, age_unrefreshed, restart_staleness, select_and_recompute
 from .taylor_forecast import forecast_units
 from .taylor_update import update_factors
 
 __all__ = [
-    "GraphBuilder", "PASSES", "PassInvariantError", "Selection", "checks_enabled", "cluster_tokens", "copy_dynamo_meta",
+    "GraphBuilder", "PASSES", "age_unrefreshed", "restart_staleness", "PassInvariantError", "Selection", "checks_enabled", "cluster_tokens", "copy_dynamo_meta",
     "example_spec", "expose_final", "expose_units", "forecast_units", "graph_pass", "propagate_shapes", "read_final",
     "record_scores", "recompute_subset", "refresh_clusters", "reuse_units", "select_and_recompute", "update_factors",
 ]

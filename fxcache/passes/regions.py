@@ -10,11 +10,13 @@ from ..analysis import Unit
 from .graph_builder import GraphBuilder
 
 
-def recompute_region(b: GraphBuilder, unit: Unit, gather: Callable[[fx.Node], fx.Node]) -> fx.Node:
+def recompute_region(b: GraphBuilder, unit: Unit, gather: Callable[[fx.Node], fx.Node],
+                     copies: dict | None = None) -> fx.Node:
     """Copy the unit's region before its output, reading `gather(stop)` for each token-layout stop.
 
     Stops already replaced (attention outputs read from a cache or a forecast: `b.replaced`) are gathered from
-    their replacement. Returns the copy of the unit output, on the gathered rows.
+    their replacement. Returns the copy of the unit output, on the gathered rows; `copies`, when given, receives
+    the copy of every region node and stop (original node -> its node on the gathered rows).
     """
     g = b.graph
     out = b.env[unit.outputs[0]]
@@ -28,4 +30,6 @@ def recompute_region(b: GraphBuilder, unit: Unit, gather: Callable[[fx.Node], fx
             new = g.node_copy(n, lambda a: sub[a] if a in sub else b.current(a))
             new.meta = {k: v for k, v in n.meta.items() if k != "example_value"}
             sub[n] = new
+    if copies is not None:
+        copies.update(sub)
     return sub[unit.outputs[0]]

@@ -15,9 +15,10 @@ from .graph_builder import GraphBuilder
 
 
 @graph_pass
-def record_scores(b: GraphBuilder, units: list[ScoredUnit], score: str, prefer_low: bool) -> None:
+def record_scores(b: GraphBuilder, units: list[ScoredUnit], score: str, prefer_low: bool, each: bool) -> None:
     """`score`: "attention" / "cross_entropy" (from the attention's q and k), "knorm" / "vnorm" (from the
-    projection), "similarity" (the unit's input itself); "random" and "staleness" record nothing."""
+    projection), "similarity" (the unit's input itself); "random" and "staleness" record nothing. `each`: one
+    score row per batch row, else one shared row."""
     for su in units:
         key = Key.score(su.name)
         if su.attention is not None:
@@ -27,22 +28,28 @@ def record_scores(b: GraphBuilder, units: list[ScoredUnit], score: str, prefer_l
             mask = b.env[mask] if isinstance(mask, fx.Node) else None
             scale = a.sdpa.kwargs.get("scale")
             if score == "attention":
-                node = b.graph.call_function(attention_received_score, (q, k, mask, scale, a.offset, a.length))
+                node = b.graph.call_function(attention_received_score,
+                                             (q, k, mask, scale, a.offset, a.length, each))
             else:
-                node = b.graph.call_function(cross_entropy_score, (q, k, mask, scale))
+                node = b.graph.call_function(cross_entropy_score, (q, k, mask, scale, each))
             b.give(Role.CACHE, key, node)
             continue
         if su.source is None:
             continue
         src = b.env[su.source]
         if score in ("knorm", "vnorm"):
-            src = b.graph.call_function(norm_score, (src, su.heads, prefer_low))
+            src = b.graph.call_function(norm_score, (src, su.heads, prefer_low, each))
         b.give(Role.CACHE, key, src)
 
 
-def score_shape(su: ScoredUnit, score: str) -> tuple[tuple[int, ...], torch.dtype]:
-    """What `record_scores` writes for the unit: the input itself for "similarity", else a (tokens,) score."""
+def score_rows(su: ScoredUnit, each: bool) -> int:
+    """Rows of the unit's scores and staleness: its batch size when every row chooses its own tokens, else 1."""
+    return int(su.unit.outputs[0].meta["example_value"].shape[0]) if each else 1
+
+
+def score_shape(su: ScoredUnit, score: str, each: bool) -> tuple[tuple[int, ...], torch.dtype]:
+    """What `record_scores` writes for the unit: the input itself for "similarity", else a (rows, tokens) score."""
     if score == "similarity":
         v = su.source.meta["example_value"]
         return tuple(v.shape), v.dtype
-    return (su.unit.tokens,), torch.float32
+    return (score_rows(su, each), su.unit.tokens), torch.float32

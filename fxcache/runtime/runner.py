@@ -309,7 +309,7 @@ class Runner:
         n = variant.num_outputs
         state.store.keep(branch, variant, list(result[n:]), full=plan.kind is StepKind.FULL)
         self.scope.record(
-            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label,
+            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label, plan=plan,
             tokens=variant.tokens, flops=variant.flops, t=t, cached=True, request=state.request_id,
             cache_bytes=state.held,
         )
@@ -359,6 +359,6 @@ class UncachedRunner:
                     self._fn = get_lowering(self.lowering)(self.gm, list(args), mode=self.mode, options=self.options)
         result = self._fn(*args)
         self.scope.record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
-                          tokens=None, flops=None, t=None, cached=False, request=self.scope.current().id,
+                          plan=None, tokens=None, flops=None, t=None, cached=False, request=self.scope.current().id,
                           cache_bytes=0)
         return tuple(result) if isinstance(result, list) else result

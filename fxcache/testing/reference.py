@@ -150,12 +150,20 @@ class HookedReference:
 
 
 class ClusCaReference(HookedReference):
-    """ClusCa by hooks, written independently of the graph passes (loops over rows and clusters).
+    """ClusCa by hooks, written independently of the graph passes (loops over rows and clusters for our
+    formulation; for the authors' options, `anchor="ref"`, `draws="per_unit"`, `kmeans="ref"`, transcriptions of
+    Cache4Diffusion @91a1949 dit/clusca-dit: `Kmeans.fit`, `select_one_fresh_index_per_cluster`, `update_cache`
+    and `propagation_update_cache`, `taylor_formula`).
 
     `refreshed`: {token-wise module path: (block path, output position in that block's outputs)}: the block output
-    clustered for that unit's stream. Random draws follow the runner's documented rule: on each FULL call one
-    `randperm(tokens)[:K]` per stream ("kinit:<tokens>"); on each CLUSTER step one `rand(1, tokens)` per stream
-    ("rand:<tokens>"), shared by the CFG branches.
+    clustered for that unit's stream. Random draws follow the runner's documented rule (`fxcache.runtime.draws`),
+    shared by the CFG branches of a step, with K = min(clusters, tokens) per stream:
+    - on each FULL call without centroids, the k-means start: kmeans="fixed": `randperm(tokens)[:K]`
+      ("kinit:<tokens>"); kmeans="ref": `rand(B, K)` ("kinit:<tokens>"), token floor(u * tokens) (the authors'
+      `randint(0, N, (B, K))`, per row, with replacement);
+    - on each CLUSTER step, the member draw: draws="shared": one `rand(1, tokens)` per stream ("rand:<tokens>");
+      draws="per_unit": one `rand(units, B, tokens)` per stream ("rand:<tokens>"), row u for the stream's u-th
+      refreshed unit in execution order (the authors' `torch.rand(B, N)` per call).
     """
 
     def __init__(self, model, config, *, refreshed: dict[str, tuple[str, int]], **units):
@@ -165,6 +173,7 @@ class ClusCaReference(HookedReference):
         self.features: dict[int, torch.Tensor] = {}
         self.rand: dict[int, torch.Tensor] = {}
         self.rand_step = -1
+        self.picks: dict[str, torch.Tensor] = {}  # unit -> its members (B, K) at the last CLUSTER call
         mods = dict(model.named_modules())
         for block in sorted({b for b, _ in refreshed.values()}):
             self._handles.append(mods[block].register_forward_hook(self._block_hook(block)))
@@ -178,8 +187,16 @@ class ClusCaReference(HookedReference):
             return out
         return hook
 
+    def _k(self, tokens: int) -> int:
+        return min(self.config.clusters, tokens)
+
+    def _stream_units(self, tokens: int) -> list[str]:
+        return [n for n in self.order if n in self.refreshed and self.tokens[n] == tokens]
+
+    # -- k-means ------------------------------------------------------------------------------------------------
     @staticmethod
     def _kmeans(x, centroids, iters):
+        """Ours, one row: fixed iterations, an emptied cluster keeps its centroid, labels of the final centroids."""
         x, c = x.float(), centroids.clone()
         for _ in range(iters):
             labels = torch.stack([(x[:, None, :] - c[None]).abs().sum(-1).argmin(1)])[0]
@@ -189,6 +206,68 @@ class ClusCaReference(HookedReference):
                     c[k] = members.mean(0)
         return (x[:, None, :] - c[None]).abs().sum(-1).argmin(1), c
 
+    @staticmethod
+    def _kmeans_authors(X, cache_centroids, init_indices, n_clusters, max_iters):
+        """cluster_utils/Kmeans.py `Kmeans(init='random', p=1).fit(X, cache_centroids)`, the whole batch at once."""
+        B, N, dim = X.shape
+        if cache_centroids is not None:
+            centroids = cache_centroids
+        else:
+            centroids = X[torch.arange(B)[:, None], init_indices]
+        labels = torch.cdist(X.float(), centroids.float(), p=1).argmin(dim=-1)  # max_iters = 0 (theirs: unbound)
+        for _ in range(max_iters):
+            dists = torch.cdist(X.float(), centroids.float(), p=1)
+            labels = dists.argmin(dim=-1)
+            one_hot = torch.nn.functional.one_hot(labels, num_classes=n_clusters).type_as(X)
+            counts = one_hot.sum(dim=1) + 1e-8
+            centroids_new = torch.bmm(one_hot.permute(0, 2, 1), X) / counts.unsqueeze(-1)
+            if torch.allclose(centroids, centroids_new, rtol=1e-4):
+                break
+            centroids = centroids_new
+        return labels, centroids
+
+    def _cluster(self, step: int) -> None:
+        """k-means of every stream at a FULL call, warm-started from the branch's centroids."""
+        state = self._state()
+        for tokens in self.streams:
+            x = self.features[tokens]
+            k = self._k(tokens)
+            prev = state.get(("centroids", tokens))
+            if self.config.kmeans == "ref":
+                init = None
+                if prev is None:
+                    u = draw_uniform(self.seed, step, f"kinit:{tokens}", (x.shape[0], k), "cpu")
+                    init = (u * tokens).long().clamp(max=tokens - 1)
+                labels, cents = self._kmeans_authors(x, prev, init, k, self.config.kmeans_iters)
+            else:
+                init = draw_permutation(self.seed, step, f"kinit:{tokens}", tokens, k, "cpu")
+                rows = [self._kmeans(x[b], prev[b] if prev is not None else x[b, init].float(),
+                                     self.config.kmeans_iters) for b in range(x.shape[0])]
+                labels, cents = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+            state[("labels", tokens)], state[("centroids", tokens)] = labels, cents
+
+    # -- CLUSTER steps ------------------------------------------------------------------------------------------
+    def _members(self, name: str, labels: torch.Tensor) -> torch.Tensor:
+        """(B, K) members of unit `name`'s refresh."""
+        tokens, k = labels.shape[1], self._k(labels.shape[1])
+        if self.config.draws == "per_unit":  # select_fresh_tokens.py select_one_fresh_index_per_cluster
+            rand_weights = self.rand[tokens][self._stream_units(tokens).index(name)]  # (B, N)
+            cluster_ids = torch.arange(k).view(1, -1, 1)
+            mask = labels.unsqueeze(1) == cluster_ids
+            masked_weights = torch.where(mask, rand_weights.unsqueeze(1), torch.tensor(-float("inf")))
+            return masked_weights.argmax(dim=2, keepdim=False)
+        rand = self.rand[tokens][0]
+        picks = torch.zeros(labels.shape[0], k, dtype=torch.long)
+        for b in range(labels.shape[0]):
+            chosen = {}
+            for c in range(k):
+                members = (labels[b] == c).nonzero().flatten()
+                if len(members):
+                    chosen[c] = int(members[rand[members].argmax()])
+            for c in range(k):  # an empty cluster repeats the pick of token 0's cluster
+                picks[b, c] = chosen.get(c, chosen[int(labels[b, 0])])
+        return picks
+
     def _taylor(self, name, out):
         if name not in self.refreshed or self.kind is not StepKind.CLUSTER:
             return super()._taylor(name, out)
@@ -196,28 +275,49 @@ class ClusCaReference(HookedReference):
         tokens = out.shape[1]
         labels, factors = state[("labels", tokens)], state[("taylor", name)]
         delta = self.step - state["taylor_last_full"]
+        propagate = tokens == max(self.streams) and self.config.gamma > 0
+        picks = self.picks[name] = self._members(name, labels)
+        if self.config.anchor == "ref":
+            return self._refresh_authors(out, picks, labels, factors, delta, propagate)
         coefs = [delta ** i / math.factorial(i) for i in range(len(factors))]
-        propagate = tokens == max(self.streams)
         f0 = factors[0].clone()
         result = torch.empty_like(out)
         for b in range(out.shape[0]):
             higher = sum((factors[i][b] * coefs[i] for i in range(1, len(factors))), torch.zeros_like(out[b]))
-            picked = {}
-            for c in range(self.config.clusters):
-                members = (labels[b] == c).nonzero().flatten()
-                if len(members):
-                    j = members[self.rand[tokens][0, members].argmax()]
-                    picked[c] = out[b, j]
-                    f0[b, j] = out[b, j] - higher[j]
+            for j in picks[b].tolist():
+                f0[b, j] = out[b, j] - higher[j]
             forecast = f0[b] + higher
-            if propagate and self.config.gamma > 0:
+            if propagate:
                 for j in range(tokens):
-                    c = int(labels[b, j])
-                    forecast[j] = forecast[j] + self.config.gamma * (picked[c] - forecast[j])
+                    rep = int(picks[b, int(labels[b, j])])
+                    forecast[j] = forecast[j] + self.config.gamma * (out[b, rep] - forecast[j])
                     f0[b, j] = forecast[j] - higher[j]
             result[b] = forecast
         factors[0] = f0
         return result
+
+    def _refresh_authors(self, out, fresh_indices, cluster_indices, module_dict, distance, propagate):
+        """models.py L208-220: fresh tokens' MLP values, `update_cache` (gamma = 0) or `propagation_update_cache`
+        (gamma > 0, k = 1), then `taylor_formula` of the factors with the overwritten F_0."""
+        dim = out.shape[-1]
+        fresh_tokens = torch.gather(out, 1, fresh_indices.unsqueeze(-1).expand(-1, -1, dim))
+        module_dict[0] = module_dict[0].clone()  # theirs writes in place; the FULL output tensor is not ours to edit
+        module_dict[0].scatter_(dim=1, index=fresh_indices.unsqueeze(-1).expand(-1, -1, dim), src=fresh_tokens)
+        if propagate:
+            old_cache = module_dict[0]
+            B, N, dim = old_cache.shape
+            fresh_cluster_indices = cluster_indices.gather(dim=1, index=fresh_indices)
+            sum_per_cluster = torch.zeros((B, self._k(N), dim))
+            sum_per_cluster.scatter_add_(dim=1, index=fresh_cluster_indices.unsqueeze(-1).expand(-1, -1, dim),
+                                         src=fresh_tokens.float())
+            mean_per_cluster = sum_per_cluster  # only when k == 1
+            new_cache = mean_per_cluster.gather(1, cluster_indices.unsqueeze(-1).expand(-1, -1, dim))
+            gamma = self.config.gamma
+            module_dict[0] = (new_cache * gamma + old_cache * (1 - gamma)).to(old_cache.dtype)
+        output = 0
+        for i in range(len(module_dict)):
+            output += (1 / math.factorial(i)) * module_dict[i] * (distance ** i)
+        return output
 
     def __call__(self, step: int, branch: int, *args, **kwargs):
         if step == 0 and branch == 0:
@@ -227,7 +327,12 @@ class ClusCaReference(HookedReference):
         if not state:
             kind = StepKind.FULL
         if kind is StepKind.CLUSTER and self.rand_step != step:
-            self.rand = {t: draw_uniform(self.seed, step, f"rand:{t}", (1, t), "cpu") for t in self.streams}
+            if self.config.draws == "per_unit":
+                self.rand = {t: draw_uniform(self.seed, step, f"rand:{t}", (len(self._stream_units(t)),
+                                                                             state[("labels", t)].shape[0], t), "cpu")
+                             for t in self.streams}
+            else:
+                self.rand = {t: draw_uniform(self.seed, step, f"rand:{t}", (1, t), "cpu") for t in self.streams}
             self.rand_step = step
         if kind is StepKind.FULL:
             self.features = {}
@@ -235,18 +340,7 @@ class ClusCaReference(HookedReference):
         if self.kind is StepKind.FULL and self.config.interval > 1:
             if not self.streams:  # streams in the order their first refreshed unit ran
                 self.streams = list(dict.fromkeys(self.tokens[n] for n in self.order if n in self.refreshed))
-            state = self._state()
-            for tokens in self.streams:
-                x = self.features[tokens]
-                init = draw_permutation(self.seed, step, f"kinit:{tokens}", tokens, self.config.clusters, "cpu")
-                prev = state.get(("centroids", tokens))
-                labels, cents = [], []
-                for b in range(x.shape[0]):
-                    start = prev[b] if prev is not None else x[b, init].float()
-                    lab, c = self._kmeans(x[b], start, self.config.kmeans_iters)
-                    labels.append(lab)
-                    cents.append(c)
-                state[("labels", tokens)], state[("centroids", tokens)] = torch.stack(labels), torch.stack(cents)
+            self._cluster(step)
         return out
 
 
@@ -300,7 +394,9 @@ class ToCaReference(HookedReference):
         class Record(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                if func is torch.nn.functional.scaled_dot_product_attention and ref.kind is StepKind.FULL:
+                partial_xattn = ref.kind is StepKind.PARTIAL and str(ref.current_attention).endswith("attn2")
+                if func is torch.nn.functional.scaled_dot_product_attention and (
+                        ref.kind is StepKind.FULL or partial_xattn):
                     q = kwargs.get("query", args[0] if args else None)
                     k = kwargs.get("key", args[1] if len(args) > 1 else None)
                     ref.maps[ref.current_attention] = (q, k)
@@ -317,16 +413,40 @@ class ToCaReference(HookedReference):
             attn = next(a for a in self.maps if a.rsplit(".", 1)[0] == block and not a.endswith("attn2"))
             q, k = self.maps[attn]
         probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # (B, Lq, Lk)
+        each = self.config.rows == "each"
         if self.config.score == "cross_entropy":
-            c = probs.mean(0)
+            if not each:
+                c = probs.mean(0)
+            elif probs.shape[0] % 2 == 0:  # the authors' PixArt: the CFG halves share the mean of their maps
+                half = probs.shape[0] // 2
+                c = torch.cat([(probs[:half] + probs[half:]) / 2] * 2)
+            else:
+                c = probs
             return 1 + (-(c * torch.log(c + 1e-7)).sum(-1))
-        received = probs.mean(1).mean(0)  # (Lk,)
-        if received.shape[0] == tokens:
+        received = probs.mean(1)  # (B, Lk)
+        if not each:
+            received = received.mean(0)
+        if received.shape[-1] == tokens:
             return received
-        other = received.shape[0] - tokens
+        other = received.shape[-1] - tokens
         context = name.endswith("ff_context")
         offset = (0 if context else other) if self.text_first else (other if context else 0)
-        return received[offset:offset + tokens]
+        return received[..., offset:offset + tokens]
+
+    def _refresh_entropy(self, name, idx):
+        """The authors' PixArt partial step scatters the fresh cross-attention map rows back: the s2 score of the
+        block (its cross-attention's and its feed-forward's) takes the fresh entropies of the recomputed rows."""
+        state, block = self._state(), name.rsplit(".", 1)[0]
+        fresh = self._map_score(name, self.tokens[name])  # from this call's map: (B, N) or (N,), unnormalised
+        for other in self.order:
+            if other.rsplit(".", 1)[0] == block and ("score", other) in state:
+                old = state[("score", other)].clone()
+                if old.dim() == 1:
+                    old[idx[0]] = fresh[idx[0]]
+                else:
+                    for r in range(old.shape[0]):
+                        old[r, idx[r]] = fresh[r, idx[r]]
+                state[("score", other)] = old
 
     def _proj_hook(self, attn):
         def hook(module, args, out):
@@ -341,7 +461,9 @@ class ToCaReference(HookedReference):
         self.inputs[name] = x
 
     def _base(self, name, tokens):
+        """(rows, tokens) with rows the batch (rows="each") or (tokens,) shared; each row at unit L2 norm."""
         c, state = self.config, self._state()
+        each = c.rows == "each"
         if c.score == "random":
             return self.rand[name].clone()
         if c.score == "staleness":
@@ -349,32 +471,38 @@ class ToCaReference(HookedReference):
         if c.score == "similarity":
             ref, cur = state[("input", name)], self.inputs[name]
             s = torch.stack([1 - torch.nn.functional.cosine_similarity(cur[b], ref[b], dim=-1)
-                             for b in range(cur.shape[0])]).mean(0)
+                             for b in range(cur.shape[0])])
+            s = s if each else s.mean(0)
         else:
             s = state[("score", name)]
-        return s / s.norm()
+        return s / s.norm(dim=-1, keepdim=True)
 
-    def _select(self, name, tokens):
+    def _select(self, name, tokens, batch):
         c, state = self.config, self._state()
-        stale = state.setdefault(("stale", name), torch.zeros(tokens))
-        s = self._base(name, tokens) + c.staleness_weight * stale / c.interval
+        rows = batch if c.rows == "each" else 1
+        stale = state.setdefault(("stale", name), torch.zeros(rows, tokens))
+        s = (self._base(name, tokens) + c.staleness_weight * stale / c.interval).expand(rows, tokens).clone()
         side = int(round(tokens ** 0.5))
         if c.spatial_grid and c.spatial_bonus and side * side == tokens and side % c.spatial_grid == 0:
             cell = c.spatial_grid  # the side of a cell, in tokens
-            grid = s.reshape(side, side)
-            boosted = grid.clone()
-            for gy in range(side // cell):
-                for gx in range(side // cell):
-                    block = grid[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell]
-                    j = int(block.flatten().argmax())
-                    y, x = gy * cell + j // cell, gx * cell + j % cell
-                    boosted[y, x] = grid[y, x] + c.spatial_bonus * grid[y, x]
-            s = boosted.flatten()
-        idx = torch.sort(torch.topk(s, self.k[name]).indices).values
+            for r in range(rows):
+                grid = s[r].reshape(side, side)
+                boosted = grid.clone()
+                for gy in range(side // cell):
+                    for gx in range(side // cell):
+                        block = grid[gy * cell:(gy + 1) * cell, gx * cell:(gx + 1) * cell]
+                        j = int(block.flatten().argmax())
+                        y, x = gy * cell + j // cell, gx * cell + j % cell
+                        boosted[y, x] = grid[y, x] + c.spatial_bonus * grid[y, x]
+                s[r] = boosted.flatten()
         new = stale + 1
-        new[idx] = 0
+        chosen = []
+        for r in range(rows):
+            idx = torch.sort(torch.topk(s[r], self.k[name]).indices).values
+            new[r, idx] = 0
+            chosen.append(idx)
         state[("stale", name)] = new
-        return idx
+        return torch.stack(chosen).expand(batch, -1)
 
     def _token_hook(self, name):
         base_hook = super()._token_hook(name)
@@ -389,13 +517,22 @@ class ToCaReference(HookedReference):
                 b, n, d = proj.shape
                 norms = proj.reshape(b, n, heads, d // heads).norm(dim=-1)
                 s = (1 - norms).sum(-1) if self.config.prefer == "low" else norms.sum(-1)
-                state[("score", name)] = s.mean(0)
+                state[("score", name)] = s if self.config.rows == "each" else s.mean(0)
             if self.kind is StepKind.FULL:
                 state.pop(("stale", name), None)
             if self.kind is StepKind.PARTIAL:
                 if self.k.get(name, 0) == 0:
+                    rows = out.shape[0] if self.config.rows == "each" else 1  # a call with no token ages them
+                    state[("stale", name)] = state.get(("stale", name), torch.zeros(rows, out.shape[1])) + 1
                     return state[name]
-                self.indices[name] = self._select(name, out.shape[1])
+                idx = self._select(name, out.shape[1], out.shape[0])  # (B, k)
+                if self.config.score == "cross_entropy" and name.rsplit(".", 1)[-1] == "attn2":
+                    self._refresh_entropy(name, idx)
+                new = state[name].clone()
+                for r in range(out.shape[0]):
+                    new[r, idx[r]] = out[r, idx[r]]
+                state[name] = new
+                return new
             return base_hook(module, args, out)
         return hook
 

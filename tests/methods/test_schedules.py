@@ -181,19 +181,27 @@ def test_kinds_examples(config, kinds):
 
 
 def test_dit_schedule_golden_ten_steps():
-    """Worked by hand from ALGORITHMS.md 3.1 (T=10, N=3): Nt = 4, 4, 3, then 2 in the sensitive range i in [2, 4)."""
-    from fxcache.methods.schedule import progress_position
+    """Worked by hand from the authors' DiT rules (docs/authors/dit-schedules.md 1.1; T=10, N=3, i = 9 - s): Nt = 4
+    at i=9 and 8; at i=4 block 0 is FULL (4 % 4) and sets Nt = round(3 / 1.08) = 3, so blocks 1.. are at 4 % 3 = 1
+    (a mixed step); at i=3 block 0 is FULL (3 % 3) and, i in the sensitive range {2, 3}, sets Nt = 2: blocks 1.. at
+    3 % 2 = 1, mixed again (erratum 12: the range counts at the FULL step that sets Nt); i=2 FULL, i=1 at 1, i=0
+    FULL."""
+    from fxcache.methods.schedule import progress_position, reference_positions
 
-    assert [progress_position("dit", s, 3, 10) for s in range(10)] == [0, 0, 3, 2, 1, 0, 1, 0, 1, 0]
+    assert [progress_position("dit", s, 3, 10) for s in range(10)] == [0, 0, 3, 2, 1, 1, 1, 0, 1, 0]
+    assert [reference_positions("dit", s, 3, 10)[0] for s in range(10)] == [0, 0, 3, 2, 1, 0, 0, 0, 1, 0]
     duca = DuCaConfig(interval=3, schedule="dit", num_steps=10)
-    assert [duca.step_kind(s) for s in range(10)] == [F, F, P, S, P, F, P, F, P, F]
+    assert [duca.step_kind(s) for s in range(10)] == [F, F, P, S, P, P, P, F, P, F]
+    assert [duca.lead_position(s) == 0 for s in (5, 6)] == [True, True]
 
 
 def test_pixart_schedule_golden_ten_steps():
-    """T=10, N=3: Nt = round(3 / 0.8) = 4 at s=0, round(3 / 0.96) = 3 at s=4, 3 at s=6."""
-    from fxcache.methods.schedule import progress_position
+    """T=10, N=3: Nt = round(3 / 0.8) = 4 at s=0; at s=4 block 0 is FULL (4 % 4) and sets round(3 / 0.96) = 3, so
+    blocks 1.. are at 4 % 3 = 1 (mixed, as the authors' PixArt code: golden table pixart_toca, s=4); 3 at s=6."""
+    from fxcache.methods.schedule import progress_position, reference_positions
 
-    assert [progress_position("pixart", s, 3, 10) for s in range(10)] == [0, 1, 2, 3, 0, 2, 0, 1, 2, 0]
+    assert [progress_position("pixart", s, 3, 10) for s in range(10)] == [0, 1, 2, 3, 1, 2, 0, 1, 2, 0]
+    assert [reference_positions("pixart", s, 3, 10)[0] for s in range(10)] == [0, 1, 2, 3, 0, 2, 0, 1, 2, 0]
 
 
 @given(schedule=st.sampled_from(["dit", "pixart"]), interval=st.integers(1, 8), steps=st.integers(2, 80))
@@ -201,17 +209,21 @@ def test_progress_schedules_start_full_and_count_up_to_the_next_full(schedule, i
     """Both start FULL and never wait longer than their largest interval: Nt = N / (1.4 - 0.8 i/T) with i <= T-1
     (DiT; 2 in the sensitive range) or N / (0.8 + 0.4 s/T) (PixArt) is at most round(N / 0.6) or round(N / 0.8).
     PixArt's position s mod Nt counts up by one between FULL steps."""
-    from fxcache.methods.schedule import progress_position
+    from fxcache.methods.schedule import progress_position, reference_positions
 
-    pos = [progress_position(schedule, s, interval, steps) for s in range(steps)]
+    positions = [reference_positions(schedule, s, interval, steps) for s in range(steps)]
+    lead = [a for a, _ in positions]
+    pos = [b for _, b in positions]
+    assert pos == [progress_position(schedule, s, interval, steps) for s in range(steps)]
     longest = max(2 if schedule == "dit" else 1, round(interval / (0.6 if schedule == "dit" else 0.8)))
-    assert pos[0] == 0
-    assert all(0 <= p < longest for p in pos), (pos, longest)
-    fulls = [s for s in range(steps) if pos[s] == 0] + [steps]
+    assert pos[0] == 0 and lead[0] == 0
+    assert all(0 <= p < longest for p in pos + lead), (pos, lead, longest)
+    assert all(a == 0 for a, b in positions if b == 0)  # the blocks after block 0 are FULL only with it
+    fulls = [s for s in range(steps) if lead[s] == 0] + [steps]  # block 0 FULL: the interval is set again
     assert all(b - a <= longest for a, b in zip(fulls, fulls[1:])), (fulls, longest)
     if schedule == "pixart":
-        # j = s mod Nt: up by one between FULL steps (a new Nt may start it above 1 after a FULL step)
-        assert all(pos[s] == pos[s - 1] + 1 for s in range(1, steps) if pos[s] and pos[s - 1]), pos
+        # block 0's j = s mod Nt: up by one between its FULL steps
+        assert all(lead[s] == lead[s - 1] + 1 for s in range(1, steps) if lead[s] and lead[s - 1]), lead
     if interval == 1 and schedule == "pixart":
         assert pos == [0] * steps  # N=1: every step FULL
 

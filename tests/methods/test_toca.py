@@ -78,35 +78,49 @@ def test_step_buckets_bound_the_number_of_k_tables(t, buckets):
 # -- selection ---------------------------------------------------------------------------------------------------
 
 
-@given(n=st.integers(1, 64), data=st.data())
-def test_selection_picks_k_unique_sorted_tokens_and_resets_their_staleness(n, data):
+@given(n=st.integers(1, 64), rows=st.integers(1, 3), data=st.data())
+def test_selection_picks_k_unique_sorted_tokens_per_row_and_resets_their_staleness(n, rows, data):
     k = data.draw(st.integers(1, n))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
-    base, stale = torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g).float()
+    base, stale = torch.rand(rows, n, generator=g), torch.randint(0, 5, (rows, n), generator=g).float()
     idx, new = select_tokens(base, stale, k, 0.25, 4, 0, 0.0)
-    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == k
-    assert (new[idx] == 0).all()
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[idx] = False
-    assert torch.equal(new[rest], stale[rest] + 1)
-    score = base + stale * 0.25 / 4
-    assert score[idx].min() >= score[rest].max() if rest.any() else True
+    assert idx.shape == (rows, k)
+    for r in range(rows):
+        chosen = idx[r].tolist()
+        assert chosen == sorted(set(chosen))
+        assert (new[r, idx[r]] == 0).all()
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[idx[r]] = False
+        assert torch.equal(new[r, rest], stale[r, rest] + 1)
+        score = base[r] + stale[r] * 0.25 / 4
+        assert score[idx[r]].min() >= score[rest].max() if rest.any() else True
+
+
+def test_rows_choose_their_own_tokens_and_a_shared_score_row_gives_every_row_the_same():
+    """ALGORITHMS.md erratum 6: the authors score and take top-k per batch row."""
+    base = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.1, 0.9, 0.2, 0.5]])
+    idx, _ = select_tokens(base, torch.zeros(2, 4), 2, 0.0, 3, 0, 0.0)
+    assert idx.tolist() == [[0, 2], [1, 3]]
+    idx, new = select_tokens(base[:1], torch.zeros(2, 4), 2, 0.0, 3, 0, 0.0)
+    assert idx.tolist() == [[0, 2], [0, 2]] and new.tolist() == [[0, 1, 0, 1]] * 2
 
 
 def test_staleness_alone_is_round_robin():
-    stale, seen = torch.zeros(8), []
+    stale, seen = torch.zeros(1, 8), []
     for _ in range(4):
-        idx, stale = select_tokens(torch.zeros(8), stale, 2, 1.0, 4, 0, 0.0)
-        seen += idx.tolist()
+        idx, stale = select_tokens(torch.zeros(1, 8), stale, 2, 1.0, 4, 0, 0.0)
+        seen += idx[0].tolist()
     assert sorted(seen) == list(range(8))
 
 
 def test_spatial_bonus_boosts_each_cells_best_token_only():
-    s = torch.arange(16, dtype=torch.float32) + 1  # 4x4 grid, 2x2 cells
-    out = spatial_bonus(s, 2, 0.5)
-    boosted = (out != s).nonzero().flatten().tolist()
+    s = torch.arange(16, dtype=torch.float32)[None] + 1  # 4x4 grid, 2x2 cells
+    out = spatial_bonus(s, 2, 0.5)[0]
+    boosted = (out != s[0]).nonzero().flatten().tolist()
     assert boosted == [5, 7, 13, 15]  # the bottom-right token of each 2x2 cell
-    assert torch.equal(out[boosted], s[boosted] * 1.5)
+    assert torch.equal(out[boosted], s[0, boosted] * 1.5)
+    flipped = spatial_bonus(torch.stack([s[0], s[0].flip(0)]), 2, 0.5)  # per row: row 1's best is top-left
+    assert (flipped[1] != s[0].flip(0)).nonzero().flatten().tolist() == [0, 2, 8, 10]
 
 
 @pytest.mark.parametrize("cell", [2, 4])
@@ -115,7 +129,7 @@ def test_spatial_bonus_cells_are_cell_by_cell_tokens_on_a_16x16_grid(cell):
     tokens (DiT: 64 cells of 2 x 2 on 16 x 16), not g cells per side. Scores rising along the rows: each cell's
     best token is its bottom-right one, at row g*a + g-1 and column g*b + g-1."""
     s = torch.arange(256, dtype=torch.float32) + 1
-    out = spatial_bonus(s, cell, 0.6)
+    out = spatial_bonus(s[None], cell, 0.6)[0]
     boosted = (out != s).nonzero().flatten().tolist()
     per_side = 16 // cell
     assert len(boosted) == per_side * per_side
@@ -255,3 +269,21 @@ def test_inductor_lowering_equals_hooked_reference():
             ref.k = {n: int(0.3 * ref.tokens[n] + 1e-9) for n in ref.order}
         assert rel_err(outs[s], e) <= 2e-5
     assert {r["kind"] for r in fxcache.stats(compiled)} == {"full", "partial"}
+
+
+def test_a_partial_step_refreshes_the_cross_attention_entropy_of_its_recomputed_rows():
+    """ALGORITHMS.md erratum 14: the authors' PixArt code scatters the fresh cross-attention map rows of a partial
+    step back, so later choices in the cycle read the fresh entropies of those rows (and only of those)."""
+    from fxcache.ops.scores import cross_entropy_score, refresh_entropy
+
+    g = torch.Generator().manual_seed(0)
+    q_old, q_new = torch.randn(2, 2, 6, 4, generator=g), torch.randn(2, 2, 6, 4, generator=g)
+    k = torch.randn(2, 2, 5, 4, generator=g)
+    raw = cross_entropy_score(q_old, k, None, None)
+    idx = torch.tensor([[1, 4], [1, 4]])
+    fresh = refresh_entropy(raw, idx, q_new[:, :, [1, 4]], k, None, None, True)
+    full_new = cross_entropy_score(q_new, k, None, None)
+    assert torch.allclose(fresh[:, [1, 4]], full_new[:, [1, 4]])
+    keep = [0, 2, 3, 5]
+    assert torch.equal(fresh[:, keep], raw[:, keep])
+    assert torch.equal(fresh[0], fresh[1])  # the CFG halves of one prompt share their mean map

@@ -15,6 +15,6 @@ def test_the_score_or_its_source_is_written(dit, score, ops):
     gm, plan = dit
     scored = scored_units(plan, score)
     b = GraphBuilder(gm)
-    record_scores(b, scored[:1], score, True)
+    record_scores(b, scored[:1], score, True, True)
     assert emitted(b) == ops
     assert [(r, k.name) for r, k in b.written] == [(Role.CACHE, "tocascore:transformer_blocks.0.ff")]

@@ -2,6 +2,7 @@
 
     python benchmarks/eval_quality.py --family flux                 # 100 digits, 50 steps, Inductor, with peers
     python benchmarks/eval_quality.py --family dit --per-class 4 --repeats 1 --lowering eager --no-peers  # quick
+    python benchmarks/eval_quality.py --family dit --faithful    # each preset as the authors' code vs. cleaned up
 
 Peers: diffusers' cache hooks (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache) and cache-dit (DBCache,
 its TaylorSeer calibrator) at two to four settings each, each on its own copy of the same model, same sampler and
@@ -42,6 +43,33 @@ METHODS = {
 }
 
 
+#: the cleaned-up variant of each faithful preset: the options that differ from the authors' code
+CLEANED = {
+    "toca": ("rows shared", {"rows": "shared"}),
+    "duca": ("random tokens", {"score": "random", "staleness_weight": 0.0, "spatial_grid": 0, "spatial_bonus": 0.0}),
+    "clusca": ("exact anchor, shared draws, fixed k-means", {"anchor": "exact", "draws": "shared", "kmeans": "fixed"}),
+}
+
+
+def faithful_methods(family: str, steps: int) -> dict:
+    """Each method's preset for `family` (the authors' behaviour) next to its cleaned-up variant (`CLEANED`),
+    at the same step and block schedule; presets written for another step count are given `num_steps=steps`."""
+    from fxcache.config import get_method
+
+    out = {}
+    for name in ("fora", "toca", "duca", "taylorseer", "clusca"):
+        if family not in get_method(name).PRESETS:
+            continue
+        base = dict(get_method(name).PRESETS[family])
+        if "num_steps" in base:
+            base["num_steps"] = steps
+        out[f"{name} preset={family} (authors)"] = make_config(name, preset=family, **base)
+        if name in CLEANED:
+            what, opts = CLEANED[name]
+            out[f"{name} preset={family} ({what})"] = make_config(name, preset=family, **dict(base, **opts))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, default="flux")
@@ -52,6 +80,9 @@ def main(argv=None) -> None:
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peers", action="store_true", help="fxcache methods only")
+    p.add_argument("--faithful", action="store_true",
+                   help="each method's preset for the family (the authors' code) next to its cleaned-up variant, "
+                        "instead of the default rows (implies --no-peers)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,8 +90,11 @@ def main(argv=None) -> None:
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     ref = load(args.family)
-    methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
-    if not args.no_peers:
+    if args.faithful:
+        methods = faithful_methods(args.family, args.steps)
+    else:
+        methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
+    if not args.no_peers and not args.faithful:
         if not cachedit_available():
             print("cache-dit is not installed (pip install cache-dit): its rows are left out", flush=True)
         methods.update({peer.label: peer for peer in all_peers(ref, args.steps, args.guidance)})
@@ -73,9 +107,10 @@ def main(argv=None) -> None:
     print(head)
     print(report.table())
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"quality_{args.family}.md"), "w") as f:
+    stem = f"quality_{args.family}" + ("_faithful" if args.faithful else "")
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(head + "\n\n" + report.table() + "\n")
-    pareto_plot(report, os.path.join(args.out, f"quality_{args.family}.png"))
+    pareto_plot(report, os.path.join(args.out, stem + ".png"))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def faithful_methods(family: str, steps: int) -> dict:
         out[f"{name} preset={family} (authors)"] = make_config(name, preset=family, **base)
         if name in CLEANED:
             what, opts = CLEANED[name]
-            out[f"{name} preset={family} ({what})"] = make_config(name, preset=family, **dict(base, **opts))
+            cleaned = make_config(name, preset=family, **dict(base, **opts))
+            if cleaned != out[f"{name} preset={family} (authors)"]:  # e.g. DuCa's FLUX preset already draws
+                out[f"{name} preset={family} ({what})"] = cleaned
     return out
 
 

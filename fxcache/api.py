@@ -14,11 +14,13 @@ from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
 from .analysis.inputs import forward_parameters
 from .backends import check_lowering
 from .config import CacheConfig, make_config
+from .methods import recipe_for
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
+from .step_plan import GraphView
 from .variants import build_variants
 
 log = logging.getLogger("fxcache")
@@ -347,6 +349,7 @@ class Explanation:
     variants: list[dict] = dataclasses.field(default_factory=list)  # per graph: plan label -> Variant (method=)
     graphs: bool = False  # print each variant's graph code
     method: str = ""  # the method whose variants were built (method=)
+    schedules: list[str] = dataclasses.field(default_factory=list)  # per graph: the method's plans, summarised
 
     def __str__(self) -> str:
         lines = [f"Graph count: {self.graph_count}", f"Graph break count: {self.graph_break_count}"]
@@ -362,6 +365,8 @@ class Explanation:
                              f"writes {writes}")
                 if self.graphs:
                     lines.append("    " + v.gm.code.strip().replace("\n", "\n    "))
+            if i < len(self.schedules) and self.schedules[i]:
+                lines.append("  " + self.schedules[i])
             built = self.variants[i] if i < len(self.variants) else {}
             if built:
                 held = {x.key: x for v in built.values() for x in v.outputs if x.role.persistent}
@@ -370,6 +375,23 @@ class Explanation:
                              f"variants keep between steps)")
         lines.append(REQUEST_BOUNDARIES)
         return "\n".join(lines)
+
+
+def schedule_summary(config: CacheConfig, plan: GraphPlan) -> str:
+    """One line on the plans `config`'s schedule gives a graph: steps by kind, mixed steps, distinct plans (each
+    is one variant, built and lowered on first use)."""
+    steps = config.planned_steps or min(config.horizon, 50)
+    recipe, view = recipe_for(config), GraphView.of(plan)
+    plans = [recipe.plan(s, view) for s in range(steps)]
+    kinds: dict[str, int] = {}
+    for p in plans:
+        kinds[p.kind.value] = kinds.get(p.kind.value, 0) + 1
+    mixed = [s for s, p in enumerate(plans) if len({b.kind for b in p.blocks}) > 1]
+    line = (f"schedule over {steps} steps: " + ", ".join(f"{n} {k}" for k, n in kinds.items())
+            + f"; {len(set(plans))} distinct plans (one variant each, built and lowered on first use)")
+    if mixed:
+        line += f"; mixed steps (blocks of different kinds) at s = {', '.join(map(str, mixed))}"
+    return line
 
 
 REQUEST_BOUNDARIES = (
@@ -384,19 +406,23 @@ REQUEST_BOUNDARIES = (
 
 def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
             timestep_input: int | str | None = None, method: str | CacheConfig | None = None,
-            graphs: bool = False, **kwargs) -> Explanation:
+            preset: str | None = None, graphs: bool = False, **kwargs) -> Explanation:
     """Trace `model(*args, **kwargs)` with Dynamo, print and return what fxcache finds in each graph.
 
-    `method` (a name or a config): also build the variants its schedule starts with and list, for each, what it
-    takes and writes; `graphs=True` prints their graph code too."""
+    `method` (a name or a config; `preset=` as in `cache_backend`): also build the variants its schedule starts
+    with and list, for each, what it takes and writes, and summarise the plans of its schedule (distinct plans,
+    mixed steps); `graphs=True` prints their graph code too."""
     _check_timestep_input(timestep_input)
     _check_bool("graphs", graphs)
     if graphs and method is None:
         raise ConfigError("graphs=True prints the variant graphs a method builds: pass method= too (a method name "
                           "or a config), e.g. explain(model, **inputs, method='fora', graphs=True)")
     config = None
+    if preset is not None and (method is None or isinstance(method, CacheConfig)):
+        raise ConfigError("preset= picks the published settings of a method: pass the method by name too, e.g. "
+                          "explain(model, **inputs, method='toca', preset='dit')")
     if method is not None:
-        config = method if isinstance(method, CacheConfig) else make_config(method)
+        config = method if isinstance(method, CacheConfig) else make_config(method, preset=preset)
     module = getattr(model, "_orig_mod", model)
     with torch.no_grad():
         out = torch._dynamo.explain(module)(*args, **kwargs)
@@ -409,7 +435,7 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
         except UnsupportedGraphError as exc:
             plans.append(None)
             errors.append(str(exc))
-    variants = []
+    variants, schedules = [], []
     if config is not None:
         for gm, plan in zip(out.graphs, plans):
             built = {}
@@ -419,8 +445,9 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
                 except UnsupportedGraphError as exc:
                     errors[len(variants)] = f"{config.method} cannot cache it: {exc}"
             variants.append(built)
+            schedules.append(schedule_summary(config, plan) if built else "")
     reasons = [str(getattr(b, "reason", b)) for b in out.break_reasons]
     result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors, variants, graphs,
-                         config.method if config is not None else "")
+                         config.method if config is not None else "", schedules)
     print(result)
     return result

@@ -140,7 +140,8 @@ def analyse(
         if found is None:
             raise UnsupportedGraphError(
                 "no timestep input found: no graph input feeds a diffusers `Timesteps` module; pass "
-                "timestep_input=<index or name of the input> to cache_backend, or drive steps with fxcache.step()"
+                "timestep_input=<name or index of the forward's timestep parameter> to cache_backend (e.g. "
+                "timestep_input='t' for the original DiT code's forward(x, t, y))"
             )
     else:
         found = resolve_timestep_input(gm, timestep_input, forward_params)

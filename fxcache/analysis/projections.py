@@ -67,11 +67,13 @@ def find_projection(block: Block, unit: Unit, which: str, batch: int) -> Project
 
 @dataclasses.dataclass
 class AttentionSource:
-    """An attention call whose map a score reads, and where the unit's tokens sit among its keys."""
+    """An attention call whose map a score reads, and where the unit's tokens sit among its keys: an SDPA call, or
+    (attention written out as q @ k^T and softmax, timm's non-fused path) the softmax whose output is the map."""
 
-    sdpa: fx.Node
+    sdpa: fx.Node | None
     offset: int  # first key position of the unit's stream (attention received); 0 for cross-attention
     length: int
+    probs: fx.Node | None = None  # the (B, heads, Lq, Lk) softmax of an explicit attention
 
 
 def _upstream(start: fx.Node, stop: set) -> set:
@@ -88,6 +90,21 @@ def _upstream(start: fx.Node, stop: set) -> set:
 
 def _child_sdpas(block: Block, child: str) -> list[fx.Node]:
     return [n for n in block.nodes if _is_sdpa(n) and any(p == child for p, _ in stack_entries(n))]
+
+
+def _is_softmax(n: fx.Node) -> bool:
+    name = getattr(n.target, "__name__", str(n.target))
+    return n.op in ("call_function", "call_method") and name in ("softmax", "_softmax")
+
+
+def _explicit_map(block: Block, child: str, batch: int, tokens: int) -> fx.Node | None:
+    """A softmax over keys, (batch, heads, tokens, tokens), inside the attention child: an attention written out."""
+    for n in block.nodes:
+        s = _shape(n)
+        if (s is not None and len(s) == 4 and s[0] == batch and s[2] == s[3] == tokens and _is_softmax(n)
+                and any(p == child for p, _ in stack_entries(n))):
+            return n
+    return None
 
 
 def find_self_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSource | None:
@@ -120,6 +137,10 @@ def find_self_attention_map(block: Block, unit: Unit, batch: int) -> AttentionSo
                             return AttentionSource(sdpa, offset, unit.tokens)
                         break
                     offset += ps[dim]
+    for child in [u.name for u in block.units if u.kind == ATTN]:  # no SDPA: an explicit softmax map
+        probs = _explicit_map(block, child, batch, unit.tokens)
+        if probs is not None:
+            return AttentionSource(None, 0, unit.tokens, probs)
     return None
 
 

@@ -45,7 +45,7 @@ def scored_units(plan, score: str) -> list[ScoredUnit]:
                     proj = find_projection(block, unit, score[0], plan.batch)
                     if proj is None:
                         raise UnsupportedGraphError(
-                            f"ToCa score {score!r}: no {score[0]}-projection with {unit.tokens} tokens "
+                            f"score {score!r}: no {score[0]}-projection with {unit.tokens} tokens "
                             f"in an attention of {block.name} for {unit.name}; use score='random' or 'similarity'",
                             block=block.name)
                     su.source, su.heads = proj.node, proj.heads
@@ -57,7 +57,7 @@ def scored_units(plan, score: str) -> list[ScoredUnit]:
                     if su.attention is None:
                         what = "self/joint attention over" if score == "attention" else "cross-attention from"
                         raise UnsupportedGraphError(
-                            f"ToCa score {score!r}: no {what} the {unit.tokens} tokens of {unit.name} in "
-                            f"{block.name}; use score='random', 'vnorm' or 'similarity'", block=block.name)
+                            f"score {score!r}: no {what} the {unit.tokens} tokens of {unit.name} in "
+                            f"{block.name}; use score='random' or 'similarity'", block=block.name)
                 out.append(su)
     return out

@@ -11,7 +11,7 @@ from ..errors import ConfigError, UnsupportedGraphError
 from ..graph_io import Role, Slot
 from ..passes import cluster_tokens, forecast_units, refresh_clusters, update_factors
 from ..step_plan import BlockKind
-from .recipe import Recipe, register_recipe, units_in
+from .recipe import Recipe, read_units, register_recipe, units_in
 from .schedule import Cyclic, SeededDraws, check_schedule
 
 #: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
@@ -156,14 +156,23 @@ class ClusCaRecipe(Recipe):
                         f"but config draws={c.draws!r}")
         return super().check_io(plan, view, inputs)
 
+    @staticmethod
+    def _kept(graph, layout, units):
+        """The units whose Taylor factors a CLUSTER step reads: all but those only another unit of their block
+        reads (FLUX single-block attention), unless that block holds a refreshed unit, which recomputes its
+        outer unit on the members from them."""
+        refreshed = {u.block for group in layout.values() for u in group.units}
+        read = {u.name for u in read_units(graph, units)}
+        return [u for u in units if u.name in read or u.block in refreshed]
+
     def build(self, b, graph, plan, layout) -> None:
         c = self.config
         if plan.kind is StepKind.FULL:
             if self.caches:
-                update_factors(b, units_in(graph, plan, BlockKind.FULL), c.order)
+                update_factors(b, self._kept(graph, layout, units_in(graph, plan, BlockKind.FULL)), c.order)
                 cluster_tokens(b, layout, c.kmeans_iters, c.kmeans)
             return
         if plan.count(BlockKind.CLUSTER) != len(plan.blocks):
             raise UnsupportedGraphError(f"ClusCa builds uniform CLUSTER steps only, not {plan.label}")
-        forecast_units(b, units_in(graph, plan, BlockKind.CLUSTER), c.order)
+        forecast_units(b, self._kept(graph, layout, units_in(graph, plan, BlockKind.CLUSTER)), c.order)
         refresh_clusters(b, layout, c.gamma, c.anchor, c.draws)

@@ -58,9 +58,10 @@ class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
         "flux": dict(interval=5, ratio=0.9, warmup_steps=3, ratio_schedule="flux"),
         "video": dict(interval=5, ratio=0.9, warmup_steps=1, ratio_schedule="flux"),
         "dit": dict(interval=3, ratio=0.95, warmup_steps=1, schedule="dit", num_steps=50, score="attention",
-                    staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.8, ratio_schedule="dit-ddim50"),
+                    staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.8, ratio_schedule="dit-ddim50",
+                    rows="each"),
         "pixart": dict(interval=3, ratio=0.25, warmup_steps=1, score="cross_entropy", staleness_weight=0.25,
-                       spatial_grid=4, spatial_bonus=0.4, ratio_schedule="pixart", num_steps=20),
+                       spatial_grid=4, spatial_bonus=0.4, ratio_schedule="pixart", num_steps=20, rows="each"),
     }
     interval: int = 5
     ratio: float = 0.9
@@ -75,7 +76,7 @@ class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     spatial_bonus: float = 0.0
     ratio_schedule: str = "flat"
     step_buckets: int | None = None
-    rows: str = "each"
+    rows: str = "shared"
 
     def _validate(self) -> None:
         check_int("DuCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)

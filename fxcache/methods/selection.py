@@ -105,6 +105,9 @@ class TokenSelection:
         if RATIO_SCHEDULES[self.ratio_schedule].step_weight and self.num_steps is None:
             raise ConfigError(f"{owner}.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")
+        if self.schedule in ("dit", "pixart") and self.warmup_steps != 1:
+            raise ConfigError(f"{owner}.schedule={self.schedule!r} decides its first steps itself (the reference's "
+                              f"first step is FULL): warmup_steps must be 1, got {self.warmup_steps!r}")
         if self.step_buckets is not None:
             check_int(owner, "step_buckets", self.step_buckets, minimum=1, maximum=MAX_STEP_BUCKETS,
                       why="each bucket is one more compiled PARTIAL variant; None: k follows every step")
@@ -114,8 +117,8 @@ class TokenSelection:
         without a step weight."""
         if not RATIO_SCHEDULES[self.ratio_schedule].step_weight:
             return 0
-        if self.step_buckets is None:
-            return step
+        if self.step_buckets is None or self.step_buckets >= self.num_steps:
+            return step  # a bucket per step (or more buckets than steps): k follows every step
         t = self.num_steps
         bucket = min(step * self.step_buckets // t, self.step_buckets - 1)
         lo, hi = bucket * t // self.step_buckets, (bucket + 1) * t // self.step_buckets
@@ -127,6 +130,13 @@ class TokenSelection:
             step=self.schedule_step(step), num_steps=self.num_steps, layer=layer, layers=layers,
             list_index=list_index, kind=kind, ratio=self.fresh_ratio)
         return fresh_count(r, tokens)
+
+    @property
+    def planned_steps(self) -> int | None:
+        """num_steps when the schedule or the ratio schedule counts the sampler's steps (k follows progress)."""
+        if self.schedule != "counter" or RATIO_SCHEDULES[self.ratio_schedule].step_weight:
+            return self.num_steps
+        return None
 
     @property
     def selects_by_score(self) -> bool:

@@ -36,15 +36,18 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
       "vnorm" (per-token key / value norms of the block's attention at the last FULL step, summed over heads;
       `prefer="low"` picks the smallest), "similarity" (1 - cosine between the unit's current input and its input
       at the last FULL step), "attention" (s1: attention each token receives at the last FULL step, head- and
-      query-mean; joint attention is sliced to the unit's stream; any projection layout, fused qkv included),
+      query-mean; joint attention is sliced to the unit's stream; any projection layout, fused qkv included;
+      an attention written out as softmax(q k^T) is read from its softmax),
       "cross_entropy" (s2: 1 + entropy of each token's head-mean cross-attention distribution; with rows="each"
       the two halves of an even batch, a CFG call's [uncond; cond] of one prompt, share theirs as the authors'
       PixArt code averages them; blocks with cross-attention only).
       The two attention scores materialise the attention map of every block at FULL steps (one head at a time:
       B x L x L floats extra, and the QK^T FLOPs again); SDPA keeps running for the block itself. The others
       cost nearly nothing.
-      rows: "each" (the authors' code: every batch row scores and picks its own tokens, its own staleness) or
-      "shared" (scores averaged over the rows: every row refreshes the same tokens).
+      rows: "shared" (default: scores averaged over the batch rows, every row refreshes the same tokens; measured
+      at least as good as "each" on the three trained references, BENCHMARKS.md, but a prompt's tokens then depend
+      on the other prompts batched with it) or "each" (the authors' code and every preset: each batch row scores and
+      picks its own tokens, with its own staleness; a row's result does not depend on the rest of its batch).
       staleness counts the partial steps since a token was last recomputed, on every partial call of a unit,
       also those with k = 0 (as the authors' code); FULL resets it.
       spatial bonus: square token grids only; the grid is cut into cells of `spatial_grid` x `spatial_grid` tokens
@@ -79,13 +82,15 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     #: one more compiled variant, about 30 on the DiT preset: pass step_buckets to bound them).
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=4, warmup_steps=3, fresh_ratio=0.1, score="attention", staleness_weight=0.25,
-                     ratio_schedule="flux"),
+                     ratio_schedule="flux", rows="each"),
         "dit": dict(interval=3, warmup_steps=1, fresh_ratio=0.07, score="attention", staleness_weight=0.25,
-                    ratio_schedule="dit-ddim50", num_steps=50, spatial_grid=2, spatial_bonus=0.6, schedule="dit"),
+                    ratio_schedule="dit-ddim50", num_steps=50, spatial_grid=2, spatial_bonus=0.6, schedule="dit",
+                    rows="each"),
         "pixart": dict(interval=3, warmup_steps=1, fresh_ratio=0.3, score="cross_entropy", staleness_weight=0.25,
-                       ratio_schedule="pixart", num_steps=20, spatial_grid=4, spatial_bonus=0.4, schedule="pixart"),
+                       ratio_schedule="pixart", num_steps=20, spatial_grid=4, spatial_bonus=0.4, schedule="pixart",
+                       rows="each"),
         "video": dict(interval=3, warmup_steps=3, fresh_ratio=0.1, score="cross_entropy", staleness_weight=0.25,
-                      ratio_schedule="opensora"),
+                      ratio_schedule="opensora", rows="each"),
     }
     interval: int = 4
     fresh_ratio: float = 0.1
@@ -98,7 +103,7 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     ratio_schedule: str = "flat"
     num_steps: int | None = None
     step_buckets: int | None = None
-    rows: str = "each"
+    rows: str = "shared"
     seed: int = 0
     schedule: str = "counter"
 

@@ -65,6 +65,12 @@ def _entropy_rows(q, k, mask, scale, each: bool) -> torch.Tensor:
     return 1.0 - (c * torch.log(c + 1e-7)).sum(-1)
 
 
+def received_from_map(probs: torch.Tensor, offset: int, length: int, each: bool = True) -> torch.Tensor:
+    """ToCa s1 from an attention map the model computes itself (B, heads, Lq, Lk): head- and query-mean."""
+    received = probs.float().mean(1).mean(1)  # (B, Lk)
+    return per_rows(received[:, offset:offset + length], each)
+
+
 def cross_entropy_score(q, k, mask, scale, each: bool = True) -> torch.Tensor:
     """ToCa s2 at a FULL step, unnormalised (each row is normalised when tokens are chosen, so that partial
     steps can refresh the rows they recompute: `refresh_entropy`)."""

@@ -9,7 +9,7 @@ from torch import fx
 from ..analysis.scored import ScoredUnit
 from ..analysis.units import _sdpa_arg
 from ..graph_io import Key, Role
-from ..ops.scores import attention_received_score, cross_entropy_score, norm_score
+from ..ops.scores import attention_received_score, cross_entropy_score, norm_score, received_from_map
 from .checks import graph_pass
 from .graph_builder import GraphBuilder
 
@@ -21,6 +21,11 @@ def record_scores(b: GraphBuilder, units: list[ScoredUnit], score: str, prefer_l
     score row per batch row, else one shared row."""
     for su in units:
         key = Key.score(su.name)
+        if su.attention is not None and su.attention.sdpa is None:  # an explicit softmax: the map itself
+            a = su.attention
+            node = b.graph.call_function(received_from_map, (b.env[a.probs], a.offset, a.length, each))
+            b.give(Role.CACHE, key, node)
+            continue
         if su.attention is not None:
             a = su.attention
             q, k = (b.env[_sdpa_arg(a.sdpa, i, n)] for i, n in ((0, "query"), (1, "key")))

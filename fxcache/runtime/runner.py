@@ -285,6 +285,7 @@ class Runner:
                 f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
                 f"`with fxcache.request(model):` (or `req.resume()`).")
         step, branch = pos.step, pos.branch
+        state.steps_run = max(state.steps_run, step + 1)
         planned = self._planned_steps
         if planned is not None and step >= planned:
             self.backend._warn_once(

@@ -24,6 +24,7 @@ class GraphState:
         self.draws: dict = {}  # the current step's random inputs, shared by the branches
         self.draws_step = -1
         self.unmatched = 0  # calls that continued no branch
+        self.steps_run = 0  # 1 + the highest step this request ran (a schedule written for num_steps checks it)
 
     @property
     def held(self) -> int:
@@ -48,11 +49,25 @@ class GraphState:
 
     def release(self) -> None:
         """The request ended: free everything (in-place buffers go back to the runner's pool if it keeps them)."""
+        self._check_length()
         self.store.release()
         self.taylor.clear()
         self.draws.clear()
         self.draws_step = -1
         self.tracker.reset()
+
+    def _check_length(self) -> None:
+        """A schedule written for num_steps (a preset's) that a request ended before reaching: its table was cut
+        short (no final FULL step; partial steps meant for another progress), so say so once per graph."""
+        planned = getattr(self.runner, "_planned_steps", None)
+        ran, self.steps_run = self.steps_run, 0
+        if planned is None or not 0 < ran < planned:
+            return
+        self.runner.backend._warn_once(
+            f"fxcache: graph {self.runner.graph_id}: a request ended after {ran} steps, but the config's schedule "
+            f"is written for num_steps={planned} (presets assume one): it ran the first {ran} steps of that "
+            f"table. Pass your sampler's step count as num_steps (ignore this for an interrupted request)",
+            key=f"short-{self.runner.graph_id}")
 
     def cache_bytes(self) -> int:
         return self.store.held

@@ -106,7 +106,10 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """timm's ViT attention: one fused qkv projection, SDPA, output projection."""
+    """timm's ViT attention: one fused qkv projection, SDPA (or, with `fused_attn=False`, timm's explicit
+    q @ k^T softmax path), output projection."""
+
+    fused_attn = True
 
     def __init__(self, dim, num_heads=8, qkv_bias=True):
         super().__init__()
@@ -121,7 +124,11 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

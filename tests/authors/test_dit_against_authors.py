@@ -120,3 +120,17 @@ def test_scores_per_batch_row_are_what_matches_the_authors():
     # the preset equals the authors' sample to rounding (0.0 on this machine); shared scores part from it
     assert ((got - expected).norm() / expected.norm()).item() < 1e-6
     assert ((shared - expected).norm() / expected.norm()).item() > 1e-5
+
+
+def test_toca_on_timms_explicit_attention_path_equals_the_authors():
+    """timm's Attention without fused SDPA writes the map out (q @ k^T, softmax): the attention score reads that
+    softmax, and the preset still equals the authors' sample."""
+    import original_dit
+
+    original_dit.Attention.fused_attn = False
+    try:
+        got, expected, trace, records = run_both("toca")
+    finally:
+        original_dit.Attention.fused_attn = True
+    assert our_table(records) == block_table(trace, "toca")
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5

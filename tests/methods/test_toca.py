@@ -181,6 +181,8 @@ SCORE_CASES = [
     dict(score="knorm", prefer="high"),
     dict(score="similarity", staleness_weight=0.25),
     dict(score="attention", staleness_weight=0.25),
+    dict(score="attention", staleness_weight=0.25, rows="each"),  # each batch row picks its own tokens
+    dict(score="vnorm", staleness_weight=0.25, spatial_grid=2, spatial_bonus=0.6, rows="each"),
 ]
 
 

@@ -14,9 +14,10 @@ def variant_inputs(backend) -> dict[str, set[str]]:
     return {plan.label: {v.key.name for v in variant.inputs} for plan, variant in runner.source._variants.items()}
 
 
-@pytest.mark.parametrize("method,keeps", [("fora", False), ("taylorseer", False), ("toca", True)])
+@pytest.mark.parametrize("method,keeps", [("fora", False), ("taylorseer", False), ("clusca", False),
+                                          ("toca", True)])
 def test_single_block_attention_is_cached_only_where_a_step_reads_it(method, keeps):
-    compiled, backend = compile_cached(make_model("flux"), method)
+    compiled, backend = compile_cached(make_model("flux"), method, **({"clusters": 4} if method == "clusca" else {}))
     run(compiled, loop_inputs("flux", 8))
     inputs = variant_inputs(backend)
     assert len(inputs) == 2  # FULL and the cached step

@@ -69,14 +69,6 @@ class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     seed: int = 0
     schedule: str = "counter"
     num_steps: int | None = None
-    score: str = "random"
-    prefer: str = "low"
-    staleness_weight: float = 0.0
-    spatial_grid: int = 0
-    spatial_bonus: float = 0.0
-    ratio_schedule: str = "flat"
-    step_buckets: int | None = None
-    rows: str = "shared"
 
     def _validate(self) -> None:
         check_int("DuCaConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)

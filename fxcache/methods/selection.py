@@ -79,10 +79,19 @@ def fresh_count(r_eff: float, tokens: int) -> int:
     return int(r * tokens)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenSelection:
-    """Mixin of the configs whose partial steps choose tokens as ToCa does (fields `score`, `prefer`,
-    `staleness_weight`, `spatial_grid`, `spatial_bonus`, `ratio_schedule`, `step_buckets`, `rows`, `num_steps`,
-    and a `fresh_ratio`)."""
+    """The fields of the configs whose partial steps choose tokens as ToCa does, with what they mean (ToCaConfig
+    documents each); the config brings `num_steps`, `schedule`, `warmup_steps` and a `fresh_ratio`."""
+
+    score: str = "random"
+    prefer: str = "low"
+    staleness_weight: float = 0.0
+    spatial_grid: int = 0
+    spatial_bonus: float = 0.0
+    ratio_schedule: str = "flat"
+    step_buckets: int | None = None
+    rows: str = "shared"
 
     def _validate_selection(self, owner: str) -> None:
         if self.score not in SCORES:

@@ -95,15 +95,7 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     interval: int = 4
     fresh_ratio: float = 0.1
     warmup_steps: int = 1
-    score: str = "random"
-    prefer: str = "low"
-    staleness_weight: float = 0.0
-    spatial_grid: int = 0
-    spatial_bonus: float = 0.0
-    ratio_schedule: str = "flat"
     num_steps: int | None = None
-    step_buckets: int | None = None
-    rows: str = "shared"
     seed: int = 0
     schedule: str = "counter"
 

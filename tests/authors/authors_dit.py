@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from original_dit import cfg_combine
+
 __all__ = ["ToCaDiT", "FORADiT", "DuCaDiT", "TaylorSeerDiT", "ClusCaDiT", "schedule_tables",
            "toca_cal_type", "toca_force_scheduler", "fresh_ratio_scheduler", "fresh_topk", "local_selection_with_bonus",
            "attention_score", "kmeans_fit", "select_one_per_cluster", "attention_with_map"]
@@ -44,13 +46,9 @@ def modulate(x, shift, scale):
 
 
 def _cfg_combine(model_out, in_channels, cfg_scale):
-    # forward_with_cfg tail as original_dit.DiT.forward_with_cfg (eps = the first in_channels channels; the authors'
-    # models.py use model_out[:, :3], e.g. ToCa models.py L374)
-    eps, rest = model_out[:, :in_channels], model_out[:, in_channels:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    eps = torch.cat([half_eps, half_eps], dim=0)
-    return torch.cat([eps, rest], dim=1)
+    # forward_with_cfg tail (eps = the first in_channels channels; the authors' models.py use model_out[:, :3],
+    # e.g. ToCa models.py L374)
+    return cfg_combine(model_out, in_channels, cfg_scale)
 
 
 # ======================================================================================================================

@@ -1,4 +1,6 @@
-"""Find the ordered transformer blocks of a Dynamo graph from module-path metadata."""
+"""Find the ordered transformer blocks of a Dynamo graph from module-path metadata: module lists with the usual
+names, else, found by structure, the module lists whose entries (one class, at least two) each hold an attention
+and pass the stream from one to the next."""
 
 from __future__ import annotations
 
@@ -103,3 +105,54 @@ def find_blocks(gm: fx.GraphModule, block_lists: tuple[str, ...] = DEFAULT_BLOCK
         outputs = [n for n in nodes if any(u not in members for u in n.users)]
         seen[name] = Block(name=name, cls=_block_class(nodes, name), nodes=nodes, inputs=inputs, outputs=outputs)
     return list(seen.values())
+
+
+_INDEXED = re.compile(r"^(.+)\.(\d+)$")
+
+
+def _mixes_tokens(n: fx.Node, deeper) -> bool:
+    name = getattr(n.target, "__name__", str(n.target))
+    return name in ("scaled_dot_product_attention", "softmax", "_softmax") or any(
+        "Attention" in cls.__name__ for _, cls in deeper)
+
+
+def structural_block_lists(gm: fx.GraphModule) -> list[str]:
+    """Module lists found by structure, whatever their name: at least two entries of one class, each holding a
+    token-mixing attention (an `*Attention*` child, SDPA or a softmax), each entry's output read by the next (the
+    residual stream runs through them); lists inside another such list are left out. In graph order."""
+    classes: dict[str, dict[int, str]] = {}
+    mixing: dict[str, set[int]] = {}
+    for n in gm.graph.nodes:
+        entries = stack_entries(n) or []
+        for depth, (path, cls) in enumerate(entries):
+            m = _INDEXED.match(path)
+            if not m:
+                continue
+            lst, i = m.group(1), int(m.group(2))
+            classes.setdefault(lst, {})[i] = cls.__name__
+            if _mixes_tokens(n, entries[depth + 1:]):
+                mixing.setdefault(lst, set()).add(i)
+    lists = [lst for lst, idx in classes.items()
+             if len(idx) >= 2 and len(set(idx.values())) == 1 and mixing.get(lst, set()) >= set(idx)]
+    lists = [lst for lst in lists if not any(lst != o and lst.startswith(o + ".") for o in lists)]
+    return [lst for lst in lists if _chained(find_blocks(gm, (lst,)))]
+
+
+def _chained(blocks: list[Block]) -> bool:
+    """Each block reads what the one before it computed (directly, or through glue between them)."""
+    for a, b in zip(blocks, blocks[1:]):
+        before = a.node_set
+        todo, seen = list(b.inputs), set()
+        found = False
+        while todo and not found:
+            x = todo.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if x in before:
+                found = True
+            elif x.op != "placeholder":
+                todo.extend(x.all_input_nodes)
+        if not found:
+            return False
+    return True

@@ -8,10 +8,10 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedGraphError
-from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists
+from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists, structural_block_lists
 from .inputs import input_paths
 from .module_stack import is_param_placeholder
-from .timestep import find_timestep_input, resolve_timestep_input
+from .timestep import find_timestep, resolve_timestep_input
 from .units import Unit, find_units
 
 
@@ -40,6 +40,8 @@ class GraphPlan:
     input_shapes: dict[str, tuple[int, ...]]
     input_paths: dict[int, str] = dataclasses.field(default_factory=dict)
     forward_params: list[str] | None = None
+    timestep_found: str = ""  # how the timestep input was found (for explain)
+    blocks_found: str = "by name"  # how the block lists were found (for explain)
 
     @property
     def units(self) -> list[Unit]:
@@ -67,8 +69,9 @@ class GraphPlan:
 
     def summary(self) -> str:
         lines = [
-            f"{len(self.blocks)} blocks, batch {self.batch}, timestep input #{self.timestep_index} "
-            f"(`{self.timestep_name}`)",
+            f"{len(self.blocks)} blocks (found {self.blocks_found}), batch {self.batch}, timestep input "
+            f"`{self.input_paths.get(self.timestep_index, self.timestep_name)}` (graph input #{self.timestep_index}, "
+            f"`{self.timestep_name}`): {self.timestep_found or 'given'}",
             "inputs: " + ", ".join(f"{k}{list(v)}" for k, v in self.input_shapes.items()),
         ]
         for b in self.blocks:
@@ -112,6 +115,12 @@ def analyse(
                 node=n,
             )
     blocks = find_blocks(gm, block_lists)
+    found_by = "by name"
+    if not blocks and tuple(block_lists) == DEFAULT_BLOCK_LISTS:
+        structural = structural_block_lists(gm)
+        if structural:
+            blocks = find_blocks(gm, tuple(structural))
+            found_by = f"by structure: {', '.join(structural)}"
     if not blocks:
         nested = nested_block_lists(gm, block_lists)
         hint = (f"; the model holds {', '.join(nested)} below its root (a wrapper): pass "
@@ -136,13 +145,14 @@ def analyse(
             block=blocks[0].name,
         )
     if timestep_input is None:
-        found = find_timestep_input(gm)
+        found = find_timestep(gm, input_paths(gm, forward_params))
         if found is None:
             raise UnsupportedGraphError(
-                "no timestep input found: no graph input feeds a diffusers `Timesteps` module; pass "
-                "timestep_input=<name or index of the forward's timestep parameter> to cache_backend (e.g. "
-                "timestep_input='t' for the original DiT code's forward(x, t, y))"
+                "no timestep input found: no graph input feeds a diffusers `Timesteps` module or reaches a sinusoidal "
+                "embedding (sin and cos of the input times frequencies); pass timestep_input=<name or index of the "
+                "forward's timestep parameter> to cache_backend (e.g. timestep_input='t')"
             )
+        index, node, how = found
     else:
         found = resolve_timestep_input(gm, timestep_input, forward_params)
         if found is None:
@@ -151,7 +161,8 @@ def analyse(
                     if isinstance(timestep_input, int) else repr(timestep_input))
             raise UnsupportedGraphError(f"timestep_input={timestep_input!r}: {what} is not a tensor input of the "
                                         f"traced graph; its tensor inputs are: {', '.join(users)}")
-    index, node = found
+        index, node = found
+        how = f"timestep_input={timestep_input!r}"
     last = blocks[-1].outputs
     shapes = {
         n.name: tuple(n.meta["example_value"].shape)
@@ -162,6 +173,8 @@ def analyse(
         blocks=blocks,
         timestep_index=index,
         timestep_name=node.name,
+        timestep_found=how,
+        blocks_found=found_by,
         batch=batch,
         last_outputs=list(last),
         num_placeholders=len(placeholders),

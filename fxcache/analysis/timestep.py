@@ -1,14 +1,107 @@
-"""Find the timestep input by data flow: the user placeholder that feeds a diffusers `Timesteps` module."""
+"""Find the timestep input by data flow: the user placeholder that feeds a diffusers `Timesteps` module, or, in
+any other code, the one whose values reach a sinusoidal embedding (both a sine and a cosine)."""
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from .module_stack import is_param_placeholder, stack_entries
 
+#: forward parameter names that say "time", used only to choose between several sinusoidal inputs
+_TIME_WORDS = ("timestep", "time", "sigma", "noise_level")
+
+
+def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None) -> tuple[int, fx.Node, str] | None:
+    """(placeholder index, node, how it was found) of the timestep input, or None.
+
+    First a diffusers `Timesteps` module's input; else the per-sample scalar input (shape () or (B,)) whose values
+    reach both a sine and a cosine: a sinusoidal embedding, however written (the original DiT code's
+    `TimestepEmbedder`, BFL's `timestep_embedding`). With several (a guidance scale embedded the same way, as
+    FLUX-dev does), the one whose forward parameter names time, else the first. `paths`: placeholder index ->
+    forward argument name (`input_paths`)."""
+    found = find_timestep_input(gm)
+    if found is not None:
+        return found[0], found[1], "it feeds a diffusers `Timesteps` module"
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    reaches: dict[fx.Node, set[str]] = {}
+    for n in gm.graph.nodes:
+        wave = _wave(n)
+        if wave is None or not _feeds_linear(n):
+            continue
+        for x in _upstream_inputs(n):
+            reaches.setdefault(x, set()).add(wave)
+    candidates = [x for x in placeholders if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x)]
+    if not candidates:
+        return None
+    named = [x for x in candidates
+             if any(w in (paths or {}).get(placeholders.index(x), x.name).lower() for w in _TIME_WORDS)
+             or (paths or {}).get(placeholders.index(x), "") == "t"]
+    x = (named or candidates)[0]
+    others = [c.name for c in candidates if c is not x]
+    how = "its values reach a sinusoidal embedding (sin and cos)"
+    if others:
+        how += f"; also embedded so: {', '.join(others)} (not taken: " + ("its name" if named else "order") + ")"
+    return placeholders.index(x), x, how
+
+
+def _wave(n: fx.Node) -> str | None:
+    if n.op == "call_function" and n.target in (torch.sin, torch.cos):
+        return n.target.__name__
+    if n.op == "call_method" and n.target in ("sin", "cos"):
+        return n.target
+    return None
+
+
+#: ops a sinusoidal embedding passes through between its sin / cos and the embedder's first linear layer
+_PLUMBING = {"cat", "concat", "stack", "to", "float", "half", "bfloat16", "type", "flip", "getitem", "view",
+             "reshape", "contiguous", "unsqueeze", "squeeze", "flatten", "type_as", "chunk", "split", "mul"}
+
+
+def _name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def _feeds_linear(n: fx.Node, depth: int = 8) -> bool:
+    """Whether a sine / cosine flows into a linear layer through concatenation and casts only: an embedding of
+    the value (an embedder's MLP), not a rotary position code (which multiplies queries and keys)."""
+    todo, seen = [(n, 0)], set()
+    while todo:
+        x, d = todo.pop()
+        for u in x.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            name = _name(u)
+            if name == "linear" or (u.op == "call_module" and "linear" in name.lower()):
+                return True
+            if d + 1 < depth and name in _PLUMBING:
+                todo.append((u, d + 1))
+    return False
+
+
+def _upstream_inputs(n: fx.Node) -> set[fx.Node]:
+    todo, seen, out = [n], set(), set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder":
+            if not is_param_placeholder(x):
+                out.add(x)
+            continue
+        todo.extend(x.all_input_nodes)
+    return out
+
+
+def _per_sample_scalar(x: fx.Node) -> bool:
+    v = x.meta.get("example_value")
+    return isinstance(v, torch.Tensor) and v.dim() <= 1
+
 
 def find_timestep_input(gm: fx.GraphModule) -> tuple[int, fx.Node] | None:
-    """(placeholder index, node) of the timestep input, or None when no `Timesteps` module is in the graph."""
+    """(placeholder index, node) of the input of a diffusers `Timesteps` module, or None when there is none."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in gm.graph.nodes:
         if n.op == "placeholder":

@@ -73,7 +73,8 @@ def test_summary_names_blocks_units_tokens_and_timestep():
     _, gm = capture("flux")
     text = analyse(gm).summary()
     assert "4 blocks" in text and "single_transformer_blocks.1" in text
-    assert "proj_out[mlp 72 tokens partial]" in text and "timestep input #" in text
+    assert "proj_out[mlp 72 tokens partial]" in text and "timestep input `timestep` (graph input #" in text
+    assert "Timesteps" in text  # how it was found
 
 
 def test_explain_prints_what_was_found(capsys):

@@ -139,9 +139,9 @@ def test_a_step_count_other_than_the_schedules_num_steps_is_said():
                        num_steps=25)
 
 
-def test_a_wrapped_transformer_gets_the_block_lists_to_pass():
-    """A wrapper module (PEFT's base_model.model, a user's own) moves the block list below the root: the error names
-    the path to pass, and passing it caches the model."""
+def test_a_wrapped_transformer_is_found_by_structure_and_a_wrong_block_list_names_the_right_one():
+    """A wrapper module (PEFT's base_model.model, a user's own) moves the block list below the root: found by
+    structure with no option; an explicit block_lists that matches nothing gets an error naming the path."""
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
@@ -152,13 +152,15 @@ def test_a_wrapped_transformer_gets_the_block_lists_to_pass():
             return self.inner(**kwargs)
 
     strict = torch.compile(Wrapper(make_model("dit")), backend=fxcache.cache_backend(
-        "fora", strict=True, lowering="eager"), dynamic=False)
+        "fora", strict=True, lowering="eager", block_lists=("transformer_blocks",)), dynamic=False)
     with pytest.raises(UnsupportedGraphError, match=r"pass block_lists=\('inner.transformer_blocks',\)"), \
             torch.no_grad():
         strict(**make_inputs("dit"))
-    backend = fxcache.cache_backend("fora", strict=True, lowering="eager", block_lists=("inner.transformer_blocks",))
-    compiled = torch.compile(Wrapper(make_model("dit")), backend=backend, dynamic=False)
-    with torch.no_grad():
-        for s in range(3):
-            compiled(**make_inputs("dit", t=1.0 - s / 4))
-    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "reuse"]
+    for options in ({}, {"block_lists": ("inner.transformer_blocks",)}):
+        torch._dynamo.reset()
+        backend = fxcache.cache_backend("fora", strict=True, lowering="eager", **options)
+        compiled = torch.compile(Wrapper(make_model("dit")), backend=backend, dynamic=False)
+        with torch.no_grad():
+            for s in range(3):
+                compiled(**make_inputs("dit", t=1.0 - s / 4))
+        assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "reuse", "reuse"]

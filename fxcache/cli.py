@@ -208,7 +208,35 @@ def _load_model(folder: str, inputs_file: str):
     return transformer.eval(), inputs
 
 
-COMMANDS = {"demo": demo, "export": export_cmd}
+def check_cmd(argv=None) -> int:
+    """Check that fxcache caches a transformer as the maths says (for CI): analysis, graph breaks, FULL and an
+    every-step-FULL loop against the uncached model, the variants against the hooked eager reference, no
+    recompiles. Exits 1 when a check fails, with one line per check."""
+    import fxcache
+    from fxcache.testing.check import REFERENCE_METHODS, check_model
+
+    p = argparse.ArgumentParser(prog="fxcache check", description=check_cmd.__doc__)
+    p.add_argument("--model", type=_model_folder, required=True,
+                   help="a diffusers transformer folder (from save_pretrained)")
+    p.add_argument("--inputs", type=_file, required=True,
+                   help="safetensors file of an example call's keyword tensors")
+    p.add_argument("--methods", default=",".join(REFERENCE_METHODS),
+                   help=f"comma-separated, of {', '.join(fxcache.method_names())} (default "
+                        f"{','.join(REFERENCE_METHODS)})")
+    p.add_argument("--steps", type=_positive, default=6, help="calls per loop (default 6)")
+    p.add_argument("--timestep-input", help="the forward's timestep parameter, when fxcache does not find it")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in fxcache.method_names()]
+    if unknown:
+        raise CommandError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(fxcache.method_names())}")
+    transformer, inputs = _load_model(args.model, args.inputs)
+    report = check_model(transformer, inputs, methods, steps=args.steps, timestep_input=args.timestep_input)
+    print(report)
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"demo": demo, "export": export_cmd, "check": check_cmd}
 
 
 def main(argv=None) -> int:
@@ -218,6 +246,7 @@ def main(argv=None) -> int:
               "[--lowering inductor|eager] [--threads T]\n"
               "       fxcache export [--reference flux|dit|pixart | --model DIR --inputs FILE] [--method M] "
               "[-o NAME=VALUE] [--format onnx|tensorrt] [--num-steps N] [--out DIR]\n"
+              "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N]\n"
               "       fxcache COMMAND --help")
         return 0 if argv else 2
     if argv[0] in COMMANDS:

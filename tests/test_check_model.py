@@ -54,3 +54,19 @@ def test_the_cli_exits_zero_on_a_good_model_and_prints_a_line_per_check(tmp_path
     assert out.count("PASS ") >= 8 and "FAIL" not in out
     assert main(["check", "--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "inputs.safetensors"),
                  "--methods", "nope"]) == 1
+
+
+def test_a_model_that_caches_nothing_fails_caching_active_and_missing_arguments_are_named():
+    report = check_model(make_model("dit"), make_inputs("dit"), [fxcache_config("fora", interval=1)], steps=3)
+    active = next(c for c in report.checks if c.name == "fora: caching active")
+    assert not active.ok and "no cached step ran" in active.detail
+    inputs = make_inputs("dit")
+    inputs.pop("timestep")
+    report = check_model(make_model("dit"), inputs, ["fora"])
+    assert not report.ok and "timestep" in report.checks[0].detail
+
+
+def fxcache_config(name, **options):
+    from fxcache.config import make_config
+
+    return make_config(name, **options)

@@ -156,3 +156,23 @@ def _chained(blocks: list[Block]) -> bool:
         if not found:
             return False
     return True
+
+
+def mixes_tokens(block: Block) -> bool:
+    """Whether a block holds a token-mixing attention (an `*Attention*` module inside it, SDPA or a softmax)."""
+    for n in block.nodes:
+        entries = stack_entries(n) or []
+        below = next((i for i, (path, _) in enumerate(entries) if path == block.name), None)
+        if _mixes_tokens(n, entries[below + 1:] if below is not None else []):
+            return True
+    return False
+
+
+def without_token_mixing_lists(blocks: list[Block]) -> list[Block]:
+    """`blocks` less the module lists none of whose entries mix tokens (a list of per-token MLPs that happens to
+    have a usual name, such as `layers`, next to the real blocks)."""
+    lists: dict[str, list[Block]] = {}
+    for b in blocks:
+        lists.setdefault(b.name.rsplit(".", 1)[0], []).append(b)
+    keep = {name for name, members in lists.items() if any(mixes_tokens(b) for b in members)}
+    return [b for b in blocks if b.name.rsplit(".", 1)[0] in keep]

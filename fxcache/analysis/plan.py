@@ -8,10 +8,11 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedGraphError
-from .blocks import DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists, structural_block_lists
+from .blocks import (DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists, structural_block_lists,
+                     without_token_mixing_lists)
 from .inputs import input_paths
 from .module_stack import is_param_placeholder
-from .timestep import find_timestep, resolve_timestep_input
+from .timestep import find_timestep, resolve_timestep_input, sinusoidal_inputs
 from .units import Unit, find_units
 
 
@@ -116,9 +117,14 @@ def analyse(
             )
     blocks = find_blocks(gm, block_lists)
     found_by = "by name"
-    if not blocks and tuple(block_lists) == DEFAULT_BLOCK_LISTS:
-        structural = structural_block_lists(gm)
-        if structural:
+    if tuple(block_lists) == DEFAULT_BLOCK_LISTS:
+        # a usual name is a hint: lists whose entries mix no tokens give way to those that do, named or found by
+        # structure (a list of per-token MLPs called `layers` next to the real blocks); alone, they stay
+        mixing = without_token_mixing_lists(blocks)
+        structural = [] if mixing else structural_block_lists(gm)
+        if mixing:
+            blocks = mixing
+        elif structural:
             blocks = find_blocks(gm, tuple(structural))
             found_by = f"by structure: {', '.join(structural)}"
     if not blocks:
@@ -145,12 +151,17 @@ def analyse(
             block=blocks[0].name,
         )
     if timestep_input is None:
-        found = find_timestep(gm, input_paths(gm, forward_params))
+        paths = input_paths(gm, forward_params)
+        found = find_timestep(gm, paths, batch)
         if found is None:
+            several = sinusoidal_inputs(gm, paths, batch)
+            why = (f"several inputs reach a sinusoidal embedding ({', '.join(several)}) and none is named for time"
+                   if len(several) > 1 else "no graph input feeds a diffusers `Timesteps` module or reaches a "
+                   "sinusoidal embedding (sin and cos of the input times frequencies)")
             raise UnsupportedGraphError(
-                "no timestep input found: no graph input feeds a diffusers `Timesteps` module or reaches a sinusoidal "
-                "embedding (sin and cos of the input times frequencies); pass timestep_input=<name or index of the "
-                "forward's timestep parameter> to cache_backend (e.g. timestep_input='t')"
+                f"no timestep input found: {why}; pass timestep_input=<name or index of the forward's timestep "
+                "parameter> to cache_backend (e.g. timestep_input='t'), and the timestep as a tensor (a Python "
+                "number is baked into the graph as a constant)"
             )
         index, node, how = found
     else:
@@ -160,7 +171,9 @@ def analyse(
             what = (f"the forward's parameter #{timestep_input} ({', '.join(forward_params or ['unknown'])})"
                     if isinstance(timestep_input, int) else repr(timestep_input))
             raise UnsupportedGraphError(f"timestep_input={timestep_input!r}: {what} is not a tensor input of the "
-                                        f"traced graph; its tensor inputs are: {', '.join(users)}")
+                                        f"traced graph (a Python number is baked into the graph as a constant: "
+                                        f"pass the timestep as a tensor); its tensor inputs are: "
+                                        f"{', '.join(users)}")
         index, node = found
         how = f"timestep_input={timestep_input!r}"
     last = blocks[-1].outputs

@@ -8,11 +8,13 @@ from torch import fx
 
 from .module_stack import is_param_placeholder, stack_entries
 
-#: forward parameter names that say "time", used only to choose between several sinusoidal inputs
+#: forward parameter names that say "time" / "guidance", used only to choose between several sinusoidal inputs
 _TIME_WORDS = ("timestep", "time", "sigma", "noise_level")
+_GUIDANCE_WORDS = ("guidance", "cfg", "scale")
 
 
-def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None) -> tuple[int, fx.Node, str] | None:
+def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None,
+                  batch: int | None = None) -> tuple[int, fx.Node, str] | None:
     """(placeholder index, node, how it was found) of the timestep input, or None.
 
     First a diffusers `Timesteps` module's input; else the per-sample scalar input (shape () or (B,)) whose values
@@ -31,18 +33,38 @@ def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None) -> tu
             continue
         for x in _upstream_inputs(n):
             reaches.setdefault(x, set()).add(wave)
-    candidates = [x for x in placeholders if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x)]
+    candidates = [x for x in placeholders if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x, batch)]
     if not candidates:
         return None
-    named = [x for x in candidates
-             if any(w in (paths or {}).get(placeholders.index(x), x.name).lower() for w in _TIME_WORDS)
-             or (paths or {}).get(placeholders.index(x), "") == "t"]
-    x = (named or candidates)[0]
-    others = [c.name for c in candidates if c is not x]
+
+    def name(x):
+        return (paths or {}).get(placeholders.index(x), x.name)
+
+    named = [x for x in candidates if any(w in name(x).lower() for w in _TIME_WORDS) or name(x) in ("t", "ts")]
+    unguided = [x for x in candidates if not any(w in name(x).lower() for w in _GUIDANCE_WORDS)]
+    chosen = named if len(named) == 1 else unguided if len(unguided) == 1 else candidates
+    if len(chosen) != 1:
+        return None
+    x = chosen[0]
+    others = [name(c) for c in candidates if c is not x]
     how = "its values reach a sinusoidal embedding (sin and cos)"
     if others:
-        how += f"; also embedded so: {', '.join(others)} (not taken: " + ("its name" if named else "order") + ")"
+        how += f"; also embedded so: {', '.join(others)} (not taken: their names)"
     return placeholders.index(x), x, how
+
+
+def sinusoidal_inputs(gm: fx.GraphModule, paths: dict[int, str] | None = None,
+                      batch: int | None = None) -> list[str]:
+    """The per-sample inputs whose values reach a sinusoidal embedding (for an error that lists them)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    reaches: dict[fx.Node, set[str]] = {}
+    for n in gm.graph.nodes:
+        wave = _wave(n)
+        if wave is not None and _feeds_linear(n):
+            for x in _upstream_inputs(n):
+                reaches.setdefault(x, set()).add(wave)
+    return [(paths or {}).get(placeholders.index(x), x.name) for x in placeholders
+            if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x, batch)]
 
 
 def _wave(n: fx.Node) -> str | None:
@@ -95,9 +117,12 @@ def _upstream_inputs(n: fx.Node) -> set[fx.Node]:
     return out
 
 
-def _per_sample_scalar(x: fx.Node) -> bool:
+def _per_sample_scalar(x: fx.Node, batch: int | None) -> bool:
+    """A 0-d input, or (N,) with N the batch (or 1): one value per sample, as a timestep is."""
     v = x.meta.get("example_value")
-    return isinstance(v, torch.Tensor) and v.dim() <= 1
+    if not isinstance(v, torch.Tensor) or v.dim() > 1:
+        return False
+    return v.dim() == 0 or batch is None or v.shape[0] in (1, batch)
 
 
 def find_timestep_input(gm: fx.GraphModule) -> tuple[int, fx.Node] | None:

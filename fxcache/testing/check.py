@@ -54,10 +54,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _loop(inputs: dict, key: str, steps: int) -> list[dict]:
-    """`steps` calls whose timestep input falls from its example value (or from 1 when that is 0)."""
+    """`steps` calls whose timestep input falls from its example value (or from 1 when that is 0), in its dtype."""
     t0 = inputs[key]
     top = t0 if bool((t0 != 0).any()) else torch.ones_like(t0)
-    return [dict(inputs, **{key: top * (steps - s) / steps}) for s in range(steps)]
+    if top.is_floating_point():
+        return [dict(inputs, **{key: top * (steps - s) / steps}) for s in range(steps)]
+    return [dict(inputs, **{key: (top * (steps - s)) // steps}) for s in range(steps)]
+
+
+def _missing_arguments(model, inputs: dict, required: bool = True) -> list[str]:
+    """The forward's keyword-able parameters absent from `inputs` (only those without a default: `required`)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in inputs
+            and (p.default is inspect.Parameter.empty or not required)]
 
 
 def check_model(model: torch.nn.Module, example_inputs: dict, methods=REFERENCE_METHODS, *, steps: int = 6,
@@ -71,11 +86,17 @@ def check_model(model: torch.nn.Module, example_inputs: dict, methods=REFERENCE_
     the reference (float32 reductions in another order)."""
     model = model.eval()
     checks: list[Check] = []
+    missing = _missing_arguments(model, example_inputs)
+    if missing:
+        return CheckReport([Check("analysis", False, f"example_inputs lack the forward's required argument(s) "
+                                                     f"{', '.join(missing)}")])
     with torch.no_grad():
         try:
             explained = _explain_quietly(model, example_inputs, block_lists, timestep_input)
         except Exception as exc:  # Dynamo could not trace it at all
-            return CheckReport([Check("analysis", False, f"Dynamo could not trace the model: {exc}")])
+            absent = _missing_arguments(model, example_inputs, required=False)
+            hint = f" (example_inputs lack the forward's argument(s) {', '.join(absent)})" if absent else ""
+            return CheckReport([Check("analysis", False, f"Dynamo could not trace the model: {exc}{hint}")])
         plans = [p for p in explained.plans if p is not None]
         if not plans:
             reasons = "; ".join(e for e in explained.errors if e) or "no graph"
@@ -135,6 +156,13 @@ def _check_method(checks, model, config, loop, uncached, plan, attention, token_
             runs.append([_first_tensor(compiled(**kw)) for kw in loop])
     graphs = len(backend.runners)
     same = all(torch.equal(a, b) for a, b in zip(*runs))
+    kinds = [r["kind"] for r in fxcache.stats(compiled)[: len(loop)]]
+    cached = [s for s, k in enumerate(kinds) if k != "full"]
+    moved = max((_rel(runs[0][s], uncached[s]) for s in cached), default=0.0)
+    checks.append(Check(f"{label}: caching active", bool(cached) and moved > 1e-7,
+                        f"steps {' '.join(kinds)}; " + (f"cached steps differ from uncached by up to {moved:.1e}"
+                                                        if cached else "no cached step ran (all FULL)")
+                        + ("" if not cached or moved > 1e-7 else ": they equal it, nothing was reused")))
     checks.append(Check(f"{label}: two generations, no recompile", graphs == 1 and same,
                         f"{graphs} compiled graph(s); second generation "
                         + ("equals the first" if same else "differs from the first")))

@@ -86,3 +86,19 @@ def test_the_usual_names_still_decide_first():
     plan = analyse(out.graphs[0])
     assert plan.blocks_found == "by name"
     assert structural_block_lists(out.graphs[0]) == ["transformer_blocks", "single_transformer_blocks"]
+
+
+def test_a_usual_name_on_per_token_layers_gives_way_to_the_attention_blocks():
+    """`layers` (a usual name) holds per-token MLPs; the attention blocks are in `trunk`: the blocks are trunk's."""
+
+    class Named(OddlyNamed):
+        def __init__(self):
+            super().__init__()
+            self.layers = self.adapters
+
+        def forward(self, x, timestep):
+            return super().forward(x, timestep)
+
+    model = Named().eval()
+    plan = analyse(graph_of(model, torch.randn(2, 16, 4), torch.tensor([0.5, 0.5])))
+    assert [b.name.split(".")[0] for b in plan.blocks] == ["trunk"] * 3

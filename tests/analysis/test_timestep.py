@@ -119,3 +119,37 @@ def test_no_sinusoid_no_timestep_says_how_to_pass_one():
     result = fxcache.explain(Plain().eval(), torch.randn(2, 8, 4), torch.tensor([0.5, 0.5]))
     assert result.plans[0] is None and "timestep_input=" in result.errors[0]
     assert "sinusoidal" in result.errors[0]
+
+
+class TwoSinusoids(nn.Module):
+    """Two per-sample inputs embedded sinusoidally (EDM-style `c_noise` and a guidance scale, guidance first), and
+    per-token Fourier features of positions read by a linear layer (not per-sample: never the timestep)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.inp, self.a_mlp, self.b_mlp, self.pos = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(2))
+        self.d = d
+
+    def forward(self, x, positions, first, second):
+        c = self.a_mlp(sinusoid(first, self.d)) + self.b_mlp(sinusoid(second, self.d))
+        h = self.inp(x) + self.pos(sinusoid(positions, self.d))[None]
+        for b in self.blocks:
+            h = b(h, c)
+        return h
+
+
+def _args():
+    return (torch.randn(2, 16, 4), torch.arange(16.0), torch.tensor([3.5, 3.5]), torch.tensor([0.7, 0.7]))
+
+
+def test_a_guidance_input_is_never_taken_and_an_unnamed_pair_is_refused():
+    class Guided(TwoSinusoids):
+        def forward(self, x, positions, guidance, c_noise):
+            return super().forward(x, positions, guidance, c_noise)
+
+    path, how = found(Guided().eval(), *_args())
+    assert path == "c_noise" and "guidance" in how
+    result = fxcache.explain(TwoSinusoids().eval(), *_args())
+    assert result.plans[0] is None
+    assert "several inputs reach a sinusoidal embedding (first, second)" in result.errors[0]

@@ -10,18 +10,33 @@ from fxcache.analysis.blocks import structural_block_lists
 from fxcache.testing.models import make_inputs, make_model
 
 
+class SelfAttention(nn.Module):
+    """Fused-qkv self-attention through SDPA (nn.MultiheadAttention's eager fast path rounds differently from
+    its traced graph, which would blur the FULL-equals-uncached check)."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 class Mixer(nn.Module):
     """A token-mixing block: attention and a feed-forward, gated by the conditioning."""
 
     def __init__(self, d):
         super().__init__()
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.attn = SelfAttention(d)
         self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.mod = nn.Linear(d, 2 * d)
 
     def forward(self, x, c):
         g1, g2 = self.mod(c).chunk(2, -1)
-        x = x + g1[:, None] * self.attn(x, x, x, need_weights=False)[0]
+        x = x + g1[:, None] * self.attn(x)
         return x + g2[:, None] * self.ff(x)
 
 
@@ -76,7 +91,7 @@ def test_an_unusual_block_list_name_caches_and_full_equals_uncached():
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    assert rel(outs[0], want[0]) < 1e-5 and rel(outs[2], want[2]) < 1e-5  # FULL steps equal the model
+    assert rel(outs[0], want[0]) < 1e-6 and rel(outs[2], want[2]) < 1e-6  # FULL steps equal the model
     assert rel(outs[1], want[1]) > 1e-4  # the reuse step did reuse
 
 

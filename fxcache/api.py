@@ -14,8 +14,8 @@ from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
 from .analysis.inputs import forward_parameters
 from .backends import check_lowering
 from .config import CacheConfig, make_config
-from .methods import recipe_for
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
+from .methods import recipe_for
 from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.recompiles import watch

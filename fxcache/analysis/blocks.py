@@ -110,10 +110,17 @@ def find_blocks(gm: fx.GraphModule, block_lists: tuple[str, ...] = DEFAULT_BLOCK
 _INDEXED = re.compile(r"^(.+)\.(\d+)$")
 
 
-def _mixes_tokens(n: fx.Node, deeper) -> bool:
+def is_softmax(n: fx.Node) -> bool:
+    """A softmax call: the map of an attention written out as softmax(q @ k^T)."""
     name = getattr(n.target, "__name__", str(n.target))
-    return name in ("scaled_dot_product_attention", "softmax", "_softmax") or any(
-        "Attention" in cls.__name__ for _, cls in deeper)
+    return n.op in ("call_function", "call_method") and name in ("softmax", "_softmax")
+
+
+def _mixes_tokens(n: fx.Node, deeper) -> bool:
+    """`n` is an SDPA call or a softmax, or runs inside an `*Attention*` module (`deeper`: its stack entries below
+    the entry that holds it)."""
+    sdpa = n.op == "call_function" and getattr(n.target, "__name__", "") == "scaled_dot_product_attention"
+    return sdpa or is_softmax(n) or any("Attention" in cls.__name__ for _, cls in deeper)
 
 
 def structural_block_lists(gm: fx.GraphModule) -> list[str]:

@@ -121,10 +121,9 @@ def analyse(
         # a usual name is a hint: lists whose entries mix no tokens give way to those that do, named or found by
         # structure (a list of per-token MLPs called `layers` next to the real blocks); alone, they stay
         mixing = without_token_mixing_lists(blocks)
-        structural = [] if mixing else structural_block_lists(gm)
         if mixing:
             blocks = mixing
-        elif structural:
+        elif structural := structural_block_lists(gm):
             blocks = find_blocks(gm, tuple(structural))
             found_by = f"by structure: {', '.join(structural)}"
     if not blocks:

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from .blocks import Block
+from .blocks import Block, is_softmax
 from .module_stack import stack_entries
 from .units import ATTN, Unit, _is_sdpa, _sdpa_arg
 
@@ -92,16 +92,11 @@ def _child_sdpas(block: Block, child: str) -> list[fx.Node]:
     return [n for n in block.nodes if _is_sdpa(n) and any(p == child for p, _ in stack_entries(n))]
 
 
-def _is_softmax(n: fx.Node) -> bool:
-    name = getattr(n.target, "__name__", str(n.target))
-    return n.op in ("call_function", "call_method") and name in ("softmax", "_softmax")
-
-
 def _explicit_map(block: Block, child: str, batch: int, tokens: int) -> fx.Node | None:
     """A softmax over keys, (batch, heads, tokens, tokens), inside the attention child: an attention written out."""
     for n in block.nodes:
         s = _shape(n)
-        if (s is not None and len(s) == 4 and s[0] == batch and s[2] == s[3] == tokens and _is_softmax(n)
+        if (s is not None and len(s) == 4 and s[0] == batch and s[2] == s[3] == tokens and is_softmax(n)
                 and any(p == child for p, _ in stack_entries(n))):
             return n
     return None

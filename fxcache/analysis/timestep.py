@@ -17,23 +17,18 @@ def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None,
                   batch: int | None = None) -> tuple[int, fx.Node, str] | None:
     """(placeholder index, node, how it was found) of the timestep input, or None.
 
-    First a diffusers `Timesteps` module's input; else the per-sample scalar input (shape () or (B,)) whose values
-    reach both a sine and a cosine: a sinusoidal embedding, however written (the original DiT code's
-    `TimestepEmbedder`, BFL's `timestep_embedding`). With several (a guidance scale embedded the same way, as
-    FLUX-dev does), the one whose forward parameter names time, else the first. `paths`: placeholder index ->
-    forward argument name (`input_paths`)."""
+    First a diffusers `Timesteps` module's input; else the per-sample scalar input (shape (), (1,) or (B,)) whose
+    values reach both a sine and a cosine that a linear layer reads: a sinusoidal embedding, however written (the
+    original DiT code's `TimestepEmbedder`, BFL's `timestep_embedding`). With several (a guidance scale embedded
+    the same way, as FLUX-dev does): the one whose forward parameter names time; else, those named for guidance
+    left out, the only one left; else None (the caller asks for `timestep_input=`: a guess could freeze the
+    steps). `paths`: placeholder index -> forward argument name (`input_paths`); `batch`: the blocks' batch size
+    (an (N,) input of another length, such as token positions, is not per-sample)."""
     found = find_timestep_input(gm)
     if found is not None:
         return found[0], found[1], "it feeds a diffusers `Timesteps` module"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    reaches: dict[fx.Node, set[str]] = {}
-    for n in gm.graph.nodes:
-        wave = _wave(n)
-        if wave is None or not _feeds_linear(n):
-            continue
-        for x in _upstream_inputs(n):
-            reaches.setdefault(x, set()).add(wave)
-    candidates = [x for x in placeholders if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x, batch)]
+    candidates = _sinusoidal(gm, batch)
     if not candidates:
         return None
 
@@ -55,16 +50,22 @@ def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None,
 
 def sinusoidal_inputs(gm: fx.GraphModule, paths: dict[int, str] | None = None,
                       batch: int | None = None) -> list[str]:
-    """The per-sample inputs whose values reach a sinusoidal embedding (for an error that lists them)."""
+    """The names of the per-sample inputs whose values reach a sinusoidal embedding (for an error that lists
+    them)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [(paths or {}).get(placeholders.index(x), x.name) for x in _sinusoidal(gm, batch)]
+
+
+def _sinusoidal(gm: fx.GraphModule, batch: int | None) -> list[fx.Node]:
+    """The per-sample user inputs whose values reach both a sine and a cosine that a linear layer reads."""
     reaches: dict[fx.Node, set[str]] = {}
     for n in gm.graph.nodes:
         wave = _wave(n)
         if wave is not None and _feeds_linear(n):
             for x in _upstream_inputs(n):
                 reaches.setdefault(x, set()).add(wave)
-    return [(paths or {}).get(placeholders.index(x), x.name) for x in placeholders
-            if reaches.get(x) == {"sin", "cos"} and _per_sample_scalar(x, batch)]
+    return [x for x in gm.graph.nodes if x.op == "placeholder" and reaches.get(x) == {"sin", "cos"}
+            and _per_sample_scalar(x, batch)]
 
 
 def _wave(n: fx.Node) -> str | None:

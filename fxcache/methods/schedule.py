@@ -70,10 +70,6 @@ def reference_positions(schedule: str, step: int, interval: int, num_steps: int,
     return _reference_walk(schedule, interval, num_steps, fixed, max(num_steps, step + 1))[step]
 
 
-def dit_positions(step: int, interval: int, num_steps: int, fixed: bool = False) -> tuple[int, int]:
-    return reference_positions("dit", step, interval, num_steps, fixed)
-
-
 def progress_position(schedule: str, step: int, interval: int, num_steps: int, fixed: bool = False) -> int:
     """j(s) of the DiT / PixArt reference schedules, whose interval Nt follows the sampling progress: the position
     of blocks 1..L-1, which read the Nt that a FULL block 0 recomputed in the same step (`reference_positions`).
@@ -107,13 +103,15 @@ def countdown_position(step: int, interval: int, warmup: int, num_steps: int) ->
     return step - last
 
 
-def schedule_position(schedule: str, step: int, interval: int, warmup: int, num_steps: int | None) -> int:
-    """j(s) under `schedule`: the counter schedule, the references' countdown, or a progress-dependent one."""
+def schedule_position(schedule: str, step: int, interval: int, warmup: int, num_steps: int | None,
+                      fixed: bool = False) -> int:
+    """j(s) under `schedule`: the counter schedule, the references' countdown, or a progress-dependent one (where
+    `fixed` keeps the interval at N, as the references do with fresh ratio 0)."""
     if schedule == "counter":
         return cycle_position(step, interval, warmup)
     if schedule == "countdown":
         return countdown_position(step, interval, warmup, num_steps)
-    return progress_position(schedule, step, interval, num_steps)
+    return progress_position(schedule, step, interval, num_steps, fixed)
 
 
 def cycle_horizon(interval: int, warmup: int, num_steps: int | None = None) -> int:
@@ -127,15 +125,14 @@ class Cyclic:
     cycle, and how far the compile-time variant list looks."""
 
     def position(self, step: int) -> int:
-        """j(s) under the config's schedule: 0 on FULL steps, else the position in the cycle (under "dit", the
-        position of every block but the first)."""
-        if self.schedule in ("dit", "pixart"):
-            return reference_positions(self.schedule, step, self.interval, self.num_steps, self.fixed_interval)[1]
-        return schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps)
+        """j(s) under the config's schedule: 0 on FULL steps, else the position in the cycle (under "dit" /
+        "pixart", the position of every block but the first)."""
+        return schedule_position(self.schedule, step, self.interval, self.warmup_steps, self.num_steps,
+                                 self.fixed_interval)
 
     def lead_position(self, step: int) -> int:
-        """j(s) of the first block: differs from `position` only under "dit" / "pixart", where block 0 decides with the
-        interval of the previous FULL step (mixed steps: block 0 FULL, the others not)."""
+        """j(s) of the first block: differs from `position` only under "dit" / "pixart", where block 0 decides
+        with the interval of the previous FULL step (mixed steps: block 0 FULL, the others not)."""
         if self.schedule in ("dit", "pixart"):
             return reference_positions(self.schedule, step, self.interval, self.num_steps, self.fixed_interval)[0]
         return self.position(step)

@@ -51,10 +51,12 @@ def attention_received_score(q, k, mask, scale, offset: int, length: int, each: 
     return per_rows(received[:, offset:offset + length], each)
 
 
-def _entropy_rows(q, k, mask, scale, each: bool) -> torch.Tensor:
-    """1 + entropy of each query row's head-mean cross-attention distribution, (B or 1, Lq), unnormalised. With
+def cross_entropy_score(q, k, mask, scale, each: bool = True) -> torch.Tensor:
+    """ToCa s2: 1 + entropy of each query row's head-mean cross-attention distribution, (B or 1, Lq). With
     `each`, the halves of an even batch (a CFG call's rows of one prompt) share the mean of their maps, as the
-    authors' PixArt `attn_score` does; otherwise the maps are averaged over all rows."""
+    authors' PixArt `attn_score` does; otherwise the maps are averaged over all rows. Unnormalised: each row is
+    normalised when tokens are chosen, so that partial steps can refresh the rows they recompute
+    (`refresh_entropy`)."""
     c = sum(_attention_probs(q, k, mask, scale)) / q.shape[1]  # (B, Lq, T)
     b = c.shape[0]
     if not each:
@@ -71,16 +73,10 @@ def received_from_map(probs: torch.Tensor, offset: int, length: int, each: bool 
     return per_rows(received[:, offset:offset + length], each)
 
 
-def cross_entropy_score(q, k, mask, scale, each: bool = True) -> torch.Tensor:
-    """ToCa s2 at a FULL step, unnormalised (each row is normalised when tokens are chosen, so that partial
-    steps can refresh the rows they recompute: `refresh_entropy`)."""
-    return _entropy_rows(q, k, mask, scale, each)
-
-
 def refresh_entropy(raw: torch.Tensor, idx: torch.Tensor, q_rows, k, mask, scale, each: bool) -> torch.Tensor:
     """The s2 score with the rows a partial step recomputed replaced by their fresh cross-attention entropies
     (the authors' PixArt code scatters the fresh map rows back: ALGORITHMS.md erratum 14). `idx` (B, k)."""
-    fresh = _entropy_rows(q_rows, k, mask, scale, each)  # (B or 1, k)
+    fresh = cross_entropy_score(q_rows, k, mask, scale, each)  # (B or 1, k)
     rows = raw.shape[0]
     return raw.scatter(1, idx[:rows], fresh[:rows].expand(rows, -1))
 

@@ -17,7 +17,8 @@ from .taylor_forecast import forecast_units
 from .taylor_update import update_factors
 
 __all__ = [
-    "GraphBuilder", "PASSES", "age_unrefreshed", "restart_staleness", "PassInvariantError", "Selection", "checks_enabled", "cluster_tokens", "copy_dynamo_meta",
-    "example_spec", "expose_final", "expose_units", "forecast_units", "graph_pass", "propagate_shapes", "read_final",
-    "record_scores", "recompute_subset", "refresh_clusters", "reuse_units", "select_and_recompute", "update_factors",
+    "GraphBuilder", "PASSES", "PassInvariantError", "Selection", "age_unrefreshed", "checks_enabled",
+    "cluster_tokens", "copy_dynamo_meta", "example_spec", "expose_final", "expose_units", "forecast_units",
+    "graph_pass", "propagate_shapes", "read_final", "recompute_subset", "record_scores", "refresh_clusters",
+    "restart_staleness", "reuse_units", "select_and_recompute", "update_factors",
 ]

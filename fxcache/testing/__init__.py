@@ -4,4 +4,5 @@ from .check import CheckReport, check_model
 from .models import MODEL_NAMES, expected_units, make_inputs, make_model
 from .reference import HookedReference
 
-__all__ = ["CheckReport", "MODEL_NAMES", "HookedReference", "check_model", "expected_units", "make_inputs", "make_model"]
+__all__ = ["CheckReport", "MODEL_NAMES", "HookedReference", "check_model", "expected_units", "make_inputs",
+           "make_model"]

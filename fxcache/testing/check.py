@@ -138,7 +138,7 @@ def _check_method(checks, model, config, loop, uncached, plan, attention, token_
     from .reference import HookedReference
 
     label = config.method
-    compiled, backend = _compile(model, config, block_lists, timestep_input)
+    compiled, _ = _compile(model, config, block_lists, timestep_input)
     first = _first_tensor(compiled(**loop[0]))
     err = _rel(first, uncached[0])
     checks.append(Check(f"{label}: FULL equals uncached", err <= tolerance, f"relative error {err:.1e}"))

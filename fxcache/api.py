@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 import threading
 
 import torch
@@ -16,7 +17,9 @@ from .backends import check_lowering
 from .config import CacheConfig, make_config
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .methods import recipe_for
+from .analysis.pieces import block_entry_of, prefix_module_stack
 from .runtime import Runner, UncachedRunner, compiled_runner
+from .runtime.pieces import piece_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
@@ -124,11 +127,24 @@ class CacheBackend:
                         "the model was called with autograd enabled; caching is for inference: call it under "
                         "torch.no_grad() or torch.inference_mode() (diffusers pipelines do)"
                     )
-                plan = analyse(gm, block_lists=self.block_lists, timestep_input=self.timestep_input,
-                               forward_params=forward_parameters(module) if module is not None else None)
+                plan, block_root = analyse_traced(gm, module, code, block_lists=self.block_lists,
+                                                  timestep_input=self.timestep_input)
+                if plan.timestep_index is None and not recipe_for(self.config).per_piece:
+                    raise UnsupportedGraphError(
+                        f"the graph is a piece of a forward that graph-breaks (or a block compiled on its own), and "
+                        f"{self.config.method} does not work per piece ({recipe_for(self.config).per_piece_why}): "
+                        f"the model runs FULL; remove the graph break (see torch._dynamo.explain) to cache it")
                 variants = build_variants(gm, plan, self.config)
             except UnsupportedGraphError as exc:
-                if self.strict:
+                if exc.reason.startswith(("no transformer blocks found", "blocks found, but no attention")) \
+                        and _is_piece(module, code):
+                    # glue of a forward Dynamo split (the timestep embedding, the head, a helper's own frame):
+                    # nothing to cache here; the pieces with blocks are cached
+                    log.info("fxcache: graph %d holds no blocks (a piece of a graph-broken forward): runs as it is",
+                             graph_id)
+                    runner = UncachedRunner(backend=self, graph_id=graph_id, gm=gm, lowering=self.lowering,
+                                            mode=mode, options=options, reason=exc.reason)
+                elif self.strict:
                     runner = FailedRunner(backend=self, graph_id=graph_id, error=exc)
                 else:
                     self._warn_once(f"fxcache: running graph {graph_id} uncached: {exc.reason}")
@@ -136,7 +152,11 @@ class CacheBackend:
                                             mode=mode, options=options, reason=exc.reason)
             else:
                 log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
-                runner = compiled_runner(self, graph_id, gm, plan, variants, mode=mode, options=options)
+                if plan.timestep_index is None:
+                    runner = piece_runner(self, graph_id, gm, plan, variants, root_cls=type(module),
+                                          block_root=block_root, mode=mode, options=options)
+                else:
+                    runner = compiled_runner(self, graph_id, gm, plan, variants, mode=mode, options=options)
             self.runners.append(runner)
         return runner
 
@@ -180,6 +200,61 @@ class CacheBackend:
     def cache_bytes(self) -> int:
         """Bytes of caches held now, over every request."""
         return self.scope.cache_bytes()
+
+
+def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
+                   timestep_input: int | str | None = None) -> tuple[GraphPlan, str | None]:
+    """The analysis of a graph Dynamo traced from `module`'s `code` (call it while Dynamo compiles: it reads the
+    Python stack), and the block path the graph was read as when it was traced from a block's own forward (a
+    graph break in the block loop, or regional compilation; None otherwise, and when `block_lists=` names the
+    lists: the override keeps its meaning). A graph with blocks but no timestep input is a piece stepped by its
+    model call (`plan.timestep_index` None)."""
+    block_root = None
+    if module is not None and tuple(block_lists) == DEFAULT_BLOCK_LISTS:
+        entry = block_entry_of(module)
+        if entry is not None:
+            prefix_module_stack(gm, entry[1], type(module))
+            block_root = entry[1]
+    lists = (block_root.rsplit(".", 1)[0],) if block_root is not None else block_lists
+    plan = analyse(gm, block_lists=lists, timestep_input=timestep_input,
+                   forward_params=forward_parameters(module) if module is not None else None,
+                   follow=module is not None and (block_root is not None or timestep_input is None
+                                                  or _resumed(code)))
+    return plan, block_root
+
+
+def _is_piece(module, code) -> bool:
+    """Whether the graph Dynamo hands over now is part of a forward it split: it ends at a graph break, resumes a
+    forward after one, or was traced from a frame running inside another module's call (a helper or a submodule
+    compiled on its own because the forward around it broke)."""
+    if _resumed(code):
+        return True
+    forward = getattr(getattr(type(module), "forward", None), "__code__", None) if module is not None else None
+    if code is not None and forward is not None and code is not forward and code.co_name != "forward":
+        return True  # a helper method compiled on its own (HiDream's `patchify`): the forward around it broke
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        reason = getattr(getattr(tx, "output", None), "compile_subgraph_reason", None)
+        if reason is not None and getattr(reason, "graph_break", False):
+            return True
+    except Exception:  # another torch version's internals
+        pass
+    frame = sys._getframe(2)
+    call_impl = torch.nn.Module._call_impl.__code__
+    while frame is not None:
+        if frame.f_code is call_impl:
+            outer = frame.f_locals.get("self")
+            if outer is not module and not isinstance(outer, torch._dynamo.eval_frame.OptimizedModule):
+                return True
+        frame = frame.f_back
+    return False
+
+
+def _resumed(code) -> bool:
+    """A graph of the code Dynamo resumes a forward with after a graph break (a later piece of it)."""
+    return code is not None and code.co_name.startswith("torch_dynamo_resume_in_")
 
 
 def _check_step(index, branch) -> None:
@@ -426,18 +501,33 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
     module = getattr(model, "_orig_mod", model)
     with torch.no_grad():
         out = torch._dynamo.explain(module)(*args, **kwargs)
-    plans, errors = [], []
-    params = forward_parameters(module)
-    for gm in out.graphs:
+    plans, errors, traced = [], [], []
+
+    def capture(gm, example_inputs, **kw):  # the analysis the backend makes, where it makes it (pieces too)
+        frame_module, code = traced_frame()
         try:
-            plans.append(analyse(gm, block_lists=block_lists, timestep_input=timestep_input, forward_params=params))
-            errors.append("")
+            plan, _ = analyse_traced(gm, frame_module, code, block_lists=block_lists, timestep_input=timestep_input)
+            traced.append((gm, plan, ""))
         except UnsupportedGraphError as exc:
-            plans.append(None)
-            errors.append(str(exc))
+            glue = str(exc).startswith(("no transformer blocks found", "blocks found, but no attention")) \
+                and _is_piece(frame_module, code)
+            traced.append((gm, None, f"runs as it is (a piece of a graph-broken forward with no block to cache): "
+                                     f"{exc}" if glue else str(exc)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(module, backend=capture, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    graphs_seen = [gm for gm, _, _ in traced]
+    for gm, plan, error in traced:
+        plans.append(plan)
+        errors.append(error)
     variants, schedules = [], []
     if config is not None:
-        for gm, plan in zip(out.graphs, plans):
+        for gm, plan in zip(graphs_seen, plans):
             built = {}
             if plan is not None:
                 try:
@@ -447,7 +537,7 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
             variants.append(built)
             schedules.append(schedule_summary(config, plan) if built else "")
     reasons = [str(getattr(b, "reason", b)) for b in out.break_reasons]
-    result = Explanation(out.graph_count, out.graph_break_count, reasons, plans, errors, variants, graphs,
+    result = Explanation(len(graphs_seen), out.graph_break_count, reasons, plans, errors, variants, graphs,
                          config.method if config is not None else "", schedules)
     print(result)
     return result

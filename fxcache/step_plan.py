@@ -100,19 +100,26 @@ class GraphView:
     compiled runner, `fxcache.export` and the export session compute the same plans."""
 
     blocks: tuple[tuple[UnitView, ...], ...]
+    #: whether the first block is the model's first (a graph that holds only later blocks, a piece of a forward
+    #: that graph-breaks, never runs the FULL block 0 of the reference schedules' mixed steps)
+    leads: bool = True
 
     @classmethod
-    def of(cls, plan) -> "GraphView":
-        lists: dict[str, list] = {}
-        for block in plan.blocks:
-            lists.setdefault(block.name.rsplit(".", 1)[0], []).append(block)
-        where = {}
-        for li, blocks in enumerate(lists.values()):
-            for layer, block in enumerate(blocks):
-                where[block.name] = (layer, len(blocks), li)
+    def of(cls, plan, where: dict[str, tuple[int, int, int]] | None = None) -> "GraphView":
+        """`where`: block name -> (layer, layers, list index) in the whole model, for a graph holding only some of
+        its blocks; by default each block list of the graph is whole and lists count in graph order."""
+        if where is None:
+            lists: dict[str, list] = {}
+            for block in plan.blocks:
+                lists.setdefault(block.name.rsplit(".", 1)[0], []).append(block)
+            where = {}
+            for li, blocks in enumerate(lists.values()):
+                for layer, block in enumerate(blocks):
+                    where[block.name] = (layer, len(blocks), li)
+        first = where[plan.blocks[0].name] if plan.blocks else (0, 0, 0)
         return cls(tuple(
             tuple(UnitView(u.name, u.kind, u.tokens if u.partial else 0, *where[block.name]) for u in block.units)
-            for block in plan.blocks))
+            for block in plan.blocks), leads=first[0] == 0 and first[2] == 0)
 
     def to_json(self) -> list:
         return [[dataclasses.asdict(u) for u in units] for units in self.blocks]

@@ -44,7 +44,8 @@ class Variant:
 
 
 def _device(gm: fx.GraphModule, plan: GraphPlan):
-    ph = [n for n in gm.graph.nodes if n.op == "placeholder"][plan.timestep_index]
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ph = phs[plan.timestep_index] if plan.timestep_index is not None else phs[0]
     return ph.meta["example_value"].device
 
 

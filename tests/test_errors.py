@@ -65,19 +65,32 @@ def test_no_blocks_default_warns_once_and_runs_uncached():
     assert [r["cached"] for r in fxcache.stats(compiled)] == [False] * 3
 
 
-def test_generic_blocks_without_a_timesteps_module_need_timestep_input():
+class BlocksUnnamedTime(BlocksNoTimesteps):
+    def forward(self, x, level):  # the time under a name that does not say so
+        return super().forward(x, level)
+
+
+def test_generic_blocks_without_a_sinusoid_follow_the_forwards_timestep_argument():
+    """No sinusoidal embedding in the graph (t scales the output directly): the model call's argument named for
+    time sets the steps; an argument not named so needs timestep_input=, and strict mode says so."""
     model, x = BlocksNoTimesteps(), torch.randn(1, 4, 8)
-    compiled, _ = compile_cached(model, strict=True)
-    with pytest.raises(fxcache.UnsupportedGraphError, match="no timestep input found.*timestep_input="):
-        with torch.no_grad():
-            compiled(x, torch.tensor([0.5]))
-    torch._dynamo.reset()
-    compiled, backend = compile_cached(model, "duca", strict=True, timestep_input="timestep", interval=3)
+    compiled, backend = compile_cached(model, "duca", strict=True, interval=3)
     with torch.no_grad():
         for t in (0.9, 0.6, 0.3):
             compiled(x, torch.tensor([t]))
     assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "partial", "skip"]
     assert [u.name for u in backend.plans[0].units] == ["transformer_blocks.0.lin", "transformer_blocks.1.lin"]
+    torch._dynamo.reset()
+    compiled, _ = compile_cached(BlocksUnnamedTime(), strict=True)
+    with pytest.raises(fxcache.UnsupportedGraphError, match="no timestep input found.*timestep_input="):
+        with torch.no_grad():
+            compiled(x, torch.tensor([0.5]))
+    torch._dynamo.reset()
+    compiled, backend = compile_cached(BlocksUnnamedTime(), "duca", strict=True, timestep_input="level", interval=3)
+    with torch.no_grad():
+        for t in (0.9, 0.6, 0.3):
+            compiled(x, torch.tensor([t]))
+    assert [r["kind"] for r in fxcache.stats(compiled)] == ["full", "partial", "skip"]
 
 
 def test_missing_timestep_is_named_with_the_fix():

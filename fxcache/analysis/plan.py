@@ -33,7 +33,7 @@ class GraphPlan:
     """
 
     blocks: list[Block]
-    timestep_index: int
+    timestep_index: int | None  # None: a piece of a graph-broken forward, stepped by its model call
     timestep_name: str
     batch: int
     last_outputs: list[fx.Node]
@@ -69,10 +69,13 @@ class GraphPlan:
         return total
 
     def summary(self) -> str:
+        if self.timestep_index is None:
+            when = f"no timestep input: {self.timestep_found}"
+        else:
+            when = (f"timestep input `{self.input_paths.get(self.timestep_index, self.timestep_name)}` (graph input "
+                    f"#{self.timestep_index}, `{self.timestep_name}`): {self.timestep_found or 'given'}")
         lines = [
-            f"{len(self.blocks)} blocks (found {self.blocks_found}), batch {self.batch}, timestep input "
-            f"`{self.input_paths.get(self.timestep_index, self.timestep_name)}` (graph input #{self.timestep_index}, "
-            f"`{self.timestep_name}`): {self.timestep_found or 'given'}",
+            f"{len(self.blocks)} blocks (found {self.blocks_found}), batch {self.batch}, {when}",
             "inputs: " + ", ".join(f"{k}{list(v)}" for k, v in self.input_shapes.items()),
         ]
         for b in self.blocks:
@@ -104,8 +107,11 @@ def analyse(
     block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
     timestep_input: int | str | None = None,
     forward_params: list[str] | None = None,
+    follow: bool = False,
 ) -> GraphPlan:
-    """Describe `gm` (read-only). Raises UnsupportedGraphError naming what is missing."""
+    """Describe `gm` (read-only). Raises UnsupportedGraphError naming what is missing. `follow`: a graph with
+    blocks but no timestep input is accepted (timestep_index None): a piece of a forward Dynamo split, whose
+    step comes from its model call."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in placeholders:
         v = n.meta.get("example_value")
@@ -152,6 +158,9 @@ def analyse(
     if timestep_input is None:
         paths = input_paths(gm, forward_params)
         found = find_timestep(gm, paths, batch)
+        if found is None and follow and not sinusoidal_inputs(gm, paths, batch):
+            found = (None, None, "the step comes from the model call around this graph (a piece of a forward that "
+                                 "graph-breaks, or a block compiled on its own)")
         if found is None:
             several = sinusoidal_inputs(gm, paths, batch)
             why = (f"several inputs reach a sinusoidal embedding ({', '.join(several)}) and none is named for time"
@@ -165,6 +174,8 @@ def analyse(
         index, node, how = found
     else:
         found = resolve_timestep_input(gm, timestep_input, forward_params)
+        if found is None and follow:
+            found = (None, None)
         if found is None:
             users = sorted(set(input_paths(gm, forward_params).values()))
             what = (f"the forward's parameter #{timestep_input} ({', '.join(forward_params or ['unknown'])})"
@@ -174,7 +185,9 @@ def analyse(
                                         f"pass the timestep as a tensor); its tensor inputs are: "
                                         f"{', '.join(users)}")
         index, node = found
-        how = f"timestep_input={timestep_input!r}"
+        how = (f"timestep_input={timestep_input!r}" if index is not None else
+               f"the step comes from the model call's {timestep_input!r} (a piece of a forward that graph-breaks, "
+               f"or a block compiled on its own)")
     last = blocks[-1].outputs
     shapes = {
         n.name: tuple(n.meta["example_value"].shape)
@@ -184,7 +197,7 @@ def analyse(
     return GraphPlan(
         blocks=blocks,
         timestep_index=index,
-        timestep_name=node.name,
+        timestep_name=node.name if node is not None else "",
         timestep_found=how,
         blocks_found=found_by,
         batch=batch,

@@ -13,6 +13,12 @@ _TIME_WORDS = ("timestep", "time", "sigma", "noise_level")
 _GUIDANCE_WORDS = ("guidance", "cfg", "scale")
 
 
+def is_time_name(name: str) -> bool:
+    """A parameter name that says time (`timestep`, `t`, `sigma`, ...) and not guidance."""
+    low = name.lower()
+    return (any(w in low for w in _TIME_WORDS) or low in ("t", "ts")) and not any(w in low for w in _GUIDANCE_WORDS)
+
+
 def find_timestep(gm: fx.GraphModule, paths: dict[int, str] | None = None,
                   batch: int | None = None) -> tuple[int, fx.Node, str] | None:
     """(placeholder index, node, how it was found) of the timestep input, or None.

@@ -212,13 +212,16 @@ def _descendants(outs, members: set) -> set:
     return set(_walk(outs, lambda x: (u for u in x.users if u in members)))
 
 
-def _is_residual_branch(outs, block: Block, child_sets: list[set]) -> bool:
+def _is_residual_branch(outs, block: Block, child_sets: list[set], through: set | None = None) -> bool:
     """Forward from `outs` through block-level nodes only (no other child) to a block output, passing a residual
     add: an add with an operand that does not depend on `outs` (the stream the branch is added to).
 
     Rejects children that feed the stream otherwise: modulation layers (gates, shifts) and projections whose
-    output *replaces* the stream (long-skip merges), which a cache would freeze.
+    output *replaces* the stream (long-skip merges), which a cache would freeze. `through`: nodes of norm children
+    the walk may pass (a norm that applies the gate, as Mochi's `norm4(ff_out, tanh(gate))`); an add inside them
+    (a norm's shift) is no residual add.
     """
+    through = through or set()
     block_outputs, members = set(block.outputs), block.node_set
     downstream = _descendants(outs, members)
     todo, seen, reaches, residual = list(outs), set(), False, False
@@ -229,7 +232,7 @@ def _is_residual_branch(outs, block: Block, child_sets: list[set]) -> bool:
         seen.add(x)
         if x in block_outputs:
             reaches = True
-        if _is_add(x) and any(a not in downstream for a in x.all_input_nodes):
+        if _is_add(x) and x not in through and any(a not in downstream for a in x.all_input_nodes):
             residual = True
         for u in x.users:
             if u not in members or any(u in s for s in child_sets):
@@ -371,11 +374,13 @@ def find_units(block: Block, batch: int) -> list[Unit]:
                 _fill_xattn(unit, d, q_side, batch)
             units.append(unit)
         elif not _is_norm(d["cls"]):
-            others = [x["set"] for p, x in subs.items() if p != path]
+            # a norm child on the way is part of the gate (Mochi's `norm4(ff_out, tanh(gate))`): walked through
+            others = [x["set"] for p, x in subs.items() if p != path and not _is_norm(x["cls"])]
+            norms = set().union(*(x["set"] for p, x in subs.items() if p != path and _is_norm(x["cls"])))
             if len(outs) != 1 or not _token_layout(_shape(outs[0]), batch, _shape(outs[0])[1] if _shape(outs[0])
                                                    and len(_shape(outs[0])) >= 3 else -1):
                 continue  # not a (batch, tokens, ...) value: modulation or other per-sample conditioning
-            if not _is_residual_branch(outs, block, others):
+            if not _is_residual_branch(outs, block, others, norms):
                 continue
             unit = Unit(name=path, cls=d["cls"], kind=MLP, outputs=outs)
             _fill_mlp(unit, block, batch, excluded)

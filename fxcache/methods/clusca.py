@@ -137,6 +137,8 @@ class ClusCaRecipe(Recipe):
     clustering belongs to the whole step."""
 
     block_kinds = frozenset({BlockKind.CLUSTER})
+    per_piece = False
+    per_piece_why = "it clusters a stream's tokens once per step and every block reads those clusters"
 
     def layout(self, graph):
         return cluster_groups(graph, self.config.clusters) if self.caches else {}

@@ -47,6 +47,10 @@ class Recipe:
     config_type: ClassVar[type]
     #: the block kinds a cached step of this method may give its blocks (FULL is always allowed)
     block_kinds: ClassVar[frozenset[BlockKind]] = frozenset()
+    #: whether the method works on a graph holding some of the blocks (a piece of a forward that graph-breaks):
+    #: its per-block maths must not read other pieces' blocks
+    per_piece: ClassVar[bool] = True
+    per_piece_why: ClassVar[str] = ""
 
     def __init__(self, config: CacheConfig):
         self.config = config
@@ -70,7 +74,7 @@ class Recipe:
         else:
             blocks = [self.block_step(kind, step, units) for units in view.blocks]
         lead = getattr(self.config, "lead_position", None)
-        if blocks and lead is not None and lead(step) == 0:
+        if blocks and lead is not None and view.leads and lead(step) == 0:
             blocks[0] = BlockStep(BlockKind.FULL)  # a mixed step: block 0 FULL, the others not (DiT references)
         return StepPlan(kind, tuple(blocks))
 
@@ -147,11 +151,24 @@ def read_units(graph: GraphPlan, units: list[Unit]) -> list[Unit]:
 
 
 def _inner(graph: GraphPlan, unit: Unit) -> bool:
+    """Whether everything `unit`'s outputs feed ends in another unit of its block: every path from them stays in
+    that unit's region until it reaches that unit's outputs (an attention whose output also reaches the residual
+    stream outside, as when a feed-forward's region starts at the attention's gated sum, is not inner)."""
     block = graph.blocks[unit.block]
     for other in block.units:
         if other is unit or not other.region:
             continue
-        inside = set(other.region) | set(other.outputs)
-        if all(user in inside for out in unit.outputs for user in out.users):
+        region, outputs = set(other.region), set(other.outputs)
+        todo, seen, contained = [u for out in unit.outputs for u in out.users], set(), True
+        while todo and contained:
+            n = todo.pop()
+            if n in seen or n in outputs:
+                continue
+            seen.add(n)
+            if n not in region:
+                contained = False
+            else:
+                todo.extend(n.users)
+        if contained:
             return True
     return False

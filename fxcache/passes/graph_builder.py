@@ -23,7 +23,9 @@ class GraphBuilder:
         self.env: dict[fx.Node, fx.Node] = {}
         out = self.graph.graph_copy(gm.graph, self.env)
         self.single_output = not isinstance(out, (tuple, list))
-        self.outputs = [out] if self.single_output else list(out)
+        # the model's outputs are held by a sink node until `finish`, so a pass that replaces a node the model
+        # returns directly (a graph that ends in a block: a piece of a graph-broken forward) replaces it there too
+        self._sink = self.graph.call_function(_model_outputs, tuple([out] if self.single_output else out))
         self.extra_outputs: list[fx.Node] = []
         self.added: list[fx.Node] = []
         self.inputs: list[GraphValue] = []  # extra inputs, in placeholder order
@@ -35,6 +37,11 @@ class GraphBuilder:
         self.coef: fx.Node | None = None
         phs = [n for n in self.graph.nodes if n.op == "placeholder"]
         self._last_placeholder = phs[-1] if phs else None
+
+    @property
+    def outputs(self) -> list:
+        """The model's outputs as the variant computes them now."""
+        return list(self._sink.args)
 
     def current(self, node: fx.Node) -> fx.Node:
         """The node that computes `node`'s value in the variant: its replacement, else its copy."""
@@ -78,12 +85,19 @@ class GraphBuilder:
 
         if checks_enabled():
             check(self, "the last pass")
-        self.graph.output(tuple(self.outputs + self.extra_outputs))
+        outputs = list(self._sink.args)
+        self.graph.erase_node(self._sink)
+        self.graph.output(tuple(outputs + self.extra_outputs))
         eliminate_dead_code(self.graph)
         self.graph.lint()
         new = fx.GraphModule(self.gm, self.graph)
         copy_dynamo_meta(new, self.gm, self.env, self.added)
         return new
+
+
+def _model_outputs(*values):
+    """The sink of a variant's model outputs while passes run (never called: `finish` removes it)."""
+    return values
 
 
 def copy_dynamo_meta(new: fx.GraphModule, gm: fx.GraphModule, env: dict, added: list[fx.Node]) -> None:

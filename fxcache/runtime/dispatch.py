@@ -9,6 +9,7 @@ k-means starts. Cache entries come from the branch's store.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -45,13 +46,24 @@ def prepared(variant) -> Prepared:
 
 
 class Dispatcher:
-    def __init__(self, config: CacheConfig, view: GraphView):
+    def __init__(self, config: CacheConfig, view: GraphView, blocks: dict[str, str] | None = None):
+        """`blocks`: block name in the graph -> its name in the whole model, for a graph traced from one block's
+        forward (a piece of a graph-broken forward): per-unit draws are seeded by the whole model's unit names."""
         self.config, self.view = config, view
+        self._blocks = {k: v for k, v in (blocks or {}).items() if k != v}
         self.recipe = recipe_for(config)
         self.full = self.recipe.full_plan(view)
         self.seed = config.draw_seed
         self.taylor_order = config.taylor_order
         self._plans: dict[int, StepPlan] = {}
+        # a graph holding later blocks only (a piece of a forward that graph-breaks) takes the rows of each step's
+        # token draw that its units have in the whole model's draw: the blocks before it, of its first block's units
+        self._row_offsets: dict[int, int] = {}
+        if view.blocks and not view.leads:
+            first = view.blocks[0]
+            for u in first:
+                if u.partial:
+                    self._row_offsets[u.tokens] = self._row_offsets.get(u.tokens, 0) + u.layer
 
     def scheduled(self, step: int) -> StepPlan:
         """The plan the schedule gives `step` (memoised: a step's plan never changes)."""
@@ -100,6 +112,14 @@ class Dispatcher:
                 out.append(torch.full(v.shape, 1.0 if warm else 0.0, dtype=v.dtype, device=device))
         return out
 
+    def _seed_name(self, key) -> str:
+        if not self._blocks or not key.unit:
+            return key.name
+        for graph_name, model_name in self._blocks.items():
+            if key.unit == graph_name or key.unit.startswith(graph_name + "."):
+                return dataclasses.replace(key, unit=model_name + key.unit[len(graph_name):]).name
+        return key.name
+
     def _draws(self, state, step: int, values: list[GraphValue], device) -> dict:
         """The random inputs of `step`: pure functions of (seed, step, key name), computed once per step."""
         if state.draws_step != step:
@@ -108,8 +128,10 @@ class Dispatcher:
             if v.key in state.draws:
                 continue
             if v.role is Role.INDICES:
-                value = draw_indices(self.seed, step, v.key.name, v.shape[0], v.key.tokens, v.shape[1], device)
+                skip = self._row_offsets.get(v.key.tokens, 0)
+                value = draw_indices(self.seed, step, v.key.name, skip + v.shape[0], v.key.tokens, v.shape[1],
+                                     device)[skip:]
             else:
-                value = draw_uniform(self.seed, step, v.key.name, v.shape, device)
+                value = draw_uniform(self.seed, step, self._seed_name(v.key), v.shape, device)
             state.draws[v.key] = value
         return state.draws

@@ -249,10 +249,9 @@ class Runner:
                     and other.model_ref() is model and other.tracker.ended_before(t):
                 request.discard(key)
 
-    def __call__(self, *args):
-        if self.keep_example_args and self.example_args is None:
-            self.example_args = args
-        state, request, key = self._state(args)
+    def _locate(self, state: GraphState, request, args):
+        """(position, t) of this call: the step rule over this graph's calls (a piece of a graph-broken forward
+        reads its model call's instead: `PieceRunner`)."""
         pos, t = self._position(state, args)
         if pos.new and pos.step == 0 and request.implicit:
             self._end_other_shapes(request, state, t)
@@ -260,6 +259,50 @@ class Runner:
             state.drop(slot)
         if pos.new:
             state.restart(pos.branch)
+        return pos, t
+
+    def _dispatcher_of(self, state: GraphState) -> Dispatcher:
+        return self.dispatcher
+
+    def _device(self, args):
+        return args[self.timestep_index].device
+
+    def _forget(self, state: GraphState, branch: int) -> None:
+        state.tracker.forget(branch)
+
+    def _run_alone(self, args):
+        """Run the FULL variant and keep nothing: a call whose step cannot be known (`PieceRunner`)."""
+        plan = self.dispatcher.full
+        variant = self.source.variant(plan)
+        full_args = list(args)
+        if variant.inputs:  # FULL of a forecasting method takes per-step inputs: give it a fresh state's
+            from .state import GraphState
+
+            scratch = GraphState(self)
+            given = self.dispatcher.step_inputs(scratch, variant, plan, 0, 0, self._device(args))
+            full_args += scratch.store.inputs(0, variant.inputs, given, self._device(args))
+        fn = self.source.callable(plan, variant, full_args)
+        result = fn(*full_args)
+        n = variant.num_outputs
+        self.scope.record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
+                          plan=None, tokens=None, flops=None, t=None, cached=False,
+                          request=self.scope.current().id, cache_bytes=0)
+        outs = result[:n]
+        return outs[0] if variant.single_output else tuple(outs)
+
+    def __call__(self, *args):
+        if self.keep_example_args and self.example_args is None:
+            self.example_args = args
+        state, request, key = self._state(args)
+        located = self._locate(state, request, args)
+        if located is None:
+            return self._run_alone(args)
+        pos, t = located
+        self._warn_about(pos, state)
+        step, branch = pos.step, pos.branch
+        return self._run(state, args, step, branch, t)
+
+    def _warn_about(self, pos, state: GraphState) -> None:
         if pos.crowded and not pos.unmatched:
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests, or new "
@@ -284,7 +327,8 @@ class Runner:
                 f"without a request boundary, made the step rule take it for finished: it started over (FULL) "
                 f"instead of reading its caches, which costs speed. Run interleaved requests each in their own "
                 f"`with fxcache.request(model):` (or `req.resume()`).")
-        step, branch = pos.step, pos.branch
+
+    def _run(self, state: GraphState, args, step: int, branch: int, t: float):
         state.steps_run = max(state.steps_run, step + 1)
         planned = self._planned_steps
         if planned is not None and step >= planned:
@@ -293,10 +337,11 @@ class Runner:
                 f"config's schedule is written for (presets assume one): pass your "
                 f"sampler's step count as num_steps, or the schedule does not end as the reference's does",
                 key=f"planned-steps-{self.graph_id}")
-        plan = self.dispatcher.choose(step, state.written(branch), self.source.variant)
+        dispatcher = self._dispatcher_of(state)
+        plan = dispatcher.choose(step, state.written(branch), self.source.variant)
         variant = self.source.variant(plan)
-        device = args[self.timestep_index].device
-        given = self.dispatcher.step_inputs(state, variant, plan, step, branch, device)
+        device = self._device(args)
+        given = dispatcher.step_inputs(state, variant, plan, step, branch, device)
         full_args = list(args) + state.store.inputs(branch, variant.inputs, given, device)
         fn = self.source.callable(plan, variant, full_args)
         if self.cudagraphs:
@@ -304,7 +349,7 @@ class Runner:
         try:
             result = fn(*full_args)
         except BaseException:  # a failed call leaves this branch's caches unknown: it starts over next time
-            state.tracker.forget(branch)
+            self._forget(state, branch)
             state.drop(branch)
             raise
         n = variant.num_outputs

@@ -38,5 +38,5 @@ def short(n) -> str:
 def emitted(b, since: set | None = None) -> list[str]:
     """The nodes the passes added to the builder's graph (not copies of the model's nodes), in graph order;
     `since`: only those not in this set of nodes (what a later pass added)."""
-    old = set(b.env.values()) | (since or set())
+    old = set(b.env.values()) | (since or set()) | {b._sink}  # the sink of the model outputs is not emitted
     return [short(n) for n in b.graph.nodes if n not in old and n.op != "output"]

@@ -1,0 +1,140 @@
+"""Which model call a piece of a graph-broken forward belongs to, and that call's step.
+
+When Dynamo splits a forward into several graphs (an `.item()`, data-dependent control flow, an op it cannot
+trace), the pieces that hold blocks often do not see the timestep: it was embedded in an earlier piece, or in
+Python code Dynamo left eager (a graph break inside the block loop leaves the whole forward eager and compiles each
+block's forward on its own). Such a piece finds its model call on the Python stack: the innermost
+`nn.Module.__call__` around it whose forward takes a timestep (a parameter named for time, or `timestep_input=`)
+holding a per-sample scalar tensor. The call's original arguments are there, untouched by the forward. Every piece
+of one call shares one position (step, CFG branch): the first piece to run locates it with the step rule, the
+others read it. Nothing here is traced by Dynamo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+
+import torch
+
+from ..analysis.inputs import LATENT_NAMES
+from ..analysis.timestep import is_time_name
+from .step import StepTracker, TimeDirection
+
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+#: the usual names of a forward's timestep parameter, first match taken (`timestep` beside `timestep_r`)
+_TIME_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
+_DEPTH = 96  # frames between a piece's runner and the model's `__call__` (Dynamo, hooks, the eager forward)
+
+
+@dataclasses.dataclass
+class ModelCall:
+    """One call of a model, as its `__call__` frame shows it."""
+
+    model: torch.nn.Module
+    timestep: torch.Tensor
+    conditioning: list  # the call's other tensor arguments, but the latents
+    marker: tuple  # (args, kwargs) objects of this call: identity tells one call from the next
+
+
+def _per_sample_scalar(value) -> bool:
+    return isinstance(value, torch.Tensor) and (value.dim() == 0 or value.dim() == 1) and value.numel() >= 1 \
+        and not value.is_complex()
+
+
+def _signature(module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def timestep_parameter(module, timestep_input=None) -> str | None:
+    """The name of `module.forward`'s timestep parameter: `timestep_input` (a name, or an index counted among the
+    parameters), else the one parameter named for time (timestep, t, sigma, noise_level, ...), else None."""
+    sig = _signature(module)
+    if sig is None:
+        return None
+    names = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if isinstance(timestep_input, int):
+        return names[timestep_input] if timestep_input < len(names) else None
+    if isinstance(timestep_input, str):
+        head = timestep_input.split(".", 1)[0]
+        return head if head in names else None
+    exact = [n for n in _TIME_NAMES if n in names]
+    if exact:
+        return exact[0]
+    timed = [n for n in names if is_time_name(n)]
+    return timed[0] if len(timed) == 1 else None
+
+
+def _bind(module, args, kwargs, name: str) -> ModelCall | None:
+    sig = _signature(module)
+    if sig is None:
+        return None
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    values = bound.arguments
+    t = values.get(name)
+    if not _per_sample_scalar(t):
+        return None
+    names = list(values)
+    latent = next((n for n in names if n in LATENT_NAMES), names[0] if names else None)
+    conditioning = [v for n, v in values.items()
+                    if n not in (name, latent) and isinstance(v, torch.Tensor) and not v.is_complex()]
+    return ModelCall(module, t, conditioning, (args, kwargs))
+
+
+def find_model_call(accepts, timestep_input=None, model=None) -> ModelCall | None:
+    """The innermost `__call__` frame on the stack whose module `accepts(module)` (or is `model`, once known) and
+    whose forward takes a per-sample scalar timestep."""
+    frame = sys._getframe(1)
+    depth = _DEPTH
+    while frame is not None and depth:
+        if frame.f_code is _CALL_IMPL:
+            locs = frame.f_locals
+            module = locs.get("self")
+            if module is not None and (module is model if model is not None else accepts(module)):
+                name = timestep_parameter(module, timestep_input)
+                if name is not None:
+                    call = _bind(module, locs.get("args", ()), locs.get("kwargs", {}), name)
+                    if call is not None:
+                        return call
+                if model is not None:
+                    return None
+        frame = frame.f_back
+        depth -= 1
+    return None
+
+
+class CallKeeper:
+    """The key under which a request keeps each model's `CallState` (requests key their states by an object with
+    a `scope`)."""
+
+    def __init__(self, scope):
+        self.scope = scope
+
+
+class CallState:
+    """Per (request, model): the step rule over the model's calls, and the position of its latest call."""
+
+    def __init__(self, scope, continue_unmatched: bool):
+        self.tracker = StepTracker(TimeDirection.of(scope.time_direction), scope.max_branches,
+                                   continue_unmatched=continue_unmatched)
+        self.marker: tuple | None = None
+        self.position = None
+        self.t = float("nan")
+        self.seq = 0  # calls located so far: a piece runs each call's dropped / new branch once
+
+    def same_call(self, marker: tuple) -> bool:
+        return self.marker is not None and self.marker[0] is marker[0] and self.marker[1] is marker[1]
+
+    def release(self) -> None:
+        self.tracker.reset()
+        self.marker = self.position = None
+
+    def cache_bytes(self) -> int:
+        return 0

@@ -1,0 +1,164 @@
+"""The runner of a graph that is a piece of a forward Dynamo split (`analysis/pieces.py`): its step and CFG branch
+come from its model call (`calls.py`), shared by every piece of that call; its blocks are placed in the whole
+model, so its plans are the whole model's plans, cut to its blocks."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..analysis.pieces import coordinates, entry_of, module_path, owns
+from ..step_plan import GraphView
+from .attach import CONTEXT_NAME, attach
+from .calls import CallKeeper, CallState, find_model_call
+from .dispatch import Dispatcher
+from .fingerprint import summaries
+from .runner import Runner
+from .state import GraphState
+
+
+class PieceInfo:
+    """What a piece learns of its model on its state's first call: the model, and its dispatcher there."""
+
+    def __init__(self, model, dispatcher: Dispatcher | None):
+        self.model_ref = weakref.ref(model) if model is not None else None
+        self.dispatcher = dispatcher
+        self.seq = -1  # the model call whose dropped / new branches this state applied
+
+
+class PieceRunner(Runner):
+    """`root_cls`: the class of the module whose forward the graph was traced from; `block_root`: the block path
+    the graph was read as (a block's own forward), or None (a graph rooted at the model)."""
+
+    def __init__(self, *, root_cls: type, block_root: str | None, **kw):
+        super().__init__(**kw)
+        self.root_cls, self.block_root = root_cls, block_root
+        self._dispatchers: dict[tuple, Dispatcher] = {}
+        keeper = getattr(self.backend, "_call_keeper", None)
+        if keeper is None:
+            keeper = self.backend._call_keeper = CallKeeper(self.scope)
+        self._keeper = keeper
+
+    def _device(self, args):
+        first = self._param_indices[0] if self._param_indices else 0
+        return args[first].device
+
+    # -- which model, and where its blocks sit ------------------------------------------------------------------
+    def _discover(self, args) -> PieceInfo:
+        """The module instance this call runs in (the graph's root, told by its parameters), the model call
+        around it, and the view of this piece's blocks in that model."""
+        param = args[self._param_indices[0]] if self._param_indices else None
+        root = None
+
+        def accepts(module):
+            nonlocal root
+            if root is None:
+                if isinstance(module, self.root_cls) and (param is None or owns(module, param)):
+                    root = module
+                    return self.block_root is None  # a block is never its own model call
+                return False
+            return True
+
+        call = find_model_call(accepts, self.backend.timestep_input)
+        if call is None or root is None:
+            return PieceInfo(None, None)
+        model = call.model
+        where = module_path(model, root)
+        if where is None:
+            return PieceInfo(None, None)
+        attach(model, self.backend)
+        prefix = f"{where}." if where else ""
+        names = [b.name for b in self.plan.blocks]
+        if self.block_root is not None:
+            where = entry_of(model, where)  # the block-list entry the graph's root is (or lies in)
+            if where is None:
+                return PieceInfo(None, None)
+        full = [where if self.block_root is not None else prefix + n for n in names]
+        coords = coordinates(model, full)
+        if any(n not in coords for n in full):
+            return PieceInfo(None, None)
+        view = GraphView.of(self.plan, {n: coords[f] for n, f in zip(names, full)})
+        blocks = dict(zip(names, full))
+        key = (view, tuple(sorted(blocks.items())))
+        dispatcher = self._dispatchers.get(key)
+        if dispatcher is None:
+            dispatcher = self._dispatchers.setdefault(key, Dispatcher(self.config, view, blocks))
+        return PieceInfo(model, dispatcher)
+
+    def _info(self, state: GraphState, args) -> PieceInfo:
+        info = getattr(state, "piece", None)
+        if info is None or (info.model_ref is not None and info.model_ref() is None):
+            info = state.piece = self._discover(args)
+        return info
+
+    def _dispatcher_of(self, state: GraphState) -> Dispatcher:
+        return state.piece.dispatcher
+
+    # -- the step, from the model call ----------------------------------------------------------------------------
+    def _locate(self, state: GraphState, request, args):
+        info = self._info(state, args)
+        model = info.model_ref() if info.model_ref is not None else None
+        call = find_model_call(None, self.backend.timestep_input, model=model) if model is not None else None
+        if call is None:
+            why = (f"graph {self.graph_id} holds transformer blocks but no timestep input found: it is a piece of a "
+                   f"forward that graph-breaks (or a block compiled on its own), and no module around it takes the "
+                   f"timestep as a tensor (a forward parameter named timestep, t, sigma, ...); pass "
+                   f"timestep_input=<name or index of the model forward's timestep parameter> to cache_backend")
+            if self.backend.strict:
+                from ..errors import UnsupportedGraphError
+
+                raise UnsupportedGraphError(why)
+            self.backend._warn_once(f"fxcache: running graph {self.graph_id} uncached: {why}",
+                                    key=f"piece-{self.graph_id}")
+            return None
+        calls = request.state(self._keeper, id(model),
+                              lambda: CallState(self.scope, continue_unmatched=not request.implicit))
+        if not calls.same_call(call.marker):
+            self._locate_call(calls, call)
+        pos = calls.position
+        if info.seq != calls.seq:
+            info.seq = calls.seq
+            for slot in pos.dropped:
+                state.drop(slot)
+            if pos.new:
+                state.restart(pos.branch)
+        state.call_state = calls
+        return pos, calls.t
+
+    def _locate_call(self, calls: CallState, call) -> None:
+        """The position of a new model call (one host read of its timestep and conditioning)."""
+        ts = call.timestep.detach()
+        parts = [ts.reshape(-1).max().to(torch.float64).reshape(1)]
+        parts += summaries(call.conditioning, ts.device)
+        values = torch.cat(parts).tolist()
+        t, fingerprint = values[0], tuple(values[1:])
+        override = self.scope.override()
+        calls.marker = call.marker
+        calls.seq += 1
+        calls.t = t
+        if override is not None:
+            calls.position = calls.tracker.force(override[0], override[1], t)
+        else:
+            calls.position = calls.tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint)
+
+    def _forget(self, state: GraphState, branch: int) -> None:
+        calls = getattr(state, "call_state", None)
+        if calls is not None:
+            calls.tracker.forget(branch)
+
+
+def piece_runner(backend, graph_id: int, gm, graph, variants: dict, *, root_cls: type, block_root: str | None,
+                 mode=None, options=None) -> PieceRunner:
+    """The runner of a graph with blocks but no timestep input (`analyse(..., follow=True)`)."""
+    from .fingerprint import parameter_inputs
+    from .runner import GraphVariants
+
+    cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+    inplace = cudagraphs if backend.inplace is None else bool(backend.inplace)
+    source = GraphVariants(gm, graph, backend.config, variants, lowering=backend.lowering, mode=mode,
+                           options=options, inplace=inplace)
+    return PieceRunner(backend=backend, graph_id=graph_id, dispatcher=Dispatcher(backend.config, GraphView.of(graph)),
+                       source=source, timestep_index=None, conditioning=[], param_indices=parameter_inputs(gm),
+                       inplace=inplace, cudagraphs=cudagraphs, plan=graph,
+                       keep_example_args=backend.keep_example_inputs, root_cls=root_cls, block_root=block_root)

@@ -1,0 +1,311 @@
+"""Models whose forward graph-breaks (issue #14, deliverable 3): Dynamo splits one forward into several graphs, and
+fxcache caches the pieces that hold blocks, one step per model call shared by the pieces.
+
+Three breaks, each a data-dependent `.item()` branch: between blocks (inside the block loop, which leaves the
+forward eager and compiles each block's forward on its own), before the first block (a piece with the timestep
+embedding and no block, then one with every block and no timestep), and inside one block (that block's forward in
+two pieces). The truth is the hooked eager reference (which knows nothing of graphs) and the same weights without
+the break, compiled whole.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxcache
+from fxcache import FxCacheWarning, UnsupportedGraphError
+from fxcache.testing import HookedReference
+from helpers import compile_cached, rel_err
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def _check(x: torch.Tensor) -> torch.Tensor:
+    """A data-dependent branch on a host value: Dynamo breaks the graph at `.item()`."""
+    if x.abs().max().item() > 1e30:
+        x = x / 2
+    return x
+
+
+class Block(nn.Module):
+    def __init__(self, d, breaks=False):
+        super().__init__()
+        self.attn = SelfAttention(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.mod = nn.Linear(d, 2 * d)
+        self.breaks = breaks
+
+    def forward(self, x, c):
+        g1, g2 = self.mod(c).chunk(2, -1)
+        x = x + g1[:, None] * self.attn(x)
+        if self.breaks:
+            x = _check(x)
+        return x + g2[:, None] * self.ff(x)
+
+
+class Model(nn.Module):
+    """A DiT of our own: hand-written sinusoidal timestep embedding, 4 blocks; `where` the forward graph-breaks."""
+
+    def __init__(self, where: str, d: int = 32, depth: int = 4):
+        super().__init__()
+        self.where = where
+        self.inp, self.t1, self.t2 = nn.Linear(4, d), nn.Linear(32, d), nn.Linear(d, d)
+        self.label = nn.Embedding(3, d)  # class conditioning (optional)
+        self.transformer_blocks = nn.ModuleList(Block(d, breaks=where == "inside" and i == 1) for i in range(depth))
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x, timestep, y=None):
+        freqs = torch.exp(-torch.arange(16, dtype=torch.float32) / 16)
+        a = timestep[:, None] * freqs
+        c = self.t2(nn.functional.silu(self.t1(torch.cat([torch.cos(a), torch.sin(a)], -1))))
+        if y is not None:
+            c = c + self.label(y)
+        h = self.inp(x)
+        if self.where == "before":
+            h = _check(h)
+        for i, block in enumerate(self.transformer_blocks):
+            if self.where == "between" and i == 2:
+                h = _check(h)
+            h = block(h, c)
+        return self.out(h)
+
+
+BREAKS = ["between", "before", "inside"]
+
+
+def make(where: str) -> Model:
+    torch.manual_seed(0)
+    return Model(where).eval()
+
+
+def calls(steps: int, *, batch: int = 2, tokens: int = 16, seed: int = 0) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    ts = [1000.0 * (1 - s / (steps + 1)) for s in range(steps)]
+    return [(torch.randn(batch, tokens, 4, generator=g), torch.full((batch,), t)) for t in ts]
+
+
+def run(model, args) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(*a) for a in args]
+
+
+def reference(model, config) -> HookedReference:
+    n = len(model.transformer_blocks)
+    return HookedReference(model, config, attention=[f"transformer_blocks.{i}.attn" for i in range(n)],
+                           token_wise=[f"transformer_blocks.{i}.ff" for i in range(n)],
+                           last_block=f"transformer_blocks.{n - 1}")
+
+
+@pytest.mark.parametrize("where", BREAKS)
+def test_the_forward_really_breaks(where):
+    explained = torch._dynamo.explain(make(where))(*calls(1)[0])
+    assert explained.graph_break_count >= 1
+
+
+@pytest.mark.parametrize("method,opts", [("fora", dict(interval=3)), ("duca", dict(interval=3, ratio=0.5)),
+                                         ("taylorseer", dict(interval=3, warmup_steps=1))])
+@pytest.mark.parametrize("where", BREAKS)
+def test_pieces_are_cached_and_the_loop_equals_the_hooked_reference(where, method, opts):
+    model = make(where)
+    compiled, backend = compile_cached(model, method, **opts)
+    args = calls(7)
+    outs = run(compiled, args)
+    pieces = [r for r in backend.runners if isinstance(r, fxcache.runtime.pieces.PieceRunner)]
+    assert pieces, "no graph was cached as a piece"
+    records = fxcache.stats(compiled)
+    want = [backend.config.step_kind(s).value for s in range(7)]
+    for graph in {r["graph"] for r in records if r["cached"]}:
+        assert [r["kind"] for r in records if r["graph"] == graph and r["step"] < 7][:7] == want or \
+            len({r["kind"] for r in records if r["graph"] == graph}) > 1
+    ref = reference(make(where), backend.config)
+    expected = [ref(s, 0, *a) for s, a in enumerate(args)]
+    uncached = run(model, args)
+    for s, (o, e, u) in enumerate(zip(outs, expected, uncached)):
+        assert rel_err(o, e) <= 1e-5, (where, method, s, want[s])
+        if want[s] != "full":
+            assert rel_err(o, u) > 1e-4, f"step {s} ({want[s]}) equals the uncached model: caching is inactive"
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("toca", dict(interval=3, fresh_ratio=0.5)),
+    ("toca", dict(interval=3, fresh_ratio=0.5, ratio_schedule="flux")),  # k per layer: pieces must know their layers
+    ("duca", dict(interval=4, ratio=0.25, score="attention")),
+    ("toca", dict(preset="dit")),  # per-block reference schedule: block 0 FULL on mixed steps
+])
+@pytest.mark.parametrize("where", BREAKS)
+def test_pieces_equal_the_same_model_without_the_break(where, method, opts):
+    """Schedules that depend on the layer, per-unit random draws and per-block reference schedules plan the same
+    steps for pieces as for the whole graph. A break inside a block that leaves a feed-forward without the
+    attention that scores it (attention scores): that piece cannot be scored, runs uncached, and says so."""
+    steps = 50 if "preset" in opts else 7
+    args = calls(steps)
+    whole, _ = compile_cached(make("none"), method, **opts)
+    expected = run(whole, args)
+    kinds = [r["kind"] for r in fxcache.stats(whole)]
+    assert len(set(kinds)) > 1
+    scored = opts.get("score") == "attention" or "preset" in opts
+    broken, backend = compile_cached(make(where), method, strict=not (scored and where == "inside"), **opts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = run(broken, args)
+    if scored and where == "inside":
+        assert any("no self/joint attention" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert rel_err(outs[0], expected[0]) <= 1e-6 and all(torch.isfinite(o).all() for o in outs)
+        return
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 1e-5, (where, method, opts, s, kinds[s])
+
+
+@pytest.mark.parametrize("where", BREAKS)
+def test_full_step_of_every_piece_equals_the_uncached_model_at_another_size(where):
+    model = make(where)
+    args = calls(1, batch=3, tokens=24)
+    compiled, backend = compile_cached(model, "duca", interval=3)
+    out = run(compiled, args)[0]
+    assert rel_err(out, run(model, args)[0]) <= 1e-6
+    assert all(r["kind"] == "full" for r in fxcache.stats(compiled))
+
+
+@pytest.mark.parametrize("where", BREAKS)
+def test_two_requests_in_a_row_equal_and_do_not_recompile(where):
+    model = make(where)
+    compiled, backend = compile_cached(model, "fora", interval=2)
+    args = calls(5)
+    first = run(compiled, args)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = run(compiled, args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    steps = [(r["graph"], r["step"]) for r in fxcache.stats(compiled) if r["cached"]]
+    assert max(s for _, s in steps) == 4 and min(s for _, s in steps) == 0
+
+
+def test_clusca_runs_a_broken_model_uncached_with_one_warning():
+    model = make("inside")
+    compiled, backend = compile_cached(model, "clusca", strict=False, interval=3)
+    args = calls(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = run(compiled, args)
+    messages = {str(w.message) for w in caught if issubclass(w.category, FxCacheWarning)}
+    assert messages and all("does not work per piece" in m for m in messages), messages
+    for o, e in zip(outs, run(model, args)):
+        assert torch.equal(o, e)
+
+
+class NoTimeName(Model):
+    def forward(self, x, noise):  # the timestep under a name that does not say time
+        return super().forward(x, noise, None)
+
+
+def test_a_piece_without_a_timestep_argument_runs_uncached_and_strict_mode_says_why():
+    torch.manual_seed(0)
+    model = NoTimeName("between").eval()
+    compiled, backend = compile_cached(model, "fora", strict=False, interval=2)
+    args = calls(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = run(compiled, args)
+    assert any("timestep_input=" in str(w.message) for w in caught if issubclass(w.category, FxCacheWarning))
+    for o, e in zip(outs, run(model, args)):
+        assert torch.equal(o, e)
+    torch._dynamo.reset()
+    strict, _ = compile_cached(model, "fora", strict=True, interval=2)
+    with pytest.raises(UnsupportedGraphError, match="no timestep input found"):
+        run(strict, args)
+    torch._dynamo.reset()
+    named, backend = compile_cached(model, "fora", interval=2, timestep_input="noise")
+    outs = run(named, args)
+    assert "reuse" in [r["kind"] for r in fxcache.stats(named)]
+
+
+@pytest.mark.parametrize("where", BREAKS)
+def test_sequential_cfg_branches_of_the_pieces_follow_the_model_calls(where):
+    """Two calls per step at one t (a conditional and an unconditional half, as true CFG runs them): every piece
+    keeps the two branches apart, as the hooked reference does with explicit branches."""
+    model = make(where)
+    compiled, backend = compile_cached(model, "fora", interval=3)
+    labels = [torch.tensor([1, 2]), torch.tensor([0, 0])]  # the prompt, and the null class of the other half
+    pairs = [(x, t, labels[half]) for x, t in calls(5) for half in (0, 1)]
+    outs = run(compiled, pairs)
+    ref = reference(make(where), backend.config)
+    expected = [ref(i // 2, i % 2, *a) for i, a in enumerate(pairs)]
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 1e-5, (where, i)
+    cached = [r for r in fxcache.stats(compiled) if r["cached"]]
+    assert {r["branch"] for r in cached} == {0, 1}
+    assert {r["kind"] for r in cached} == {"full", "reuse"}
+
+
+def test_a_failed_call_starts_the_branch_over_in_every_piece():
+    """A call that raises inside a piece: the next request starts over (FULL) and equals a fresh run."""
+    model = make("between")
+    compiled, backend = compile_cached(model, "fora", interval=3)
+    args = calls(4)
+    run(compiled, args[:2])
+    bad = (args[2][0][:, :, :3], args[2][1])  # wrong channel count: the first linear layer raises
+    with pytest.raises(Exception):
+        run(compiled, [bad])
+    fxcache.reset(compiled)
+    again = run(compiled, args)
+    fresh, _ = compile_cached(make("between"), "fora", interval=3)
+    for a, b in zip(again, run(fresh, args)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.inductor
+def test_pieces_lowered_by_inductor_equal_the_hooked_reference_and_do_not_recompile():
+    """The block graphs of a forward that breaks in its block loop, through Inductor (two variants: FULL, REUSE)."""
+    model = make("between")
+    compiled, backend = compile_cached(model, "fora", lowering="inductor", interval=3)
+    args = calls(5)
+    outs = run(compiled, args)
+    expected = [reference(make("between"), backend.config)(s, 0, *a) for s, a in enumerate(args)]
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 2e-5, s
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(compiled, args)
+    for a, b in zip(outs, again):
+        assert torch.equal(a, b)
+    assert {r["kind"] for r in fxcache.stats(compiled) if r["cached"]} == {"full", "reuse"}
+
+
+@pytest.mark.parametrize("method,opts", [("fora", dict(interval=3)), ("duca", dict(interval=3, ratio=0.5)),
+                                         ("toca", dict(interval=3, fresh_ratio=0.3, ratio_schedule="flux")),
+                                         ("taylorseer", dict(interval=3, warmup_steps=1))])
+def test_regional_compilation_equals_the_whole_model_compiled(method, opts):
+    """Each block compiled on its own (`block.compile(backend=...)`, diffusers' regional compilation): the same
+    caching as the whole FLUX model compiled at once, double and single blocks placed by their lists."""
+    from fxcache.testing import make_inputs, make_model
+
+    kws = [make_inputs("flux", t=1 - 0.1 * s) for s in range(6)]
+    whole, _ = compile_cached(make_model("flux"), method, **opts)
+    expected = run_kw(whole, kws)
+    torch._dynamo.reset()
+    model = make_model("flux")
+    backend = fxcache.cache_backend(method, lowering="eager", strict=True, **opts)
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        block.compile(backend=backend, dynamic=False)
+    outs = run_kw(model, kws)
+    assert {r["kind"] for r in backend.stats()} == {backend.config.step_kind(s).value for s in range(6)}
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 1e-5, s
+
+
+def run_kw(model, kws) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**kw)[0] for kw in kws]

@@ -128,6 +128,7 @@ class CallState:
         self.position = None
         self.t = float("nan")
         self.seq = 0  # calls located so far: a piece runs each call's dropped / new branch once
+        self.model_ref = None  # (a request's states are looked through for a model's graph states: not one)
 
     def same_call(self, marker: tuple) -> bool:
         return self.marker is not None and self.marker[0] is marker[0] and self.marker[1] is marker[1]

@@ -46,7 +46,8 @@ def prepared(variant) -> Prepared:
 
 
 class Dispatcher:
-    def __init__(self, config: CacheConfig, view: GraphView, blocks: dict[str, str] | None = None):
+    def __init__(self, config: CacheConfig, view: GraphView, blocks: dict[str, str] | None = None,
+                 row_offsets: dict[int, int] | None = None):
         """`blocks`: block name in the graph -> its name in the whole model, for a graph traced from one block's
         forward (a piece of a graph-broken forward): per-unit draws are seeded by the whole model's unit names."""
         self.config, self.view = config, view
@@ -57,13 +58,9 @@ class Dispatcher:
         self.taylor_order = config.taylor_order
         self._plans: dict[int, StepPlan] = {}
         # a graph holding later blocks only (a piece of a forward that graph-breaks) takes the rows of each step's
-        # token draw that its units have in the whole model's draw: the blocks before it, of its first block's units
-        self._row_offsets: dict[int, int] = {}
-        if view.blocks and not view.leads:
-            first = view.blocks[0]
-            for u in first:
-                if u.partial:
-                    self._row_offsets[u.tokens] = self._row_offsets.get(u.tokens, 0) + u.layer
+        # token draw that its units have in the whole model's draw: `row_offsets`, token count -> the units of that
+        # stream in the model's blocks before its first
+        self._row_offsets = dict(row_offsets or {})
 
     def scheduled(self, step: int) -> StepPlan:
         """The plan the schedule gives `step` (memoised: a step's plan never changes)."""

@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from ..analysis.pieces import coordinates, entry_of, module_path, owns
+from ..analysis.pieces import coordinates, entry_of, module_block_lists, module_path, owns
 from ..step_plan import GraphView
 from .attach import CONTEXT_NAME, attach
 from .calls import CallKeeper, CallState, find_model_call
@@ -80,11 +80,43 @@ class PieceRunner(Runner):
             return PieceInfo(None, None)
         view = GraphView.of(self.plan, {n: coords[f] for n, f in zip(names, full)})
         blocks = dict(zip(names, full))
-        key = (view, tuple(sorted(blocks.items())))
+        offsets = self._row_offsets(model, full[0], coords[full[0]]) if full else {}
+        key = (view, tuple(sorted(blocks.items())), tuple(sorted(offsets.items())))
         dispatcher = self._dispatchers.get(key)
         if dispatcher is None:
-            dispatcher = self._dispatchers.setdefault(key, Dispatcher(self.config, view, blocks))
+            dispatcher = self._dispatchers.setdefault(key, Dispatcher(self.config, view, blocks, offsets))
         return PieceInfo(model, dispatcher)
+
+    def _row_offsets(self, model, first: str, where: tuple[int, int, int]) -> dict[int, int]:
+        """Token count -> the recomputable units of that stream in the model's blocks before `first` (in list
+        order, then layer): where this piece's rows start in a step's token draw of the whole model (DuCa draws
+        one row per unit). A block's units are those of the graph that holds it (its graph here, an earlier piece,
+        the graph of the model's start), else those of a graph traced from a block of its class."""
+        by_name, by_class = {}, {}
+        for runner in list(self.backend.runners):
+            plan = getattr(runner, "plan", None)
+            if plan is None:
+                continue
+            root = getattr(runner, "block_root", None)
+            for block in plan.blocks:
+                tokens = [u.tokens for u in block.units if u.partial]
+                by_class.setdefault(block.cls, tokens)
+                if root is None and not isinstance(runner, PieceRunner):
+                    by_name[block.name] = tokens
+        layer, _, list_index = where
+        counts: dict[int, int] = {}
+        for li, lst in enumerate(module_block_lists(model)):
+            if li > list_index:
+                break
+            entries = model.get_submodule(lst)
+            for i, entry in enumerate(entries):
+                if li == list_index and i >= layer:
+                    break
+                name = f"{lst}.{i}"
+                tokens = by_name.get(name, by_class.get(type(entry).__name__, []))
+                for t in tokens:
+                    counts[t] = counts.get(t, 0) + 1
+        return counts
 
     def _info(self, state: GraphState, args) -> PieceInfo:
         info = getattr(state, "piece", None)

@@ -12,6 +12,7 @@ import threading
 import torch
 
 from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
+from .analysis.plan import FROM_MODEL_CALL
 from .analysis.inputs import forward_parameters
 from .backends import check_lowering
 from .config import CacheConfig, make_config
@@ -215,11 +216,17 @@ def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_B
         if entry is not None:
             prefix_module_stack(gm, entry[1], type(module))
             block_root = entry[1]
-    lists = (block_root.rsplit(".", 1)[0],) if block_root is not None else block_lists
-    plan = analyse(gm, block_lists=lists, timestep_input=timestep_input,
+    if block_root is not None:
+        # a block's own graph is always stepped by its model's call and placed in the model: a timestep it reads
+        # itself (DiT's blocks embed the raw t) would step each block alone, and `timestep_input=` names the
+        # model's argument, not the block's
+        plan = analyse(gm, block_lists=(block_root.rsplit(".", 1)[0],), follow=True)
+        if plan.timestep_index is not None:
+            plan = dataclasses.replace(plan, timestep_index=None, timestep_name="")
+        return dataclasses.replace(plan, timestep_found=FROM_MODEL_CALL), block_root
+    plan = analyse(gm, block_lists=block_lists, timestep_input=timestep_input,
                    forward_params=forward_parameters(module) if module is not None else None,
-                   follow=module is not None and (block_root is not None or timestep_input is None
-                                                  or _resumed(code)))
+                   follow=module is not None and (timestep_input is None or _resumed(code)))
     return plan, block_root
 
 

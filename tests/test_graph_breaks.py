@@ -19,19 +19,7 @@ from torch import nn
 import fxcache
 from fxcache import FxCacheWarning, UnsupportedGraphError
 from fxcache.testing import HookedReference
-from helpers import compile_cached, rel_err
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d, heads=2):
-        super().__init__()
-        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+from helpers import SelfAttention, compile_cached, rel_err
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,11 @@ def _symbolic(value) -> bool:
     return isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape)
 
 
+#: how a graph without a timestep input is stepped
+FROM_MODEL_CALL = ("the step comes from the model call around this graph (a piece of a forward that graph-breaks, "
+                   "or a block compiled on its own)")
+
+
 def analyse(
     gm: fx.GraphModule,
     *,
@@ -159,8 +164,7 @@ def analyse(
         paths = input_paths(gm, forward_params)
         found = find_timestep(gm, paths, batch)
         if found is None and follow and not sinusoidal_inputs(gm, paths, batch):
-            found = (None, None, "the step comes from the model call around this graph (a piece of a forward that "
-                                 "graph-breaks, or a block compiled on its own)")
+            found = (None, None, FROM_MODEL_CALL)
         if found is None:
             several = sinusoidal_inputs(gm, paths, batch)
             why = (f"several inputs reach a sinusoidal embedding ({', '.join(several)}) and none is named for time"

@@ -89,25 +89,30 @@ def _bind(module, args, kwargs, name: str) -> ModelCall | None:
 
 
 def find_model_call(accepts, timestep_input=None, model=None) -> ModelCall | None:
-    """The innermost `__call__` frame on the stack whose module `accepts(module)` (or is `model`, once known) and
-    whose forward takes a per-sample scalar timestep."""
+    """The `__call__` frame on the stack of the model around a piece: once known, `model`'s; else the innermost
+    frame whose module `accepts(module)` and whose forward takes a per-sample scalar timestep, or an outer such
+    frame whose module holds more block lists (a model whose blocks sit in stages that take the timestep too)."""
+    from ..analysis.pieces import module_block_lists
+
     frame = sys._getframe(1)
     depth = _DEPTH
+    found, lists = None, 0
     while frame is not None and depth:
         if frame.f_code is _CALL_IMPL:
             locs = frame.f_locals
             module = locs.get("self")
             if module is not None and (module is model if model is not None else accepts(module)):
                 name = timestep_parameter(module, timestep_input)
-                if name is not None:
-                    call = _bind(module, locs.get("args", ()), locs.get("kwargs", {}), name)
-                    if call is not None:
-                        return call
+                call = _bind(module, locs.get("args", ()), locs.get("kwargs", {}), name) if name else None
                 if model is not None:
-                    return None
+                    return call
+                if call is not None:
+                    held = len(module_block_lists(module))
+                    if found is None or held > lists:
+                        found, lists = call, held
         frame = frame.f_back
         depth -= 1
-    return None
+    return found
 
 
 class CallKeeper:

@@ -18,6 +18,20 @@ from .runner import Runner
 from .state import GraphState
 
 
+def _compiled_root(model):
+    """The module `torch.compile` wrapped (an `OptimizedModule` on the stack) when it holds `model`, else None."""
+    import sys
+
+    frame, depth = sys._getframe(2), 96
+    while frame is not None and depth:
+        wrapper = frame.f_locals.get("self") if frame.f_code.co_name == "_call_impl" else None
+        inner = getattr(wrapper, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module) and (inner is model or any(m is model for m in inner.modules())):
+            return inner
+        frame, depth = frame.f_back, depth - 1
+    return None
+
+
 class PieceInfo:
     """What a piece learns of its model on its state's first call: the model, and its dispatcher there."""
 
@@ -25,6 +39,7 @@ class PieceInfo:
         self.model_ref = weakref.ref(model) if model is not None else None
         self.dispatcher = dispatcher
         self.seq = -1  # the model call whose dropped / new branches this state applied
+        self.shared = False  # called twice in one model call: runs uncached
 
 
 class PieceRunner(Runner):
@@ -68,6 +83,9 @@ class PieceRunner(Runner):
         if where is None:
             return PieceInfo(None, None)
         attach(model, self.backend)
+        named = _compiled_root(model)  # unit names (draw seeds) as the whole compiled module's graph has them
+        outer = module_path(named, model) if named is not None else ""
+        outer = f"{outer}." if outer else ""
         prefix = f"{where}." if where else ""
         names = [b.name for b in self.plan.blocks]
         if self.block_root is not None:
@@ -79,7 +97,7 @@ class PieceRunner(Runner):
         if any(n not in coords for n in full):
             return PieceInfo(None, None)
         view = GraphView.of(self.plan, {n: coords[f] for n, f in zip(names, full)})
-        blocks = dict(zip(names, full))
+        blocks = {n: outer + f for n, f in zip(names, full)}
         offsets = self._row_offsets(model, full[0], coords[full[0]]) if full else {}
         key = (view, tuple(sorted(blocks.items())), tuple(sorted(offsets.items())))
         dispatcher = self._dispatchers.get(key)
@@ -149,6 +167,13 @@ class PieceRunner(Runner):
         if not calls.same_call(call.marker):
             self._locate_call(calls, call)
         pos = calls.position
+        if info.seq == calls.seq or info.shared:  # a second call in one model call: a block used twice (shared)
+            if not info.shared:
+                info.shared = True
+                self.backend._warn_once(
+                    f"fxcache: graph {self.graph_id}: one block runs more than once per model call (its weights "
+                    f"are shared between positions): it runs uncached", key=f"shared-{self.graph_id}")
+            return None
         if info.seq != calls.seq:
             info.seq = calls.seq
             for slot in pos.dropped:

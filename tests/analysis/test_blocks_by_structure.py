@@ -8,21 +8,7 @@ import fxcache
 from fxcache.analysis import analyse
 from fxcache.analysis.blocks import structural_block_lists
 from fxcache.testing.models import make_inputs, make_model
-
-
-class SelfAttention(nn.Module):
-    """Fused-qkv self-attention through SDPA (nn.MultiheadAttention's eager fast path rounds differently from
-    its traced graph, which would blur the FULL-equals-uncached check)."""
-
-    def __init__(self, d, heads=2):
-        super().__init__()
-        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+from helpers import SelfAttention
 
 
 class Mixer(nn.Module):

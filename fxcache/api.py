@@ -224,9 +224,14 @@ def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_B
         if plan.timestep_index is not None:
             plan = dataclasses.replace(plan, timestep_index=None, timestep_name="")
         return dataclasses.replace(plan, timestep_found=FROM_MODEL_CALL), block_root
+    from .runtime.calls import timestep_parameter
+
+    # without a timestep input of its own, a graph is stepped by its model call: a piece after a break, or a
+    # forward that embeds t without a sinusoid (a learned path); its module must then take a timestep argument
+    follow = module is not None and (timestep_input is None or _resumed(code)) and (
+        _resumed(code) or timestep_parameter(module, timestep_input) is not None)
     plan = analyse(gm, block_lists=block_lists, timestep_input=timestep_input,
-                   forward_params=forward_parameters(module) if module is not None else None,
-                   follow=module is not None and (timestep_input is None or _resumed(code)))
+                   forward_params=forward_parameters(module) if module is not None else None, follow=follow)
     return plan, block_root
 
 

@@ -287,21 +287,24 @@ def test_pieces_lowered_by_inductor_equal_the_hooked_reference_and_do_not_recomp
     assert {r["kind"] for r in fxcache.stats(compiled) if r["cached"]} == {"full", "reuse"}
 
 
-@pytest.mark.parametrize("method,opts", [("fora", dict(interval=3)), ("duca", dict(interval=3, ratio=0.5)),
-                                         ("toca", dict(interval=3, fresh_ratio=0.3, ratio_schedule="flux")),
-                                         ("taylorseer", dict(interval=3, warmup_steps=1))])
-def test_regional_compilation_equals_the_whole_model_compiled(method, opts):
+@pytest.mark.parametrize("name,method,opts", [
+    ("flux", "fora", dict(interval=3)), ("flux", "duca", dict(interval=3, ratio=0.5)),
+    ("flux", "toca", dict(interval=3, fresh_ratio=0.3, ratio_schedule="flux")),
+    ("flux", "taylorseer", dict(interval=3, warmup_steps=1)),
+    # DiT's blocks embed the raw timestep themselves: still stepped by the model call and placed in the model
+    ("dit", "duca", dict(interval=3, ratio=0.5)), ("dit", "toca", dict(interval=3, ratio_schedule="flux"))])
+def test_regional_compilation_equals_the_whole_model_compiled(name, method, opts):
     """Each block compiled on its own (`block.compile(backend=...)`, diffusers' regional compilation): the same
-    caching as the whole FLUX model compiled at once, double and single blocks placed by their lists."""
+    caching as the whole model compiled at once, blocks placed by their lists (FLUX: double and single)."""
     from fxcache.testing import make_inputs, make_model
 
-    kws = [make_inputs("flux", t=1 - 0.1 * s) for s in range(6)]
-    whole, _ = compile_cached(make_model("flux"), method, **opts)
+    kws = [make_inputs(name, t=1 - 0.1 * s) for s in range(6)]
+    whole, _ = compile_cached(make_model(name), method, **opts)
     expected = run_kw(whole, kws)
     torch._dynamo.reset()
-    model = make_model("flux")
+    model = make_model(name)
     backend = fxcache.cache_backend(method, lowering="eager", strict=True, **opts)
-    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+    for block in list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", [])):
         block.compile(backend=backend, dynamic=False)
     outs = run_kw(model, kws)
     assert {r["kind"] for r in backend.stats()} == {backend.config.step_kind(s).value for s in range(6)}
@@ -312,3 +315,84 @@ def test_regional_compilation_equals_the_whole_model_compiled(method, opts):
 def run_kw(model, kws) -> list[torch.Tensor]:
     with torch.no_grad():
         return [model(**kw)[0] for kw in kws]
+
+
+def test_timestep_input_by_index_counts_the_models_parameters_not_the_blocks():
+    torch.manual_seed(0)
+    model = NoTimeName("between").eval()
+    args = calls(7)
+    torch.manual_seed(0)
+    whole, _ = compile_cached(NoTimeName("none").eval(), "fora", interval=3, timestep_input=1)
+    broken, backend = compile_cached(model, "fora", interval=3, timestep_input=1)
+    for s, (o, e) in enumerate(zip(run(broken, args), run(whole, args))):
+        assert rel_err(o, e) <= 1e-5, s
+
+
+class SharedBlocks(Model):
+    """One block module at every position of the list (weights shared across depth)."""
+
+    def __init__(self):
+        super().__init__("between")
+        self.transformer_blocks = nn.ModuleList([self.transformer_blocks[0]] * 4)
+
+
+def test_a_block_run_twice_per_model_call_runs_uncached_with_a_warning():
+    torch.manual_seed(0)
+    model = SharedBlocks().eval()
+    compiled, backend = compile_cached(model, "fora", strict=False, interval=3)
+    args = calls(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = run(compiled, args)
+    assert any("more than once per model call" in str(w.message) for w in caught)
+    for o, e in zip(outs, run(model, args)):
+        assert torch.equal(o, e)
+
+
+class Stage(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList(Block(d) for _ in range(2))
+
+    def forward(self, h, timestep, c):
+        for i, block in enumerate(self.transformer_blocks):
+            if i == 1:
+                h = _check(h)
+            h = block(h, c)
+        return h
+
+
+class Staged(Model):
+    """Blocks in two stages whose forwards take the timestep too (each breaks in its loop)."""
+
+    def __init__(self):
+        super().__init__("none")
+        self.stages = nn.ModuleList([Stage(), Stage()])
+        del self.transformer_blocks
+
+    def forward(self, x, timestep):
+        freqs = torch.exp(-torch.arange(16, dtype=torch.float32) / 16)
+        a = timestep[:, None] * freqs
+        c = self.t2(nn.functional.silu(self.t1(torch.cat([torch.cos(a), torch.sin(a)], -1))))
+        h = self.inp(x)
+        for stage in self.stages:
+            h = stage(h, timestep, c)
+        return self.out(h)
+
+
+def test_blocks_in_stages_that_take_the_timestep_are_stepped_by_the_whole_model():
+    """The model is the module holding every block list: outside a request too, the stages' t-dependent inputs
+    do not make each step a new request, and per-layer plans match the whole model's."""
+    args = calls(7)
+    torch.manual_seed(0)
+    model = Staged().eval()
+    compiled, backend = compile_cached(model, "duca", interval=3, ratio=0.5)
+    outs = run(compiled, args)
+    kinds = [r["kind"] for r in fxcache.stats(compiled) if r["cached"]]
+    assert {"partial", "skip"} <= set(kinds)
+    ref = HookedReference(model, backend.config,
+                          attention=[f"stages.{s}.transformer_blocks.{i}.attn" for s in (0, 1) for i in (0, 1)],
+                          token_wise=[f"stages.{s}.transformer_blocks.{i}.ff" for s in (0, 1) for i in (0, 1)],
+                          last_block="stages.1.transformer_blocks.1")
+    for s, (o, a) in enumerate(zip(outs, args)):
+        assert rel_err(o, ref(s, 0, *a)) <= 1e-5, s

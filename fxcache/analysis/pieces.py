@@ -28,7 +28,8 @@ def _holds_attention(module: nn.Module) -> bool:
 def module_block_lists(model: nn.Module) -> list[str]:
     """Paths of `model`'s module lists that hold transformer blocks, in registration order: lists whose entries
     (one class) each hold an `*Attention*` module, those with a usual name (`transformer_blocks`, `layers`, ...)
-    even with one entry, others with two or more; lists inside another such list are left out."""
+    even with one entry, others with two or more; a list whose entries hold such lists (stages of blocks) is left
+    out for the lists inside it."""
     found = []
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -38,7 +39,7 @@ def module_block_lists(model: nn.Module) -> list[str]:
         named = path.rsplit(".", 1)[-1] in DEFAULT_BLOCK_LISTS
         if named or len(module) >= 2:
             found.append(path)
-    return [p for p in found if not any(p != o and p.startswith(o + ".") for o in found)]
+    return [p for p in found if not any(p != o and o.startswith(p + ".") for o in found)]
 
 
 def block_entry_of(root: nn.Module, depth: int = 96) -> tuple[nn.Module, str] | None:

@@ -101,22 +101,35 @@ def test_the_data_flow_timestep_caches_and_equals_the_given_one():
         assert torch.equal(a, b)
 
 
-def test_no_sinusoid_no_timestep_says_how_to_pass_one():
-    class Plain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t = nn.Linear(1, 32)
-            self.inp = nn.Linear(4, 32)
-            self.blocks = nn.ModuleList(Block(32) for _ in range(2))
+class Plain(nn.Module):
+    """A learned timestep path: t goes through a linear layer, no sinusoid."""
 
-        def forward(self, x, t):
-            c = self.t(t[:, None])
-            h = self.inp(x)
-            for b in self.blocks:
-                h = b(h, c)
-            return h
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Linear(1, 32)
+        self.inp = nn.Linear(4, 32)
+        self.blocks = nn.ModuleList(Block(32) for _ in range(2))
 
+    def forward(self, x, t):
+        c = self.t(t[:, None])
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h, c)
+        return h
+
+
+class PlainLevel(Plain):
+    def forward(self, x, level):  # not named for time
+        return super().forward(x, level)
+
+
+def test_a_learned_timestep_path_is_stepped_by_the_forwards_time_argument():
     result = fxcache.explain(Plain().eval(), torch.randn(2, 8, 4), torch.tensor([0.5, 0.5]))
+    assert result.plans[0] is not None and "model call" in result.plans[0].summary()
+
+
+def test_no_sinusoid_and_no_time_argument_says_how_to_pass_one():
+    result = fxcache.explain(PlainLevel().eval(), torch.randn(2, 8, 4), torch.tensor([0.5, 0.5]))
     assert result.plans[0] is None and "timestep_input=" in result.errors[0]
     assert "sinusoidal" in result.errors[0]
 

@@ -223,7 +223,9 @@ def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_B
         plan = analyse(gm, block_lists=(block_root.rsplit(".", 1)[0],), follow=True)
         if plan.timestep_index is not None:
             plan = dataclasses.replace(plan, timestep_index=None, timestep_name="")
-        return dataclasses.replace(plan, timestep_found=FROM_MODEL_CALL), block_root
+        return dataclasses.replace(plan, timestep_found=FROM_MODEL_CALL, blocks_found=(
+            f"as a block's own forward, {type(module).__name__}: the graph every block of that class runs, each "
+            f"with caches of its own (the memory below is per block)")), block_root
     from .runtime.calls import timestep_parameter
 
     # without a timestep input of its own, a graph is stepped by its model call: a piece after a break, or a
@@ -523,8 +525,8 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
         except UnsupportedGraphError as exc:
             glue = str(exc).startswith(("no transformer blocks found", "blocks found, but no attention")) \
                 and _is_piece(frame_module, code)
-            traced.append((gm, None, f"runs as it is (a piece of a graph-broken forward with no block to cache): "
-                                     f"{exc}" if glue else str(exc)))
+            traced.append((gm, None, "runs as it is: a piece of a graph-broken forward with no block to cache"
+                           if glue else str(exc)))
         return gm.forward
 
     torch._dynamo.reset()

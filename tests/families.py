@@ -735,7 +735,8 @@ def _longcat():
                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
 
 
-def _longcat_in(batch, t, seed, side=4):
+def _flux_like_in(batch, t, seed, side=4):
+    """FLUX-style inputs: (B, side^2, 16) packed latents, 6 text tokens of 32 channels, t in [0, 1], 3-axis ids."""
     from fxcache.testing.models import flux_ids
 
     g = _g(seed)
@@ -745,8 +746,11 @@ def _longcat_in(batch, t, seed, side=4):
                 img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
 
 
-def _longcat_off(batch, t, seed):
-    return _longcat_in(batch, t, seed, side=6)
+def _flux_like_off(batch, t, seed):
+    return _flux_like_in(batch, t, seed, side=6)
+
+
+_longcat_in, _longcat_off = _flux_like_in, _flux_like_off
 
 
 def _ovis():
@@ -755,18 +759,7 @@ def _ovis():
                                          joint_attention_dim=32, axes_dims_rope=(4, 4, 8))
 
 
-def _ovis_in(batch, t, seed, side=4):
-    from fxcache.testing.models import flux_ids
-
-    g = _g(seed)
-    img_ids, txt_ids = flux_ids(side, side, 6)
-    return dict(hidden_states=torch.randn(batch, side * side, 16, generator=g),
-                encoder_hidden_states=torch.randn(batch, 6, 32, generator=g), timestep=_t(batch, t),
-                img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
-
-
-def _ovis_off(batch, t, seed):
-    return _ovis_in(batch, t, seed, side=6)
+_ovis_in, _ovis_off = _flux_like_in, _flux_like_off
 
 
 def _prx():

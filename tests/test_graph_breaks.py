@@ -396,3 +396,13 @@ def test_blocks_in_stages_that_take_the_timestep_are_stepped_by_the_whole_model(
                           last_block="stages.1.transformer_blocks.1")
     for s, (o, a) in enumerate(zip(outs, args)):
         assert rel_err(o, ref(s, 0, *a)) <= 1e-5, s
+
+
+def test_explain_says_which_graphs_are_pieces_and_which_are_glue(capsys):
+    result = fxcache.explain(make("inside"), *calls(1)[0], method="fora")
+    assert result.graph_count == 4 and result.graph_break_count >= 1
+    cached = [p for p in result.plans if p is not None]
+    assert len(cached) == 3 and all(p.timestep_index is None for p in cached)
+    assert "a block's own forward" in cached[0].summary()
+    assert any(e.startswith("runs as it is: a piece") for e in result.errors)
+    assert "model call" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from .backends import check_lowering
 from .config import CacheConfig, make_config
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .methods import recipe_for
-from .analysis.pieces import block_entry_of, prefix_module_stack
+from .analysis.pieces import block_entry_of, module_block_lists, prefix_module_stack
 from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.pieces import piece_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
@@ -210,6 +210,13 @@ def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_B
     graph break in the block loop, or regional compilation; None otherwise, and when `block_lists=` names the
     lists: the override keeps its meaning). A graph with blocks but no timestep input is a piece stepped by its
     model call (`plan.timestep_index` None)."""
+    if module is not None:
+        for lst in module_block_lists(module):
+            entries = list(module.get_submodule(lst))
+            if len({id(m) for m in entries}) < len(entries):
+                raise UnsupportedGraphError(
+                    f"the block list {lst} holds one module at several positions (weights shared across depth): "
+                    f"a cache per position cannot be told apart in the graph, so it is not cached")
     block_root = None
     if module is not None and tuple(block_lists) == DEFAULT_BLOCK_LISTS:
         entry = block_entry_of(module)

@@ -406,3 +406,28 @@ def test_explain_says_which_graphs_are_pieces_and_which_are_glue(capsys):
     assert "a block's own forward" in cached[0].summary()
     assert any(e.startswith("runs as it is: a piece") for e in result.errors)
     assert "model call" in capsys.readouterr().out
+
+
+class SharedWhole(Model):
+    def __init__(self):
+        super().__init__("none")
+        self.transformer_blocks = nn.ModuleList([self.transformer_blocks[0]] * 4)
+
+
+def test_a_block_list_holding_one_module_at_several_positions_is_not_cached():
+    """Without a break too: the graph cannot tell the positions' caches apart, so the model runs uncached (one
+    warning), and strict mode says why."""
+    torch.manual_seed(0)
+    model = SharedWhole().eval()
+    compiled, _ = compile_cached(model, "fora", strict=False, interval=3)
+    args = calls(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = run(compiled, args)
+    assert any("several positions" in str(w.message) for w in caught)
+    for o, e in zip(outs, run(model, args)):
+        assert torch.equal(o, e)
+    torch._dynamo.reset()
+    strict, _ = compile_cached(model, "fora", interval=3)
+    with pytest.raises(UnsupportedGraphError, match="several positions"):
+        run(strict, args)

@@ -331,22 +331,30 @@ def test_timestep_input_by_index_counts_the_models_parameters_not_the_blocks():
 class SharedBlocks(Model):
     """One block module at every position of the list (weights shared across depth)."""
 
-    def __init__(self):
-        super().__init__("between")
+    def __init__(self, where: str):
+        super().__init__(where)
         self.transformer_blocks = nn.ModuleList([self.transformer_blocks[0]] * 4)
 
 
-def test_a_block_run_twice_per_model_call_runs_uncached_with_a_warning():
+@pytest.mark.parametrize("where,says", [("between", "more than once per model call"), ("none", "several positions")])
+def test_blocks_that_share_one_module_run_uncached_with_a_warning(where, says):
+    """With a break in the loop, a block graph runs twice per model call; without one, the whole graph cannot tell
+    the positions' caches apart (strict mode says why). Either way: uncached, one warning, the uncached output."""
     torch.manual_seed(0)
-    model = SharedBlocks().eval()
+    model = SharedBlocks(where).eval()
     compiled, backend = compile_cached(model, "fora", strict=False, interval=3)
     args = calls(5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = run(compiled, args)
-    assert any("more than once per model call" in str(w.message) for w in caught)
+    assert any(says in str(w.message) for w in caught)
     for o, e in zip(outs, run(model, args)):
         assert torch.equal(o, e)
+    if where == "none":
+        torch._dynamo.reset()
+        strict, _ = compile_cached(model, "fora", interval=3)
+        with pytest.raises(UnsupportedGraphError, match=says):
+            run(strict, args)
 
 
 class Stage(nn.Module):
@@ -406,28 +414,3 @@ def test_explain_says_which_graphs_are_pieces_and_which_are_glue(capsys):
     assert "a block's own forward" in cached[0].summary()
     assert any(e.startswith("runs as it is: a piece") for e in result.errors)
     assert "model call" in capsys.readouterr().out
-
-
-class SharedWhole(Model):
-    def __init__(self):
-        super().__init__("none")
-        self.transformer_blocks = nn.ModuleList([self.transformer_blocks[0]] * 4)
-
-
-def test_a_block_list_holding_one_module_at_several_positions_is_not_cached():
-    """Without a break too: the graph cannot tell the positions' caches apart, so the model runs uncached (one
-    warning), and strict mode says why."""
-    torch.manual_seed(0)
-    model = SharedWhole().eval()
-    compiled, _ = compile_cached(model, "fora", strict=False, interval=3)
-    args = calls(4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outs = run(compiled, args)
-    assert any("several positions" in str(w.message) for w in caught)
-    for o, e in zip(outs, run(model, args)):
-        assert torch.equal(o, e)
-    torch._dynamo.reset()
-    strict, _ = compile_cached(model, "fora", interval=3)
-    with pytest.raises(UnsupportedGraphError, match="several positions"):
-        run(strict, args)

@@ -18,10 +18,11 @@ from .backends import check_lowering
 from .config import CacheConfig, make_config
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .methods import recipe_for
-from .analysis.pieces import block_entry_of, module_block_lists, prefix_module_stack
+from .analysis.pieces import block_entry_of, module_block_lists, module_calls, prefix_module_stack
 from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.pieces import piece_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
+from .runtime.calls import CallKeeper, timestep_parameter
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
 from .step_plan import GraphView
@@ -107,6 +108,7 @@ class CacheBackend:
         self.scope = RequestScope(max_branches=max_branches, max_records=max_records, keep_caches=keep,
                                   time_direction=time_direction)
         self.runners: list = []
+        self.call_keeper = CallKeeper(self.scope)  # under it, a request keeps each model's call positions (pieces)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -137,8 +139,7 @@ class CacheBackend:
                         f"the model runs FULL; remove the graph break (see torch._dynamo.explain) to cache it")
                 variants = build_variants(gm, plan, self.config)
             except UnsupportedGraphError as exc:
-                if exc.reason.startswith(("no transformer blocks found", "blocks found, but no attention")) \
-                        and _is_piece(module, code):
+                if _is_glue(exc, module, code):
                     # glue of a forward Dynamo split (the timestep embedding, the head, a helper's own frame):
                     # nothing to cache here; the pieces with blocks are cached
                     log.info("fxcache: graph %d holds no blocks (a piece of a graph-broken forward): runs as it is",
@@ -233,15 +234,19 @@ def analyse_traced(gm, module, code, *, block_lists: tuple[str, ...] = DEFAULT_B
         return dataclasses.replace(plan, timestep_found=FROM_MODEL_CALL, blocks_found=(
             f"as a block's own forward, {type(module).__name__}: the graph every block of that class runs, each "
             f"with caches of its own (the memory below is per block)")), block_root
-    from .runtime.calls import timestep_parameter
-
     # without a timestep input of its own, a graph is stepped by its model call: a piece after a break, or a
-    # forward that embeds t without a sinusoid (a learned path); its module must then take a timestep argument
-    follow = module is not None and (timestep_input is None or _resumed(code)) and (
-        _resumed(code) or timestep_parameter(module, timestep_input) is not None)
+    # forward that embeds t without a sinusoid (a learned path), whose module then takes a timestep argument
+    follow = module is not None and (_resumed(code) or (
+        timestep_input is None and timestep_parameter(module) is not None))
     plan = analyse(gm, block_lists=block_lists, timestep_input=timestep_input,
                    forward_params=forward_parameters(module) if module is not None else None, follow=follow)
     return plan, block_root
+
+
+def _is_glue(exc: UnsupportedGraphError, module, code) -> bool:
+    """A graph without blocks to cache that is part of a forward Dynamo split: it runs as it is, quietly."""
+    return exc.reason.startswith(("no transformer blocks found", "blocks found, but no attention")) \
+        and _is_piece(module, code)
 
 
 def _is_piece(module, code) -> bool:
@@ -262,15 +267,8 @@ def _is_piece(module, code) -> bool:
             return True
     except Exception:  # another torch version's internals
         pass
-    frame = sys._getframe(2)
-    call_impl = torch.nn.Module._call_impl.__code__
-    while frame is not None:
-        if frame.f_code is call_impl:
-            outer = frame.f_locals.get("self")
-            if outer is not module and not isinstance(outer, torch._dynamo.eval_frame.OptimizedModule):
-                return True
-        frame = frame.f_back
-    return False
+    return any(outer is not module and not isinstance(outer, torch._dynamo.eval_frame.OptimizedModule)
+               for outer, _ in module_calls(sys._getframe(2), depth=None))
 
 
 def _resumed(code) -> bool:
@@ -530,10 +528,8 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
             plan, _ = analyse_traced(gm, frame_module, code, block_lists=block_lists, timestep_input=timestep_input)
             traced.append((gm, plan, ""))
         except UnsupportedGraphError as exc:
-            glue = str(exc).startswith(("no transformer blocks found", "blocks found, but no attention")) \
-                and _is_piece(frame_module, code)
             traced.append((gm, None, "runs as it is: a piece of a graph-broken forward with no block to cache"
-                           if glue else str(exc)))
+                           if _is_glue(exc, frame_module, code) else str(exc)))
         return gm.forward
 
     torch._dynamo.reset()

@@ -20,6 +20,7 @@ import fxcache
 from fxcache import FxCacheWarning, UnsupportedGraphError
 from fxcache.testing import HookedReference
 from helpers import SelfAttention, compile_cached, rel_err
+from helpers import run as run_kw  # keyword inputs
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:
@@ -311,10 +312,6 @@ def test_regional_compilation_equals_the_whole_model_compiled(name, method, opts
     for s, (o, e) in enumerate(zip(outs, expected)):
         assert rel_err(o, e) <= 1e-5, s
 
-
-def run_kw(model, kws) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(**kw)[0] for kw in kws]
 
 
 def test_timestep_input_by_index_counts_the_models_parameters_not_the_blocks():

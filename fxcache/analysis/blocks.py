@@ -107,6 +107,18 @@ def find_blocks(gm: fx.GraphModule, block_lists: tuple[str, ...] = DEFAULT_BLOCK
     return list(seen.values())
 
 
+def walk(starts, step):
+    """Each node reachable from `starts` once, in depth-first order; `step(node)` gives the next nodes."""
+    todo, seen = list(starts), set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        yield x
+        todo.extend(step(x))
+
+
 _INDEXED = re.compile(r"^(.+)\.(\d+)$")
 
 
@@ -149,18 +161,8 @@ def _chained(blocks: list[Block]) -> bool:
     """Each block reads what the one before it computed (directly, or through glue between them)."""
     for a, b in zip(blocks, blocks[1:]):
         before = a.node_set
-        todo, seen = list(b.inputs), set()
-        found = False
-        while todo and not found:
-            x = todo.pop()
-            if x in seen:
-                continue
-            seen.add(x)
-            if x in before:
-                found = True
-            elif x.op != "placeholder":
-                todo.extend(x.all_input_nodes)
-        if not found:
+        upstream = walk(b.inputs, lambda x: () if x in before or x.op == "placeholder" else x.all_input_nodes)
+        if not any(x in before for x in upstream):
             return False
     return True
 

@@ -42,22 +42,34 @@ def module_block_lists(model: nn.Module) -> list[str]:
     return [p for p in found if not any(p != o and o.startswith(p + ".") for o in found)]
 
 
-def block_entry_of(root: nn.Module, depth: int = 96) -> tuple[nn.Module, str] | None:
+#: frames between a graph's compile or run and the `__call__` of the modules around it (Dynamo, hooks, a forward)
+FRAME_DEPTH = 96
+
+
+def module_calls(frame, depth: int | None = FRAME_DEPTH):
+    """(module, frame locals) of each `nn.Module.__call__` frame from `frame` outward (`depth` frames at most)."""
+    while frame is not None and depth != 0:
+        if frame.f_code is _CALL_IMPL:
+            locs = frame.f_locals
+            module = locs.get("self")
+            if isinstance(module, nn.Module):
+                yield module, locs
+        frame = frame.f_back
+        if depth is not None:
+            depth -= 1
+
+
+def block_entry_of(root: nn.Module) -> tuple[nn.Module, str] | None:
     """(the enclosing module, the entry path `list.i` of `root` in it) when `root`, the module whose forward a
     graph was traced from, is an entry of a block list of a module whose `__call__` is on the stack (a block's
     forward compiled on its own); else None."""
-    frame = sys._getframe(1)
     seen = {id(root)}
-    while frame is not None and depth:
-        if frame.f_code is _CALL_IMPL:
-            outer = frame.f_locals.get("self")
-            if isinstance(outer, nn.Module) and id(outer) not in seen:
-                seen.add(id(outer))
-                path = _entry_path(outer, root)
-                if path is not None:
-                    return outer, path
-        frame = frame.f_back
-        depth -= 1
+    for outer, _ in module_calls(sys._getframe(1)):
+        if id(outer) not in seen:
+            seen.add(id(outer))
+            path = _entry_path(outer, root)
+            if path is not None:
+                return outer, path
     return None
 
 

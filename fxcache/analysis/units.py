@@ -16,7 +16,7 @@ from torch import fx
 
 from ..graph_io import Key
 from .aliases import aliases, is_mutation
-from .blocks import Block
+from .blocks import Block, walk
 from .module_stack import child_of, is_param_placeholder
 
 ATTN = "attn"  # token-mixing attention (self / joint): reused whole from the cache on cached steps
@@ -196,20 +196,8 @@ def _is_add(n: fx.Node) -> bool:
         n.op == "call_method" and n.target in ("add", "add_", "__add__", "__iadd__"))
 
 
-def _walk(starts, step):
-    """Each node reachable from `starts` once, in depth-first order; `step(node)` gives the next nodes."""
-    todo, seen = list(starts), set()
-    while todo:
-        x = todo.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        yield x
-        todo.extend(step(x))
-
-
 def _descendants(outs, members: set) -> set:
-    return set(_walk(outs, lambda x: (u for u in x.users if u in members)))
+    return set(walk(outs, lambda x: (u for u in x.users if u in members)))
 
 
 def _is_residual_branch(outs, block: Block, child_sets: list[set], through: set | None = None) -> bool:
@@ -322,7 +310,7 @@ def _carries(n: fx.Node) -> bool:
 def _carried_input(outs: list[fx.Node], members: set) -> fx.Node | None:
     """An input of the child that its output passes on through adds, scalings and views alone (`x + attn(x)`):
     the output carries the residual stream, so a cache of it would freeze the stream. None when there is none."""
-    for x in _walk(outs, lambda x: x.all_input_nodes if x in members and _carries(x) else ()):
+    for x in walk(outs, lambda x: x.all_input_nodes if x in members and _carries(x) else ()):
         if x not in members and not is_param_placeholder(x) and isinstance(_val(x), torch.Tensor) \
                 and _val(x).dim() >= 2:
             return x

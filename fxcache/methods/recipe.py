@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ..analysis import GraphPlan, Unit
+from ..analysis.blocks import walk
 from ..config import CacheConfig, StepKind
 from ..errors import ConfigError, UnsupportedGraphError
 from ..graph_io import Role
@@ -159,16 +160,8 @@ def _inner(graph: GraphPlan, unit: Unit) -> bool:
         if other is unit or not other.region:
             continue
         region, outputs = set(other.region), set(other.outputs)
-        todo, seen, contained = [u for out in unit.outputs for u in out.users], set(), True
-        while todo and contained:
-            n = todo.pop()
-            if n in seen or n in outputs:
-                continue
-            seen.add(n)
-            if n not in region:
-                contained = False
-            else:
-                todo.extend(n.users)
-        if contained:
+        reached = walk((u for out in unit.outputs for u in out.users),
+                       lambda n: n.users if n in region and n not in outputs else ())
+        if all(n in region or n in outputs for n in reached):
             return True
     return False

@@ -19,13 +19,12 @@ import sys
 import torch
 
 from ..analysis.inputs import LATENT_NAMES
+from ..analysis.pieces import module_block_lists, module_calls
 from ..analysis.timestep import is_time_name
 from .step import StepTracker, TimeDirection
 
-_CALL_IMPL = torch.nn.Module._call_impl.__code__
 #: the usual names of a forward's timestep parameter, first match taken (`timestep` beside `timestep_r`)
 _TIME_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
-_DEPTH = 96  # frames between a piece's runner and the model's `__call__` (Dynamo, hooks, the eager forward)
 
 
 @dataclasses.dataclass
@@ -92,26 +91,17 @@ def find_model_call(accepts, timestep_input=None, model=None) -> ModelCall | Non
     """The `__call__` frame on the stack of the model around a piece: once known, `model`'s; else the innermost
     frame whose module `accepts(module)` and whose forward takes a per-sample scalar timestep, or an outer such
     frame whose module holds more block lists (a model whose blocks sit in stages that take the timestep too)."""
-    from ..analysis.pieces import module_block_lists
-
-    frame = sys._getframe(1)
-    depth = _DEPTH
     found, lists = None, 0
-    while frame is not None and depth:
-        if frame.f_code is _CALL_IMPL:
-            locs = frame.f_locals
-            module = locs.get("self")
-            if module is not None and (module is model if model is not None else accepts(module)):
-                name = timestep_parameter(module, timestep_input)
-                call = _bind(module, locs.get("args", ()), locs.get("kwargs", {}), name) if name else None
-                if model is not None:
-                    return call
-                if call is not None:
-                    held = len(module_block_lists(module))
-                    if found is None or held > lists:
-                        found, lists = call, held
-        frame = frame.f_back
-        depth -= 1
+    for module, locs in module_calls(sys._getframe(1)):
+        if module is model if model is not None else accepts(module):
+            name = timestep_parameter(module, timestep_input)
+            call = _bind(module, locs.get("args", ()), locs.get("kwargs", {}), name) if name else None
+            if model is not None:
+                return call
+            if call is not None:
+                held = len(module_block_lists(module))
+                if found is None or held > lists:
+                    found, lists = call, held
     return found
 
 

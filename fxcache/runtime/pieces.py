@@ -4,31 +4,27 @@ model, so its plans are the whole model's plans, cut to its blocks."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
 
-from ..analysis.pieces import coordinates, entry_of, module_block_lists, module_path, owns
+from ..analysis.pieces import coordinates, entry_of, module_block_lists, module_calls, module_path, owns
 from ..step_plan import GraphView
-from .attach import CONTEXT_NAME, attach
-from .calls import CallKeeper, CallState, find_model_call
+from ..config import StepKind
+from .attach import attach
+from .calls import CallState, find_model_call
 from .dispatch import Dispatcher
-from .fingerprint import summaries
-from .runner import Runner
+from .runner import _CALLS, Runner, locate, observe
 from .state import GraphState
 
 
 def _compiled_root(model):
     """The module `torch.compile` wrapped (an `OptimizedModule` on the stack) when it holds `model`, else None."""
-    import sys
-
-    frame, depth = sys._getframe(2), 96
-    while frame is not None and depth:
-        wrapper = frame.f_locals.get("self") if frame.f_code.co_name == "_call_impl" else None
+    for wrapper, _ in module_calls(sys._getframe(2)):
         inner = getattr(wrapper, "_orig_mod", None)
         if isinstance(inner, torch.nn.Module) and (inner is model or any(m is model for m in inner.modules())):
             return inner
-        frame, depth = frame.f_back, depth - 1
     return None
 
 
@@ -50,10 +46,6 @@ class PieceRunner(Runner):
         super().__init__(**kw)
         self.root_cls, self.block_root = root_cls, block_root
         self._dispatchers: dict[tuple, Dispatcher] = {}
-        keeper = getattr(self.backend, "_call_keeper", None)
-        if keeper is None:
-            keeper = self.backend._call_keeper = CallKeeper(self.scope)
-        self._keeper = keeper
 
     def _device(self, args):
         first = self._param_indices[0] if self._param_indices else 0
@@ -162,7 +154,7 @@ class PieceRunner(Runner):
             self.backend._warn_once(f"fxcache: running graph {self.graph_id} uncached: {why}",
                                     key=f"piece-{self.graph_id}")
             return None
-        calls = request.state(self._keeper, id(model),
+        calls = request.state(self.backend.call_keeper, id(model),
                               lambda: CallState(self.scope, continue_unmatched=not request.implicit))
         if not calls.same_call(call.marker):
             self._locate_call(calls, call)
@@ -174,30 +166,40 @@ class PieceRunner(Runner):
                     f"fxcache: graph {self.graph_id}: one block runs more than once per model call (its weights "
                     f"are shared between positions): it runs uncached", key=f"shared-{self.graph_id}")
             return None
-        if info.seq != calls.seq:
-            info.seq = calls.seq
-            for slot in pos.dropped:
-                state.drop(slot)
-            if pos.new:
-                state.restart(pos.branch)
+        info.seq = calls.seq  # this state's first call in this model call: the call's dropped / new branches
+        for slot in pos.dropped:
+            state.drop(slot)
+        if pos.new:
+            state.restart(pos.branch)
         state.call_state = calls
         return pos, calls.t
 
     def _locate_call(self, calls: CallState, call) -> None:
         """The position of a new model call (one host read of its timestep and conditioning)."""
-        ts = call.timestep.detach()
-        parts = [ts.reshape(-1).max().to(torch.float64).reshape(1)]
-        parts += summaries(call.conditioning, ts.device)
-        values = torch.cat(parts).tolist()
-        t, fingerprint = values[0], tuple(values[1:])
-        override = self.scope.override()
-        calls.marker = call.marker
+        t, fingerprint = observe(call.timestep, call.conditioning)
+        calls.marker, calls.t = call.marker, t
         calls.seq += 1
-        calls.t = t
-        if override is not None:
-            calls.position = calls.tracker.force(override[0], override[1], t)
-        else:
-            calls.position = calls.tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint)
+        calls.position = locate(self.scope, calls.tracker, t, fingerprint)
+
+    def _run_alone(self, args):
+        """Run the FULL variant and keep nothing: a call whose step cannot be known."""
+        plan = self.dispatcher.full
+        variant = self.source.variant(plan)
+        full_args = list(args)
+        if variant.inputs:  # FULL of a forecasting method takes per-step inputs: give it a fresh state's
+            from .state import GraphState
+
+            scratch = GraphState(self)
+            given = self.dispatcher.step_inputs(scratch, variant, plan, 0, 0, self._device(args))
+            full_args += scratch.store.inputs(0, variant.inputs, given, self._device(args))
+        fn = self.source.callable(plan, variant, full_args)
+        result = fn(*full_args)
+        n = variant.num_outputs
+        self.scope.record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
+                          plan=None, tokens=None, flops=None, t=None, cached=False,
+                          request=self.scope.current().id, cache_bytes=0)
+        outs = result[:n]
+        return outs[0] if variant.single_output else tuple(outs)
 
     def _forget(self, state: GraphState, branch: int) -> None:
         calls = getattr(state, "call_state", None)

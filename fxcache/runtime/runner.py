@@ -194,25 +194,10 @@ class Runner:
                     pool.append(buf)
 
     # -- what a call shows -------------------------------------------------------------------------------
-    def _observe(self, args) -> tuple[float, tuple]:
-        """(t, conditioning fingerprint) of a call, in one host read."""
-        ts = args[self.timestep_index]
-        if not isinstance(ts, torch.Tensor):
-            return float(ts), ()
-        device = ts.device
-        # the largest t of the call: Wan 2.2's image-to-video passes t = 0 for the first frame's tokens
-        parts = [ts.detach().reshape(-1).max().to(torch.float64).reshape(1)]
-        parts += summaries([args[i] for i in self._conditioning], device)
-        values = torch.cat(parts).tolist()
-        return values[0], tuple(values[1:])
-
     def _position(self, state: GraphState, args):
-        t, fingerprint = self._observe(args)
-        override = self.scope.override()
+        t, fingerprint = observe(args[self.timestep_index], [args[i] for i in self._conditioning])
         try:
-            if override is not None:
-                return state.tracker.force(override[0], override[1], t), t
-            return state.tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint), t
+            return locate(self.scope, state.tracker, t, fingerprint), t
         except ConfigError:
             state.release()
             raise
@@ -270,32 +255,12 @@ class Runner:
     def _forget(self, state: GraphState, branch: int) -> None:
         state.tracker.forget(branch)
 
-    def _run_alone(self, args):
-        """Run the FULL variant and keep nothing: a call whose step cannot be known (`PieceRunner`)."""
-        plan = self.dispatcher.full
-        variant = self.source.variant(plan)
-        full_args = list(args)
-        if variant.inputs:  # FULL of a forecasting method takes per-step inputs: give it a fresh state's
-            from .state import GraphState
-
-            scratch = GraphState(self)
-            given = self.dispatcher.step_inputs(scratch, variant, plan, 0, 0, self._device(args))
-            full_args += scratch.store.inputs(0, variant.inputs, given, self._device(args))
-        fn = self.source.callable(plan, variant, full_args)
-        result = fn(*full_args)
-        n = variant.num_outputs
-        self.scope.record(graph=self.graph_id, call=next(_CALLS), step=-1, branch=0, kind=StepKind.FULL.value,
-                          plan=None, tokens=None, flops=None, t=None, cached=False,
-                          request=self.scope.current().id, cache_bytes=0)
-        outs = result[:n]
-        return outs[0] if variant.single_output else tuple(outs)
-
     def __call__(self, *args):
         if self.keep_example_args and self.example_args is None:
             self.example_args = args
         state, request, key = self._state(args)
         located = self._locate(state, request, args)
-        if located is None:
+        if located is None:  # a call whose step cannot be known (`PieceRunner`): FULL, nothing kept
             return self._run_alone(args)
         pos, t = located
         self._warn_about(pos, state)
@@ -363,6 +328,25 @@ class Runner:
         if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
             outs = [o.clone() for o in outs]
         return outs[0] if variant.single_output else tuple(outs)
+
+
+def observe(ts, conditioning: list) -> tuple[float, tuple]:
+    """(t, conditioning fingerprint) of a call, in one host read: its timestep `ts` and conditioning values."""
+    if not isinstance(ts, torch.Tensor):
+        return float(ts), ()
+    # the largest t of the call: Wan 2.2's image-to-video passes t = 0 for the first frame's tokens
+    parts = [ts.detach().reshape(-1).max().to(torch.float64).reshape(1)]
+    parts += summaries(conditioning, ts.device)
+    values = torch.cat(parts).tolist()
+    return values[0], tuple(values[1:])
+
+
+def locate(scope, tracker, t: float, fingerprint: tuple):
+    """The position of a call at `t`: the explicit `fxcache.step` around it, else the step rule's."""
+    override = scope.override()
+    if override is not None:
+        return tracker.force(override[0], override[1], t)
+    return tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint)
 
 
 def compiled_runner(backend, graph_id: int, gm, graph, variants: dict, *, mode=None, options=None) -> Runner:

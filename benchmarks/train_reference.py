@@ -3,6 +3,12 @@
     python benchmarks/train_reference.py flux --steps 1800            # ~15 min on 2 CPU threads
     python benchmarks/train_reference.py dit --steps 2400 --out /tmp/dit
     python benchmarks/train_reference.py classifier                   # the digit classifier for FD / accuracy
+    python benchmarks/train_reference.py scenes --steps 2800 --batch 32   # the text-to-image FluxPipeline, ~55 min
+    python benchmarks/train_reference.py scene-classifier             # its classifier, for FD, ~2 min
+
+`scenes` trains the text-to-image reference (`fxcache.quality.t2i`): autoencoder, then transformer and text
+encoders on procedural scenes; it resumes from its --work folder when interrupted, and writes a FluxPipeline folder
+(default: the committed checkpoints/scenes), its reference.json, curve.json and samples.png.
 
 Writes <out>/transformer (diffusers `save_pretrained`), <out>/conditioner.safetensors, <out>/reference.json and
 <out>/samples.png (guided samples, one row per class) for a look.
@@ -30,7 +36,7 @@ from fxcache.quality.train import train
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("family", choices=FAMILIES + ("classifier",))
+    p.add_argument("family", choices=FAMILIES + ("classifier", "scenes", "scene-classifier"))
     p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -38,8 +44,22 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="output folder (default: the committed checkpoint folder)")
+    p.add_argument("--vae-steps", type=int, default=1000, help="scenes: autoencoder steps")
+    p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fxcache", "train-scenes"),
+                   help="scenes: folder of the resumable training state")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.family == "scenes":
+        return train_scenes_cmd(args)
+    if args.family == "scene-classifier":
+        from safetensors.torch import save_file
+
+        from fxcache.quality.scene_eval import CLASSIFIER, train_scene_classifier
+
+        model, acc = train_scene_classifier(seed=args.seed)
+        save_file(model.state_dict(), CLASSIFIER)
+        print(f"scene classifier: held-out accuracy {acc}; saved {CLASSIFIER}")
+        return
     if args.family == "classifier":
         images, labels = load_digits()
         model, acc = train_classifier(images, labels, seed=args.seed)
@@ -56,6 +76,30 @@ def main(argv=None) -> None:
         images = sample(ref, ref.transformer, labels, steps=50, seed=1)
     save_grid(images, os.path.join(out, "samples.png"), nrow=8)
     print(f"saved {out} ({ref.meta['train_seconds']} s of training)")
+
+
+def train_scenes_cmd(args) -> None:
+    import json
+
+    from fxcache.quality import t2i
+    from fxcache.quality.t2i_train import train_scenes
+
+    out = args.out or t2i.CHECKPOINT
+    comps = train_scenes(args.work, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
+                         ema=args.ema, seed=args.seed, log=lambda m: print(m, flush=True))
+    with open(os.path.join(args.work, "curve.json")) as f:
+        curve = json.load(f)
+    meta = dict(family="scenes", steps=args.steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
+                ema=args.ema, seed=args.seed, threads=args.threads, torch=torch.__version__,
+                train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
+                call_args=t2i.CALL_ARGS)
+    t2i.save_pipeline(comps, out, meta)
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump(curve, f)
+    from fxcache.quality.scene_eval import sample_grid
+
+    sample_grid(t2i.load_pipeline(out), os.path.join(out, "samples.png"))
+    print(f"saved {out} ({curve['seconds']} s of training)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Rows: the uncached compiled model (the reference every paired metric compares wi
 floor (uncached with other noise: how far two unrelated samples of the same classes are) and, per method, the
 uncached sampler with fewer steps at the same compute. Columns: wall-clock of the whole sampling run (methods
 interleaved, median of repeats), its FLOPs, the speedups, paired PSNR / SSIM / relative L2 against the uncached
-images, the Frechet distance of classifier features to the real digits, and the classifier's class accuracy.
+images, and the reference's own judge (`ref.judge`): the Frechet distance of its classifier's features to real
+images and prompt adherence (digits: the classifier names the digit asked for; scenes: count, colour, shape and
+position all as the prompt says).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import torch
 
 from .. import cache_backend, stats
 from ..config import CacheConfig
-from .classifier import load_classifier, real_feature_stats
 from ..passes.propagate_shapes import eager_flops
-from .metrics import frechet_distance, psnr, rel_l2, ssim
+from .metrics import psnr, rel_l2, ssim
 from .peers import Peer, PeerModel
 from .reference import ReferenceModel
 from .sampling import sample
@@ -42,6 +43,8 @@ class Row:
     accuracy: float | None = None
     graphs: int | None = None  # graphs Dynamo compiled for this row (warm-up run)
     graph_breaks: int | None = None
+    equal_steps: int | None = None  # a cached row: the step count of the uncached sampler with the same FLOPs
+    clip: float | None = None  # CLIP score (`fxcache eval` with a local CLIP model)
 
 
 @dataclasses.dataclass
@@ -55,7 +58,7 @@ class Report:
 
     def table(self) -> str:
         head = ("| method | steps | s per run | latency speedup | GFLOPs | FLOPs speedup | PSNR dB | SSIM | rel. L2 | "
-                "FD | accuracy | graphs / breaks |")
+                "FD | adherence | graphs / breaks |")
         lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def f(v, spec):
@@ -88,21 +91,21 @@ def _flops_of_generation(model: PeerModel, generate: Callable[[], torch.Tensor])
 
 def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], *, per_class: int = 10, steps: int = 50,
              guidance: float = 2.0, seed: int = 0, lowering: str = "inductor", repeats: int = 3,
-             cfg: str = "batched", progress: Callable[[str], None] | None = None) -> Report:
-    """Sample `10 * per_class` images (classes 0-9) uncached and with each method, from the same noise.
+             cfg: str = "batched", progress: Callable[[str], None] | None = None,
+             labels: torch.Tensor | None = None) -> Report:
+    """Sample `ref.eval_labels(per_class)` (10 * per_class images; or `labels`) uncached and with each method, from
+    the same noise.
 
     A `Peer` (another library's cache, `fxcache.quality.peers`) gets its own hooked copy of the transformer, compiled
     with plain `torch.compile` under `lowering="inductor"`; its FLOPs are counted on one eager run of the hooked copy
     (its caching decisions are the same ones: same model, same noise).
     """
     from torch._dynamo.utils import counters
-    labels = torch.arange(10).repeat_interleave(per_class)
+    labels = ref.eval_labels(per_class) if labels is None else labels
     n = labels.shape[0]
     noise = torch.randn(ref.latent_shape(n), generator=torch.Generator().manual_seed(seed))
     other = torch.randn(ref.latent_shape(n), generator=torch.Generator().manual_seed(seed + 1000))
     say = progress or (lambda m: None)
-    classifier = load_classifier()
-    real_feats = real_feature_stats()
 
     def compiled(config):
         if isinstance(config, Peer):
@@ -122,7 +125,7 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], 
     def run(name, model, s=steps, z=noise):
         if isinstance(model, PeerModel):
             model.reset()  # what a pipeline does between generations
-        return sample(ref, model, labels, steps=s, guidance=guidance, cfg=cfg, noise=z)
+        return ref.decode(sample(ref, model, labels, steps=s, guidance=guidance, cfg=cfg, noise=z))
 
     outputs, flops = {}, {}
     rows_per_call = 2 * n if (guidance != 1.0 and cfg == "batched") else n
@@ -143,12 +146,21 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], 
         else:
             recs = stats(model)[before:]
             flops[name] = sum(r["flops"] for r in recs) if all(r["flops"] is not None for r in recs) else None
-    seconds = {name: [] for name in models}
+    # uncached with fewer steps at each method's FLOPs: sampled once for its images, then timed with the others
+    equal = {name: max(1, round(steps * f / flops["uncached"])) for name, f in flops.items()
+             if name != "uncached" and f}
+    fewer = sorted({s for s in equal.values() if s < steps})
+    for s in fewer:
+        say(f"fewer steps: uncached with {s} steps")
+        outputs[f"{s} steps"] = run("uncached", models["uncached"], s=s)
+    timed_runs = [(name, model, steps) for name, model in models.items()]
+    timed_runs += [(f"{s} steps", models["uncached"], s) for s in fewer]
+    seconds = {name: [] for name, _, _ in timed_runs}
     for r in range(repeats):
-        for name, model in models.items():
+        for name, model, s in timed_runs:
             say(f"timed run {r + 1}/{repeats}: {name}")
             t0 = time.perf_counter()
-            run(name, model)
+            run(name, model, s=s)
             seconds[name].append(time.perf_counter() - t0)
 
     def judge(row: Row, images: torch.Tensor) -> Row:
@@ -156,43 +168,41 @@ def evaluate(ref: ReferenceModel, methods: dict[str, CacheConfig | str | Peer], 
         row.psnr = float(psnr(images, base).clamp_max(100).mean())
         row.ssim = float(ssim(images, base).mean())
         row.rel_l2 = float(rel_l2(images, base).mean())
-        with torch.no_grad():
-            logits = classifier.fd_features(images)
-            row.accuracy = float((logits.argmax(1) == labels).float().mean())
-        row.fd = frechet_distance(logits, real_feats)
+        row.fd, row.accuracy = ref.judge(images, labels)
         return row
 
-    base_s = statistics.median(seconds["uncached"])
+    timed = repeats > 0  # repeats=0: quality and FLOPs only (sweeps), no latency
+
+    def latency(name):
+        return statistics.median(seconds[name]) if timed else None
+
+    base_s = latency("uncached")
     rows = []
     for name in models:
-        med = statistics.median(seconds[name])
+        med = latency(name)
         kind = "uncached" if name == "uncached" else "peer" if isinstance(models[name], PeerModel) else "method"
-        row = Row(name, kind, steps, med, flops[name], base_s / med,
+        row = Row(name, kind, steps, med, flops[name], base_s / med if timed else None,
                   (flops["uncached"] / flops[name]) if flops[name] else None)
         row.graphs, row.graph_breaks = dynamo.get(name, (None, None))
+        row.equal_steps = equal.get(name)
         rows.append(judge(row, outputs[name]))
     say("noise floor: uncached, other noise")
     floor = run("uncached", models["uncached"], z=other)
     rows.append(judge(Row("uncached, other noise (noise floor)", "noise floor", steps), floor))
-    samples = dict(outputs)
+    samples = {name: outputs[name] for name in models}
     samples["noise floor"] = floor
-    fewer = sorted({max(1, round(steps / r.flops_speedup)) for r in rows if r.kind == "method" and r.flops_speedup})
     for s in fewer:
-        if s >= steps:
-            continue
-        say(f"fewer steps: uncached with {s} steps")
-        t0 = time.perf_counter()
-        images = run("uncached", models["uncached"], s=s)
-        sec = time.perf_counter() - t0
-        row = Row(f"uncached, {s} steps (equal compute)", "fewer steps", s, sec, call_flops * s * calls_per_step,
-                  base_s / sec, steps / s)
-        rows.append(judge(row, images))
-        samples[f"{s} steps"] = images
+        med = latency(f"{s} steps")
+        row = Row(f"uncached, {s} steps (equal compute)", "fewer steps", s, med, call_flops * s * calls_per_step,
+                  base_s / med if timed else None, steps / s)
+        rows.append(judge(row, outputs[f"{s} steps"]))
+        samples[f"{s} steps"] = outputs[f"{s} steps"]
     return Report(getattr(ref, "family", "?"), n, steps, guidance, rows, samples)
 
 
-def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
-    """Latency speedup (x) vs a paired quality metric (y); the noise floor as a dashed line."""
+def pareto_plot(report, path: str, metric: str = "psnr", title: str | None = None) -> None:
+    """Latency speedup (x) vs a paired quality metric (y); the noise floor as a dashed line. `report`: a `Report`
+    or anything with `rows` of the same fields (`fxcache eval`'s report, with a `title`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +226,7 @@ def pareto_plot(report: Report, path: str, metric: str = "psnr") -> None:
         ax.annotate(name, (r.latency_speedup, shown), textcoords="offset points", xytext=(4, 3), fontsize=5.5)
     ax.set_xlabel("latency speedup vs uncached torch.compile")
     ax.set_ylabel({"psnr": "PSNR vs uncached (dB, capped at 60)", "ssim": "SSIM vs uncached"}.get(metric, metric))
-    ax.set_title(f"{report.model}: {report.images} digits, {report.steps} steps, guidance {report.guidance}")
+    ax.set_title(title or f"{report.model}: {report.images} images, {report.steps} steps, guidance {report.guidance}")
     ax.grid(alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))  # one legend entry per kind

@@ -24,7 +24,7 @@ from torch import nn
 
 #: per family: the factor from the transformer's `timestep` input to the 0..1000 timestep that diffusers' hooks and
 #: pipelines speak in (FLUX-style pipelines feed t / 1000 to the transformer; DiT and PixArt feed t itself).
-TIMESTEP_SCALE = {"flux": 1000.0, "dit": 1.0, "pixart": 1.0}
+TIMESTEP_SCALE = {"flux": 1000.0, "dit": 1.0, "pixart": 1.0, "scenes": 1000.0}
 #: inputs that carry a batch dimension split into [uncond, cond] halves (FasterCache drops the uncond half)
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "class_labels", "pooled_projections",
                   "attention_mask", "encoder_attention_mask")
@@ -173,7 +173,7 @@ def faster_cache(skip: int = 2, uncond_skip: int = 5) -> Peer:
     def config(m: PeerModel):
         # its guidance part splits the output spectrum in (H, W): only image-layout outputs (DiT, PixArt) have one;
         # for token outputs (FLUX-style) it runs as diffusers configures FLUX, attention reuse only
-        distilled = m.family == "flux"
+        distilled = m.family in ("flux", "scenes")
         return FasterCacheConfig(
             spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(-1, 681),
             unconditional_batch_skip_range=uncond_skip, unconditional_batch_timestep_skip_range=(-1, 641),
@@ -209,7 +209,7 @@ def calibrate_mag_ratios(ref, num_steps: int, guidance: float = 2.0, per_class: 
         lambda m: MagCacheConfig(calibrate=True, num_inference_steps=m.num_steps))).make(ref, num_steps)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        sample(ref, model, torch.arange(10).repeat_interleave(per_class), steps=num_steps, guidance=guidance)
+        sample(ref, model, ref.eval_labels(per_class), steps=num_steps, guidance=guidance)
     text = out.getvalue()
     start = text.rfind("[", 0, text.rfind("]") + 1)
     ratios = ast.literal_eval(text[start:text.rfind("]") + 1])

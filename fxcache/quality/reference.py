@@ -94,6 +94,29 @@ class ReferenceModel:
     conditioner: Conditioner
     meta: dict = dataclasses.field(default_factory=dict)
 
+    null_label = NULL_CLASS  # the conditioner's label of the unconditional branch (CFG)
+
+    def eval_labels(self, per_class: int) -> torch.Tensor:
+        """The labels a harness samples: `per_class` of each digit."""
+        return torch.arange(10).repeat_interleave(per_class)
+
+    def sigmas(self, steps: int) -> list[float] | None:
+        """The sampler's noise levels, or None for the scheduler's own (1 down to 1/1000, linear)."""
+        return None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampler output -> images in [-1, 1] (digits are sampled in pixel space)."""
+        return x
+
+    def judge(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """(Frechet distance of the digit classifier's logits to the real digits', class accuracy)."""
+        from .classifier import load_classifier, real_feature_stats
+        from .metrics import frechet_distance
+
+        with torch.no_grad():
+            logits = load_classifier().fd_features(images)
+        return frechet_distance(logits, real_feature_stats()), float((logits.argmax(1) == labels).float().mean())
+
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, 1, IMAGE, IMAGE)
 
@@ -127,18 +150,35 @@ def build(family: str, seed: int = 0) -> ReferenceModel:
 
 
 class _quiet_diffusers:
-    """Silence diffusers' loading chatter (accelerate hints, dtype notes) for the committed checkpoints."""
+    """Silence diffusers' and transformers' loading chatter (accelerate hints, dtype notes, progress bars) while
+    loading or saving checkpoints."""
 
     def __enter__(self):
         from diffusers.utils import logging as dl
 
         self.level = dl.get_verbosity()
+        self.bars = dl.is_progress_bar_enabled()
         dl.set_verbosity_error()
+        dl.disable_progress_bar()
+        try:
+            from transformers.utils import logging as tl
+        except ImportError:
+            self.tl = None
+        else:
+            self.tl, self.tlevel, self.tbars = tl, tl.get_verbosity(), tl.is_progress_bar_enabled()
+            tl.set_verbosity_error()
+            tl.disable_progress_bar()
 
     def __exit__(self, *exc):
         from diffusers.utils import logging as dl
 
         dl.set_verbosity(self.level)
+        if self.bars:
+            dl.enable_progress_bar()
+        if self.tl is not None:
+            self.tl.set_verbosity(self.tlevel)
+            if self.tbars:
+                self.tl.enable_progress_bar()
 
 
 def save(ref: ReferenceModel, folder: str) -> None:
@@ -155,6 +195,19 @@ def save(ref: ReferenceModel, folder: str) -> None:
               os.path.join(folder, "conditioner.safetensors"))
     with open(os.path.join(folder, "reference.json"), "w") as f:
         json.dump(ref.meta, f, indent=2, sort_keys=True)
+
+
+#: every reference the harness evaluates: the digit ones and the text-to-image one
+ALL_FAMILIES = FAMILIES + ("scenes",)
+
+
+def load_family(family: str) -> ReferenceModel:
+    """A committed reference by name: a digit family (`load`) or `"scenes"`, the text-to-image FluxPipeline."""
+    if family == "scenes":
+        from .scene_eval import load_reference
+
+        return load_reference()
+    return load(family)
 
 
 def load(family_or_folder: str = "flux") -> ReferenceModel:

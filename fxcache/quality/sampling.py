@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .reference import NULL_CLASS, ReferenceModel
+from .reference import ReferenceModel
 
 
 def _cat(a: dict, b: dict) -> dict:
@@ -18,20 +18,25 @@ def _cat(a: dict, b: dict) -> dict:
 def sample(ref: ReferenceModel, model, labels: torch.Tensor, *, steps: int = 50, guidance: float = 2.0,
            seed: int = 0, cfg: str = "batched", noise: torch.Tensor | None = None,
            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Images (B, 1, 32, 32) in about [-1, 1]. `model` is the transformer or a compiled version of it."""
+    """The sampler's output (B, *latent) -- images in about [-1, 1] for the digit references, latents for the
+    text-to-image one (`ref.decode` makes images of them). `model` is the transformer or a compiled version."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if cfg not in ("batched", "sequential"):
         raise ValueError(f"cfg must be 'batched' or 'sequential', got {cfg!r}")
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    sched.set_timesteps(steps)
+    sigmas = ref.sigmas(steps)
+    if sigmas is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(sigmas=sigmas)
     b = labels.shape[0]
     if noise is None:
         noise = torch.randn(ref.latent_shape(b), generator=torch.Generator().manual_seed(seed))
     x = noise.clone()
     with torch.no_grad():
         cond = ref.conditioner(labels)
-        uncond = ref.conditioner(torch.full_like(labels, NULL_CLASS))
+        uncond = ref.conditioner(torch.full_like(labels, ref.null_label))
         both = _cat(uncond, cond)
         for i, t in enumerate(sched.timesteps):
             sigma = (t / 1000.0).reshape(1)

@@ -1,5 +1,6 @@
-"""Command line: `fxcache demo` (uncached vs. cached sampling on the embedded trained digit model: table, image grid,
-Pareto plot) and `fxcache export` (a cached transformer to ONNX / TensorRT artifacts and a manifest)."""
+"""Command line: `fxcache demo` (uncached vs. cached sampling on the embedded text-to-image reference: table, image
+grid, Pareto plot), `fxcache eval` (the same on your own diffusers pipeline), `fxcache export` (a cached transformer
+to ONNX / TensorRT artifacts and a manifest) and `fxcache check`."""
 
 from __future__ import annotations
 
@@ -54,25 +55,62 @@ class CommandError(Exception):
     """A user error found by a command (a file it cannot read or write): printed as one line, exit status 1."""
 
 
-DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer (FLUX preset)", "taylorseer", {"preset": "flux"}),
+DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer N=6 O=2", "taylorseer", {"preset": "flux"}),
                 ("FORA N=3", "fora", {}))
+#: PSNR gaps within this many dB count as a tie in the demo's verdict (the spread between prompts is larger)
+TIE_DB = 0.25
+
+
+def verdict(report) -> str:
+    """One line: each method against the uncached sampler with fewer steps at the same FLOPs (the cheapest way to
+    go faster, which caching has to beat): PSNR against the full-step images and wall-clock speedup of both."""
+    fewer = {r.steps: r for r in report.rows if r.kind == "fewer steps"}
+    wins, losses, ties, parts = [], [], [], []
+    for r in report.rows:
+        if r.kind != "method":
+            continue
+        other = fewer.get(r.equal_steps)
+        if other is None:  # it saved under half a step's FLOPs
+            parts.append(f"{r.label} saves less than a step")
+            continue
+        gap = r.psnr - other.psnr
+        (ties if abs(gap) <= TIE_DB else wins if gap > 0 else losses).append(r.label)
+        speed = "" if r.latency_speedup is None else (f", {r.latency_speedup:.1f}x vs {other.latency_speedup:.1f}x "
+                                                       "faster")
+        parts.append(f"{r.label} {r.psnr:.1f} dB vs {other.steps} steps {other.psnr:.1f} dB{speed}")
+    if not wins and not losses and not ties:
+        head = "no method saved a whole step's FLOPs"
+    elif not losses and not ties:
+        head = "at equal FLOPs every method beats simply taking fewer steps"
+    elif not wins and not ties:
+        head = "at equal FLOPs simply taking fewer steps beats every method here"
+    else:
+        said = [f"{', '.join(wins)} beat fewer steps" if wins else "",
+                f"fewer steps beat {', '.join(losses)}" if losses else "",
+                f"{', '.join(ties)} tie with fewer steps (within {TIE_DB} dB)" if ties else ""]
+        head = "at equal FLOPs " + "; ".join(x for x in said if x)
+    return f"{head}: " + "; ".join(parts)
 
 
 def demo(argv=None) -> int:
-    """Uncached vs. DuCa, TaylorSeer and FORA on the embedded trained FLUX-style digit model."""
+    """Uncached vs. DuCa, TaylorSeer and FORA on the embedded text-to-image reference (a FLUX-style MMDiT with 256
+    image tokens, trained on drawn scenes by benchmarks/train_reference.py), against fewer steps at equal FLOPs."""
     import fxcache
     from fxcache.config import make_config
     from fxcache.quality.evaluate import evaluate, pareto_plot
-    from fxcache.quality.reference import load
-    from fxcache.quality.sampling import save_grid
+    from fxcache.quality.grids import save_labelled_grid
+    from fxcache.quality.scene_eval import load_reference
 
     p = argparse.ArgumentParser(prog="fxcache demo", description=demo.__doc__)
     p.add_argument("--out", default="fxcache-demo", help="output folder (default ./fxcache-demo)")
     p.add_argument("--steps", type=_steps, default=50, help="Euler steps (default 50)")
-    p.add_argument("--per-class", type=_positive, default=4, help="images per digit class (default 4: 40 images)")
+    p.add_argument("--images", type=_positive, default=10, help="images, one prompt each (default 10)")
     p.add_argument("--repeats", type=_positive, default=2, help="timed runs per method, interleaved (default 2)")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4, batched CFG)")
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--reference", help="a reference pipeline folder written by benchmarks/train_reference.py scenes "
+                                       "(default: the embedded one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
@@ -81,45 +119,65 @@ def demo(argv=None) -> int:
     except OSError as exc:
         raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
 
-    ref = load("flux")
+    try:
+        ref = load_reference(args.reference)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
     params = sum(q.numel() for q in ref.transformer.parameters())
-    print(f"fxcache demo: the embedded FLUX-style digit model ({params / 1e6:.1f}M params, trained on MNIST by "
-          f"benchmarks/train_reference.py), {10 * args.per_class} digits, {args.steps} flow-matching Euler steps, "
-          f"guidance 2 (batched CFG), lowering={args.lowering}, {args.threads} threads, torch {torch.__version__}, "
-          f"{platform.machine()}")
+    _, _, height, width = ref.latent_shape(1)
+    print(f"fxcache demo: the text-to-image reference (FluxPipeline: {params / 1e6:.1f}M-parameter MMDiT, "
+          f"{height * width // 4} image + {ref.txt_ids.shape[0]} text tokens, trained on drawn scenes by "
+          f"benchmarks/train_reference.py), "
+          f"{args.images} prompts, {args.steps} flow-matching Euler steps, guidance {args.guidance:g} (batched CFG), "
+          f"lowering={args.lowering}, {args.threads} threads, torch {torch.__version__}, {platform.machine()}",
+          flush=True)
     methods = {label: make_config(name, **opts) for label, name, opts in DEMO_METHODS}
-    total = (1 + args.repeats) * (1 + len(methods)) + 1 + len(methods)
-    done = [0]
+    from fxcache.quality.scene_eval import eval_labels
 
-    def progress(message: str) -> None:
-        done[0] = min(done[0] + 1, total)
-        bar = "#" * (30 * done[0] // total)
-        sys.stdout.write(f"\r[{bar:<30}] {done[0]:>2}/{total} {message:<60.60}")
-        sys.stdout.flush()
+    labels = eval_labels(args.images)
+    from tqdm.auto import tqdm
 
+    m = len(methods)
+    total = (1 + m) + m + args.repeats * (1 + 2 * m) + 1  # warm-ups, fewer steps, timed runs, noise floor (at most)
     t0 = time.perf_counter()
-    report = evaluate(ref, methods, per_class=args.per_class, steps=args.steps, repeats=args.repeats,
-                      lowering=args.lowering, progress=progress)
-    sys.stdout.write(f"\r[{'#' * 30}] done in {time.perf_counter() - t0:.0f} s{' ' * 60}\n")
+    with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stdout) as bar:
+        def progress(message: str) -> None:
+            bar.set_description(message[:48])
+            bar.update(1)
+
+        report = evaluate(ref, methods, labels=labels, steps=args.steps, repeats=args.repeats,
+                          guidance=args.guidance, lowering=args.lowering, progress=progress)
+        bar.update(bar.total - bar.n)
+    print(f"done in {time.perf_counter() - t0:.0f} s")
     table = report.table()
     print()
     print(table)
-    print("\nPSNR / SSIM / rel. L2: the same noise, against the uncached images. FD: Frechet distance of our digit "
-          "classifier's logits to those of the 5000 real digits (lower is better). accuracy: the classifier "
-          "agrees with "
-          "the class asked for. The noise floor row is the uncached model on other noise: two unrelated digits of "
-          "the same class.")
-    names = ["uncached"] + list(methods) + ["noise floor"]
-    grid = torch.cat([report.samples[n] for n in names])
+    print("\nPSNR / SSIM / rel. L2: the same prompts and noise, against the uncached images. FD: Frechet distance "
+          "(torchmetrics) of a scene classifier's features to drawn scenes of the same prompts (lower is better). "
+          "adherence: the images whose count, colour, shape and position all match the prompt (exact checks). "
+          "The noise floor row is the uncached model on other noise: unrelated images of the same prompts.")
+    summary = verdict(report)
+    rows = [("uncached", report.samples["uncached"])]
+    for label in methods:
+        rows.append((label, report.samples[label]))
+    for r in report.rows:
+        if r.kind == "fewer steps":
+            rows.append((f"uncached, {r.steps} steps", report.samples[f"{r.steps} steps"]))
+    head = next(iter(methods))
+    diff = (report.samples[head] - report.samples["uncached"]).abs().mean(1, keepdim=True)
+    rows.append((f"|{head.split()[0]} - uncached| x4", (diff * 4 - 1).clamp(-1, 1)))
+    rows.append(("noise floor (other noise)", report.samples["noise floor"]))
+    columns = [c.replace("a picture of ", "") for c in ref.captions(labels)]
     try:
-        save_grid(grid, os.path.join(args.out, "grid.png"), nrow=report.images)
+        save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=columns, tile=96)
         pareto_plot(report, os.path.join(args.out, "pareto.png"))
         with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n")
+            f.write(table + "\n\n" + summary + "\n")
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
-    print(f"\nwrote {args.out}/grid.png (rows: {', '.join(names)}; same noise per column), "
-          f"{args.out}/pareto.png and {args.out}/table.md")
+    print(f"\nIn one line: {summary}.")
+    print(f"\nwrote {args.out}/grid.png (rows: {', '.join(label for label, _ in rows)}; one prompt per column, "
+          f"same noise), {args.out}/pareto.png and {args.out}/table.md")
     return 0
 
 
@@ -236,17 +294,147 @@ def check_cmd(argv=None) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"demo": demo, "export": export_cmd, "check": check_cmd}
+def _method_spec(text: str, steps: int):
+    """`name` or `name:preset` (e.g. `toca:flux`) -> (label, CacheConfig) for a `steps`-step sampler."""
+    import fxcache
+
+    name, _, preset = text.strip().partition(":")
+    if name not in fxcache.method_names():
+        raise CommandError(f"--methods: unknown method {name!r}; known: {', '.join(fxcache.method_names())} "
+                           "(optionally NAME:PRESET, e.g. toca:flux)")
+    options = {}
+    if preset:
+        presets = fxcache.config.get_method(name).PRESETS
+        if preset not in presets:
+            raise CommandError(f"--methods {text!r}: {name} has no preset {preset!r}; its presets: "
+                               f"{', '.join(presets) or 'none'}")
+        options = dict(presets[preset], preset=preset)
+        if "num_steps" in options:  # a preset written for the paper's step count follows --steps
+            options["num_steps"] = steps
+    try:
+        config = fxcache.config.make_config(name, **options)
+    except fxcache_errors() as exc:
+        raise CommandError(f"--methods {text!r}: {exc}") from None
+    return (f"{name} ({preset} preset)" if preset else name), config
+
+
+def eval_cmd(argv=None) -> int:
+    """Uncached vs. fxcache methods on your own diffusers pipeline (a local folder, or a model id already in the
+    local cache; never a download): same prompts and seeds, interleaved timed runs; writes table.md,
+    results.json, grid.png and pareto.png."""
+    import json
+
+    import fxcache
+    from fxcache.quality.evaluate import pareto_plot
+    from fxcache.quality.grids import save_labelled_grid
+    from fxcache.quality.pipeline_eval import evaluate_pipeline, load_pipeline, read_prompts
+
+    p = argparse.ArgumentParser(prog="fxcache eval", description=eval_cmd.__doc__)
+    p.add_argument("--pipeline", required=True, help="a diffusers pipeline folder (model_index.json) or a cached id")
+    p.add_argument("--prompts", type=_file, required=True, help="a text file, one prompt per line ('#' comments)")
+    p.add_argument("--methods", default="duca,taylorseer,fora",
+                   help="comma-separated fxcache methods, each NAME or NAME:PRESET (default duca,taylorseer,fora)")
+    p.add_argument("--steps", type=_steps, help="inference steps (default: the pipeline's own default)")
+    p.add_argument("--seeds", type=_positive, default=1, help="images per prompt, seeds 0..N-1 (default 1)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="prompts per pipeline call (default 1)")
+    p.add_argument("--repeats", type=_positive, default=2, help="timed runs per setting, interleaved (default 2)")
+    p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
+    p.add_argument("--arg", "-a", action="append", type=_option, default=[], metavar="NAME=VALUE",
+                   help="a pipeline call argument, e.g. -a guidance_scale=3.5 -a height=512 (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="load the pipeline in this dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", help="where to run it (default: cuda when available, else cpu)")
+    p.add_argument("--clip-model", help="a local CLIP model folder (CLIPModel + CLIPProcessor) for the CLIP score")
+    p.add_argument("--no-fewer-steps", action="store_true", help="leave out the uncached fewer-steps rows")
+    p.add_argument("--threads", type=_positive, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", default="fxcache-eval", help="output folder (default ./fxcache-eval)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        prompts = read_prompts(args.prompts)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--prompts: {exc}") from None
+    if not [m for m in args.methods.split(",") if m.strip()]:
+        raise CommandError("--methods names no method")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        pipe = load_pipeline(args.pipeline, getattr(torch, dtype), device)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"--pipeline {args.pipeline!r} cannot be loaded offline by diffusers: {first}") from None
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise CommandError(f"--pipeline {args.pipeline!r} is a {type(pipe).__name__} without a transformer "
+                           "component: fxcache caches diffusion transformers")
+    from fxcache.quality.pipeline_eval import default_steps
+
+    steps = args.steps or default_steps(pipe) or 50
+    methods = dict(_method_spec(m, steps) for m in args.methods.split(",") if m.strip())
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * (len(methods) + 2))
+    print(f"fxcache eval: {type(pipe).__name__} from {args.pipeline} on {device}, {len(prompts)} prompts x "
+          f"{args.seeds} seeds, {steps} steps, methods {', '.join(methods)}, lowering={args.lowering}, "
+          f"torch {torch.__version__}", flush=True)
+    from tqdm.auto import tqdm
+
+    m = 0 if args.no_fewer_steps else len(methods)
+    total = 2 + len(methods) + m + args.repeats * (1 + len(methods) + m)  # at most
+    with tqdm(total=total, unit="run", dynamic_ncols=True) as bar:
+        def progress(message: str) -> None:
+            bar.set_description(message[:50])
+            bar.update(1)
+
+        try:
+            report = evaluate_pipeline(pipe, prompts, methods, steps=steps, seeds=list(range(args.seeds)),
+                                       batch_size=args.batch_size,
+                                       call_args=dict(args.arg), repeats=args.repeats, lowering=args.lowering,
+                                       fewer_steps=not args.no_fewer_steps, clip_model=args.clip_model,
+                                       name=args.pipeline, progress=progress)
+            bar.update(bar.total - bar.n)
+        except (ValueError, TypeError) as exc:
+            raise CommandError(str(exc).strip().splitlines()[0]) from None
+    table = report.table()
+    print("\n" + table)
+    print("\nPSNR / SSIM: against the uncached images of the same prompt and seed. s per run: whole pipeline "
+          f"calls ({len(prompts)} prompts x {args.seeds} seeds, {args.batch_size} per call), median of "
+          f"{args.repeats} interleaved runs. Uncached FLOPs: counted on one eager run of the transformer(s); the "
+          f"compiled uncached images differ from that run's by at most {report.compile_gap:.1e} (the lowering's "
+          "own rounding).")
+    cols = [f"{p_} (seed {s})" for s in report.seeds for p_ in report.prompts]
+    mid = report.frames // 2  # a video shows its middle frame
+    rows = [(label, imgs[mid::report.frames]) for label, imgs in report.images.items()]
+    try:
+        save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=cols, tile=160)
+        pareto_plot(report, os.path.join(args.out, "pareto.png"),
+                    title=f"{args.pipeline}: {len(cols)} images, {steps} steps")
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
+                      f, indent=2, default=str)
+    except OSError as exc:
+        raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
+    print(f"\nwrote {args.out}/table.md, results.json, grid.png (rows: {', '.join(report.images)}) and pareto.png")
+    return 0
+
+
+COMMANDS = {"demo": demo, "export": export_cmd, "check": check_cmd, "eval": eval_cmd}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fxcache demo [--out DIR] [--steps N] [--per-class N] [--repeats N] "
+        print("usage: fxcache demo [--out DIR] [--steps N] [--images N] [--repeats N] "
               "[--lowering inductor|eager] [--threads T]\n"
               "       fxcache export [--reference flux|dit|pixart | --model DIR --inputs FILE] [--method M] "
               "[-o NAME=VALUE] [--format onnx|tensorrt] [--num-steps N] [--out DIR]\n"
               "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N]\n"
+              "       fxcache eval --pipeline DIR_OR_ID --prompts FILE [--methods duca,taylorseer,fora] [--steps N] "
+              "[-a NAME=VALUE] [--clip-model DIR] [--out DIR]\n"
               "       fxcache COMMAND --help")
         return 0 if argv else 2
     if argv[0] in COMMANDS:

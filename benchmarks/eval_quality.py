@@ -3,6 +3,8 @@
     python benchmarks/eval_quality.py --family flux                 # 100 digits, 50 steps, Inductor, with peers
     python benchmarks/eval_quality.py --family dit --per-class 4 --repeats 1 --lowering eager --no-peers  # quick
     python benchmarks/eval_quality.py --family dit --faithful    # each preset as the authors' code vs. cleaned up
+    python benchmarks/eval_quality.py --family scenes --all --per-class 2 --repeats 2 --guidance 4
+        # the text-to-image reference (256 image tokens): default rows, faithful presets and peers in one run
 
 Peers: diffusers' cache hooks (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache) and cache-dit (DBCache,
 its TaylorSeer calibrator) at two to four settings each, each on its own copy of the same model, same sampler and
@@ -31,7 +33,7 @@ except ImportError:  # running from a checkout without the package installed
 from fxcache.config import make_config
 from fxcache.quality.evaluate import evaluate, pareto_plot
 from fxcache.quality.peers import all_peers, cachedit_available
-from fxcache.quality.reference import FAMILIES, load
+from fxcache.quality.reference import ALL_FAMILIES, load_family
 
 #: label -> (method, options); presets where the method's paper has one for the family (else its defaults).
 METHODS = {
@@ -53,9 +55,11 @@ CLEANED = {
 
 def faithful_methods(family: str, steps: int) -> dict:
     """Each method's preset for `family` (the authors' behaviour) next to its cleaned-up variant (`CLEANED`),
-    at the same step and block schedule; presets written for another step count are given `num_steps=steps`."""
+    at the same step and block schedule; presets written for another step count are given `num_steps=steps`.
+    The text-to-image reference is a FLUX model: its presets are the FLUX ones."""
     from fxcache.config import get_method
 
+    family = "flux" if family == "scenes" else family
     out = {}
     for name in ("fora", "toca", "duca", "taylorseer", "clusca"):
         if family not in get_method(name).PRESETS:
@@ -74,7 +78,7 @@ def faithful_methods(family: str, steps: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=FAMILIES, default="flux")
+    p.add_argument("--family", choices=ALL_FAMILIES, default="flux")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
@@ -85,17 +89,21 @@ def main(argv=None) -> None:
     p.add_argument("--faithful", action="store_true",
                    help="each method's preset for the family (the authors' code) next to its cleaned-up variant, "
                         "instead of the default rows (implies --no-peers)")
+    p.add_argument("--all", action="store_true",
+                   help="the default rows, the faithful presets (authors' and cleaned up) and the peers in one run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     # twenty compiled copies of one model class in one process: room for all their graphs
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
-    ref = load(args.family)
+    ref = load_family(args.family)
     if args.faithful:
         methods = faithful_methods(args.family, args.steps)
     else:
         methods = {label: make_config(name, **opts) for label, (name, opts) in METHODS.items()}
+    if args.all:
+        methods.update(faithful_methods(args.family, args.steps))
     if not args.no_peers and not args.faithful:
         if not cachedit_available():
             print("cache-dit is not installed (pip install cache-dit): its rows are left out", flush=True)
@@ -103,13 +111,13 @@ def main(argv=None) -> None:
     report = evaluate(ref, methods, per_class=args.per_class, steps=args.steps, repeats=args.repeats,
                       guidance=args.guidance, lowering=args.lowering,
                       progress=lambda m: print(m, flush=True))
-    head = (f"{args.family}: {report.images} digits, {args.steps} steps, guidance {args.guidance}, "
+    head = (f"{args.family}: {report.images} images, {args.steps} steps, guidance {args.guidance}, "
             f"lowering {args.lowering}, {args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
             f"{datetime.date.today().isoformat()}")
     print(head)
     print(report.table())
     os.makedirs(args.out, exist_ok=True)
-    stem = f"quality_{args.family}" + ("_faithful" if args.faithful else "")
+    stem = f"quality_{args.family}" + ("_faithful" if args.faithful else "_all" if args.all else "")
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(head + "\n\n" + report.table() + "\n")
     pareto_plot(report, os.path.join(args.out, stem + ".png"))

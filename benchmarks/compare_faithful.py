@@ -13,7 +13,7 @@ import sys
 import torch
 
 from fxcache import cache_backend
-from fxcache.config import get_method, make_config
+from fxcache.config import get_method, make_config, preset_options
 from fxcache.quality.metrics import psnr
 from fxcache.quality.reference import load
 from fxcache.quality.sampling import sample
@@ -39,14 +39,10 @@ def run(family, pairs, per_class=4, steps=50):
 
 def pairs_for(fam: str) -> dict:
     """The preset of each method for `fam` (the authors' code) next to its cleaned-up variant."""
-    base = dict(get_method("toca").PRESETS[fam])
-    if "num_steps" in base:
-        base["num_steps"] = 50
+    base = preset_options("toca", fam, 50)
     pairs = {"toca each->shared": (make_config("toca", **base), make_config("toca", **dict(base, rows="shared")))}
     if fam in get_method("clusca").PRESETS:
-        C = dict(get_method("clusca").PRESETS[fam])
-        if "num_steps" in C:
-            C["num_steps"] = 50
+        C = preset_options("clusca", fam, 50)
         cleaned = dict(C, anchor="exact", draws="shared", kmeans="fixed")
         pairs["clusca ref->exact"] = (make_config("clusca", **C), make_config("clusca", **cleaned))
     if fam in ("dit", "pixart"):

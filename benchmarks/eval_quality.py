@@ -57,16 +57,14 @@ def faithful_methods(family: str, steps: int) -> dict:
     """Each method's preset for `family` (the authors' behaviour) next to its cleaned-up variant (`CLEANED`),
     at the same step and block schedule; presets written for another step count are given `num_steps=steps`.
     The text-to-image reference is a FLUX model: its presets are the FLUX ones."""
-    from fxcache.config import get_method
+    from fxcache.config import get_method, preset_options
 
     family = "flux" if family == "scenes" else family
     out = {}
     for name in ("fora", "toca", "duca", "taylorseer", "clusca"):
         if family not in get_method(name).PRESETS:
             continue
-        base = dict(get_method(name).PRESETS[family])
-        if "num_steps" in base:
-            base["num_steps"] = steps
+        base = preset_options(name, family, steps)
         out[f"{name} preset={family} (authors)"] = make_config(name, preset=family, **base)
         if name in CLEANED:
             what, opts = CLEANED[name]

@@ -167,7 +167,9 @@ def demo(argv=None) -> int:
     diff = (report.samples[head] - report.samples["uncached"]).abs().mean(1, keepdim=True)
     rows.append((f"|{head.split()[0]} - uncached| x4", (diff * 4 - 1).clamp(-1, 1)))
     rows.append(("noise floor (other noise)", report.samples["noise floor"]))
-    columns = [c.replace("a picture of ", "") for c in ref.captions(labels)]
+    from fxcache.quality.scenes import PREFIX
+
+    columns = [c.replace(PREFIX + " ", "") for c in ref.captions(labels)]
     try:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=columns, tile=96)
         pareto_plot(report, os.path.join(args.out, "pareto.png"))
@@ -308,9 +310,7 @@ def _method_spec(text: str, steps: int):
         if preset not in presets:
             raise CommandError(f"--methods {text!r}: {name} has no preset {preset!r}; its presets: "
                                f"{', '.join(presets) or 'none'}")
-        options = dict(presets[preset], preset=preset)
-        if "num_steps" in options:  # a preset written for the paper's step count follows --steps
-            options["num_steps"] = steps
+        options = dict(fxcache.config.preset_options(name, preset, steps), preset=preset)
     try:
         config = fxcache.config.make_config(name, **options)
     except fxcache_errors() as exc:

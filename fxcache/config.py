@@ -140,6 +140,15 @@ def get_method(name: str) -> type[CacheConfig]:
     return cls
 
 
+def preset_options(name: str, preset: str, num_steps: int) -> dict:
+    """The options of method `name`'s `preset` for a `num_steps`-step sampler: a preset that fixes the paper's step
+    count (its schedule is a table over the steps) is given `num_steps` instead."""
+    options = dict(get_method(name).PRESETS[preset])
+    if "num_steps" in options:
+        options["num_steps"] = num_steps
+    return options
+
+
 def make_config(name: str, *, preset: str | None = None, **options) -> CacheConfig:
     """`get_method(name)(**options)`, with unknown options named next to the valid ones.
 

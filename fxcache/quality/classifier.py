@@ -68,15 +68,18 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
     return model, acc
 
 
-def load_classifier(path: str = WEIGHTS) -> DigitClassifier:
+def load_weights(model: nn.Module, path: str, what: str, command: str) -> nn.Module:
+    """`model` with the safetensors weights at `path`, in eval mode; a missing file names the training command."""
     from safetensors.torch import load_file
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no digit classifier at {path}; train it with benchmarks/train_reference.py "
-                                "classifier")
-    model = DigitClassifier()
+        raise FileNotFoundError(f"no {what} at {path}; train it with python benchmarks/train_reference.py {command}")
     model.load_state_dict(load_file(path))
     return model.eval()
+
+
+def load_classifier(path: str = WEIGHTS) -> DigitClassifier:
+    return load_weights(DigitClassifier(), path, "digit classifier", "classifier")
 
 
 def save_classifier(model: DigitClassifier, images: torch.Tensor, path: str = WEIGHTS,

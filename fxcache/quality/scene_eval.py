@@ -69,8 +69,7 @@ class SceneReference(ReferenceModel):
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         out = model(**self.inputs(x, t, cond), return_dict=False)[0]
-        b, c, h, w = x.shape
-        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return type(self.pipe)._unpack_latents(out, x.shape[2], x.shape[3], 1)  # latents are pixels (no downsampling)
 
     def example_inputs(self, batch: int = 1, cfg: bool = True) -> dict:
         rows = 2 * batch if cfg else batch
@@ -182,14 +181,9 @@ def train_scene_classifier(n: int = 20000, epochs: int = 3, seed: int = 0,
 
 
 def load_scene_classifier(path: str = CLASSIFIER) -> SceneClassifier:
-    from safetensors.torch import load_file
+    from .classifier import load_weights
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no scene classifier at {path}; train it with python benchmarks/train_reference.py "
-                                "scene-classifier")
-    model = SceneClassifier()
-    model.load_state_dict(load_file(path))
-    return model.eval()
+    return load_weights(SceneClassifier(), path, "scene classifier", "scene-classifier")
 
 
 def sample_grid(pipe, path: str, prompts: int = 8, per_prompt: int = 3, steps: int = 50) -> None:

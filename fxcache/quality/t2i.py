@@ -125,18 +125,13 @@ def to_latents(pipe, images: torch.Tensor) -> torch.Tensor:
 
 def load_pipeline(folder: str | None = None, dtype: torch.dtype = torch.float32):
     """The committed reference pipeline (or one saved by `benchmarks/train_reference.py scenes --out`), offline."""
-    from diffusers import FluxPipeline
+    from .pipeline_eval import load_pipeline as load
 
     folder = folder or CHECKPOINT
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"no reference pipeline at {folder!r} (model_index.json missing); train it with "
                                 "python benchmarks/train_reference.py scenes")
-    from .reference import _quiet_diffusers
-
-    with _quiet_diffusers():
-        pipe = FluxPipeline.from_pretrained(folder, local_files_only=True).to(dtype)  # stored in float16
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(folder, dtype)  # stored in float16, computed in `dtype`
 
 
 def save_pipeline(components: dict, folder: str, meta: dict | None = None) -> None:

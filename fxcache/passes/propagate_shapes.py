@@ -26,11 +26,33 @@ def ensure_cpu_attention_flops() -> None:
         return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
 
 
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's module tracker, which registers *global* module forward hooks while it
+    counts: another thread's Dynamo then sees hooks on every module (guards fail, a shape it already compiled is
+    traced again, and tracing can fail with "already tracked for mutation"). fxcache counts totals only."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts the total only and installs no global module hooks (thread-safe to use while
+    other threads run or compile models)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    return counter
+
+
 def eager_flops(fn) -> int:
     """FLOPs of running `fn()` as it is (no grad), counted by torch.utils.flop_counter with CPU attention included:
     the uncached or hooked models the caches are compared with."""
     ensure_cpu_attention_flops()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -55,7 +77,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: list) -> int:
             torch.empty(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else mode.from_tensor(x)
             for x in inputs
         ]
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             _Prop(gm).run(*fakes)
     return int(counter.get_total_flops())
 

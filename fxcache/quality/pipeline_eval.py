@@ -23,7 +23,6 @@ import warnings
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .evaluate import Row
 from .metrics import psnr, ssim
@@ -117,7 +116,7 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
     """
     import fxcache
 
-    from ..passes.propagate_shapes import ensure_cpu_attention_flops
+    from ..passes.propagate_shapes import ensure_cpu_attention_flops, flop_counter
     from ..pipelines import context_names, transformer_components
     from ..runtime.attach import attach, detach
 
@@ -169,7 +168,7 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
     counted = [0]
 
     def enter(module, args, kwargs):
-        module.__dict__["_fxcache_flops"] = FlopCounterMode(display=False)
+        module.__dict__["_fxcache_flops"] = flop_counter()
         module.__dict__["_fxcache_flops"].__enter__()
 
     def leave(module, args, kwargs, output):

@@ -20,11 +20,12 @@ from .errors import ConfigError, FxCacheWarning, UnknownOptionError, Unsupported
 from .methods import recipe_for
 from .analysis.pieces import block_entry_of, module_block_lists, module_calls, prefix_module_stack
 from .runtime import Runner, UncachedRunner, compiled_runner
-from .runtime.pieces import piece_runner
+from .runtime.pieces import RecentBlocks, piece_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.calls import CallKeeper, timestep_parameter
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
+from .runtime.signature import graph_signature, same_constants
 from .step_plan import GraphView
 from .variants import build_variants
 
@@ -47,6 +48,7 @@ class FailedRunner:
         return 0
 
     def __call__(self, *args):
+        self.scope.limits.apply()
         raise self.error
 
 
@@ -108,7 +110,10 @@ class CacheBackend:
         self.scope = RequestScope(max_branches=max_branches, max_records=max_records, keep_caches=keep,
                                   time_direction=time_direction)
         self.runners: list = []
-        self.call_keeper = CallKeeper(self.scope)  # under it, a request keeps each model's call positions (pieces)
+        self._by_signature: dict[tuple, tuple] = {}  # graph signature -> (graph, runner): Dynamo's duplicates
+        self.duplicate_graphs = 0  # graphs Dynamo traced again that equal one this backend already runs
+        self.call_keeper = CallKeeper(self.scope)
+        self.recent_blocks = RecentBlocks()  # per thread: the token counts the latest call ran each block with  # under it, a request keeps each model's call positions (pieces)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -122,7 +127,15 @@ class CacheBackend:
             attach(module, self)
         if code is not None:
             watch(self, code_label(code))
+        self.scope.limits.note()  # the limits this graph was compiled under reach every thread calling the model
+        signature = graph_signature(gm, example_inputs, origin=(type(module), code), mode=mode, options=options)
         with self._lock:
+            seen = self._by_signature.get(signature)
+            if seen is not None and same_constants(seen[0], gm):
+                self.duplicate_graphs += 1
+                log.info("fxcache: Dynamo traced graph %d again (an identical graph); its requests go on in it",
+                         seen[1].graph_id)
+                return seen[1]
             graph_id = len(self.runners)
             try:
                 if torch.is_grad_enabled():
@@ -160,6 +173,7 @@ class CacheBackend:
                 else:
                     runner = compiled_runner(self, graph_id, gm, plan, variants, mode=mode, options=options)
             self.runners.append(runner)
+            self._by_signature[signature] = (gm, runner)
         return runner
 
     def _new_model(self, parameter) -> None:
@@ -492,9 +506,10 @@ REQUEST_BOUNDARIES = (
     "Request boundaries: calls inside `with fxcache.request(model):` (or a pipeline enabled with "
     "fxcache.enable(pipe)) are one request. Otherwise each diffusers pipeline call is a request (its end-of-call "
     "reset, or the pipeline's next call, ends it), and outside any pipeline the step rule guesses from the "
-    "timesteps and conditioning inputs: a request whose first t is below the last one seen, with the same "
-    "conditioning, cannot be told from a continuation, and two unmarked requests with the same conditioning "
-    "interleaved in one thread look like one. Mark requests in custom loops, generators and servers."
+    "timesteps, conditioning inputs and latents: a request whose first t is below the last one seen, with the "
+    "same conditioning, cannot be told from a continuation (a warning says so when its latents jump), and a "
+    "request that starts at a higher t while another is unfinished makes the rule take the other for ended. "
+    "Mark requests in custom loops, generators and servers."
 )
 
 

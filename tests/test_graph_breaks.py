@@ -411,3 +411,18 @@ def test_explain_says_which_graphs_are_pieces_and_which_are_glue(capsys):
     assert "a block's own forward" in cached[0].summary()
     assert any(e.startswith("runs as it is: a piece") for e in result.errors)
     assert "model call" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", BREAKS)
+def test_pieces_draw_the_tokens_of_the_current_size_after_another_size_ran(where):
+    """DuCa's per-step token draw of a piece starts after the rows of the model's earlier blocks at the size of the
+    call in hand, whatever size the process compiled first: equal to the unbroken model."""
+    opts = dict(interval=3, ratio=0.5)
+    args = calls(7)
+    unbroken, _ = compile_cached(make(whole(where)), "duca", **opts)
+    expected = run(unbroken, args)
+    broken, _ = compile_cached(make(where), "duca", **opts)
+    run(broken, calls(4, tokens=24, seed=3))  # another resolution first
+    outs = run(broken, args)
+    for s, (o, e) in enumerate(zip(outs, expected)):
+        assert rel_err(o, e) <= 1e-5, (where, s)

@@ -34,7 +34,18 @@ class ModelCall:
     model: torch.nn.Module
     timestep: torch.Tensor
     conditioning: list  # the call's other tensor arguments, but the latents
+    latents: torch.Tensor | None
     marker: tuple  # (args, kwargs) objects of this call: identity tells one call from the next
+
+
+def latent_name(names: list[str], forward_params=None) -> str | None:
+    """Of a call's argument names, the latents': the first of the usual latent names, else the forward's first
+    parameter."""
+    for usual in LATENT_NAMES:
+        if usual in names:
+            return usual
+    first = forward_params[0] if forward_params else (names[0] if names else None)
+    return first if first in names else None
 
 
 def _per_sample_scalar(value) -> bool:
@@ -80,11 +91,10 @@ def _bind(module, args, kwargs, name: str) -> ModelCall | None:
     t = values.get(name)
     if not _per_sample_scalar(t):
         return None
-    names = list(values)
-    latent = next((n for n in names if n in LATENT_NAMES), names[0] if names else None)
+    latent = latent_name([n for n in values if n != name], list(sig.parameters))
     conditioning = [v for n, v in values.items()
                     if n not in (name, latent) and isinstance(v, torch.Tensor) and not v.is_complex()]
-    return ModelCall(module, t, conditioning, (args, kwargs))
+    return ModelCall(module, t, conditioning, values.get(latent), (args, kwargs))
 
 
 def find_model_call(accepts, timestep_input=None, model=None) -> ModelCall | None:

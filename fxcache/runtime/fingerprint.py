@@ -25,6 +25,36 @@ def conditioning_inputs(timestep_index: int, input_paths: dict[int, str], forwar
             if i != timestep_index and not is_per_step_input(p, forward_params)]
 
 
+def latent_input(timestep_index: int, input_paths: dict[int, str], forward_params=None) -> int | None:
+    """Index of the latents input (by its usual names, else the forward's first parameter), or None: calls of
+    one trajectory move them a step at a time, calls of two trajectories hold unrelated ones."""
+    from .calls import latent_name
+
+    names = {i: p for i, p in input_paths.items() if i != timestep_index and "." not in p}
+    chosen = latent_name(list(names.values()), forward_params)
+    return next((i for i, p in names.items() if p == chosen), None)
+
+
+_SAMPLES = 256  # latent values sampled per call
+_POSITIONS: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()  # (numel, device) -> indices
+
+
+def latent_sample(x) -> torch.Tensor | None:
+    """A few hundred values of the latents at fixed, spread positions (float64, on their device): enough to tell
+    the latents of one trajectory a step later (near) from another trajectory's (far), read with t."""
+    if not isinstance(x, torch.Tensor) or x.is_complex() or x.numel() == 0:
+        return None
+    flat = x.detach().reshape(-1)
+    n, key = flat.numel(), (flat.numel(), str(flat.device))
+    idx = _POSITIONS.get(key)
+    if idx is None:
+        k = torch.arange(1, min(_SAMPLES, n) + 1, dtype=torch.float64)
+        idx = _POSITIONS[key] = ((k * _IRRATIONALS[0]) % 1.0 * n).long().clamp_(max=n - 1).to(flat.device)
+        while len(_POSITIONS) > _MAX_ROW_TABLES:
+            _POSITIONS.popitem(last=False)
+    return flat.index_select(0, idx).to(torch.float64)
+
+
 _PERIOD = 4099  # a prime: positions are weighted as (column of a PERIOD-wide matrix, row)
 _IRRATIONALS = ((5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1, 3 ** 0.5 - 1, (7 ** 0.5) % 1.0)
 _WEIGHTS: dict[str, torch.Tensor] = {}  # device -> (2, PERIOD) column weights, 64 KiB each

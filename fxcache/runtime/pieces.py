@@ -5,6 +5,7 @@ model, so its plans are the whole model's plans, cut to its blocks."""
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 
 import torch
@@ -15,7 +16,7 @@ from ..config import StepKind
 from .attach import attach
 from .calls import CallState, find_model_call
 from .dispatch import Dispatcher
-from .runner import _CALLS, Runner, locate, observe
+from .runner import _CALLS, Runner, locate, observe, unit_tokens
 from .state import GraphState
 
 
@@ -28,12 +29,33 @@ def _compiled_root(model):
     return None
 
 
-class PieceInfo:
-    """What a piece learns of its model on its state's first call: the model, and its dispatcher there."""
+class RecentBlocks:
+    """Per thread, the token counts of each block's recomputable units (by the block's path in its model) as the
+    latest call ran them. A model call runs its blocks in order in one thread, so the blocks before a piece were
+    run by the call in hand, at its size: where the piece's rows of a step's token draw start does not depend on
+    the sizes compiled before."""
 
-    def __init__(self, model, dispatcher: Dispatcher | None):
+    def __init__(self):
+        self._local = threading.local()
+
+    def note(self, blocks: dict[str, list[int]]) -> None:
+        recent = getattr(self._local, "blocks", None)
+        if recent is None:
+            recent = self._local.blocks = {}
+        recent.update(blocks)
+
+    def get(self, name: str) -> list[int] | None:
+        return getattr(self._local, "blocks", {}).get(name)
+
+
+class PieceInfo:
+    """What a piece learns of its model on its state's first call: the model, its dispatcher there, and the token
+    counts of its blocks under their paths in the model."""
+
+    def __init__(self, model, dispatcher: Dispatcher | None, blocks: dict[str, list[int]] | None = None):
         self.model_ref = weakref.ref(model) if model is not None else None
         self.dispatcher = dispatcher
+        self.blocks = blocks or {}
         self.seq = -1  # the model call whose dropped / new branches this state applied
         self.shared = False  # called twice in one model call: runs uncached
 
@@ -95,13 +117,16 @@ class PieceRunner(Runner):
         dispatcher = self._dispatchers.get(key)
         if dispatcher is None:
             dispatcher = self._dispatchers.setdefault(key, Dispatcher(self.config, view, blocks, offsets))
-        return PieceInfo(model, dispatcher)
+        tokens = unit_tokens(self.plan)
+        return PieceInfo(model, dispatcher, {f: tokens[n] for n, f in zip(names, full)})
 
     def _row_offsets(self, model, first: str, where: tuple[int, int, int]) -> dict[int, int]:
         """Token count -> the recomputable units of that stream in the model's blocks before `first` (in list
         order, then layer): where this piece's rows start in a step's token draw of the whole model (DuCa draws
-        one row per unit). A block's units are those of the graph that holds it (its graph here, an earlier piece,
-        the graph of the model's start), else those of a graph traced from a block of its class."""
+        one row per unit). A block's units are those the call in hand ran it with (`RecentBlocks`), else those of
+        the graph that holds it (an earlier piece, the graph of the model's start), else those of a graph traced
+        from a block of its class."""
+        recent = self.backend.recent_blocks
         by_name, by_class = {}, {}
         for runner in list(self.backend.runners):
             plan = getattr(runner, "plan", None)
@@ -123,7 +148,9 @@ class PieceRunner(Runner):
                 if li == list_index and i >= layer:
                     break
                 name = f"{lst}.{i}"
-                tokens = by_name.get(name, by_class.get(type(entry).__name__, []))
+                tokens = recent.get(name)
+                if tokens is None:
+                    tokens = by_name.get(name, by_class.get(type(entry).__name__, []))
                 for t in tokens:
                     counts[t] = counts.get(t, 0) + 1
         return counts
@@ -167,6 +194,7 @@ class PieceRunner(Runner):
                     f"are shared between positions): it runs uncached", key=f"shared-{self.graph_id}")
             return None
         info.seq = calls.seq  # this state's first call in this model call: the call's dropped / new branches
+        self.backend.recent_blocks.note(info.blocks)
         for slot in pos.dropped:
             state.drop(slot)
         if pos.new:
@@ -176,10 +204,10 @@ class PieceRunner(Runner):
 
     def _locate_call(self, calls: CallState, call) -> None:
         """The position of a new model call (one host read of its timestep and conditioning)."""
-        t, fingerprint = observe(call.timestep, call.conditioning)
+        t, fingerprint, sample = observe(call.timestep, call.conditioning, call.latents)
         calls.marker, calls.t = call.marker, t
         calls.seq += 1
-        calls.position = locate(self.scope, calls.tracker, t, fingerprint)
+        calls.position = locate(self.scope, calls.tracker, t, fingerprint, sample)
 
     def _run_alone(self, args):
         """Run the FULL variant and keep nothing: a call whose step cannot be known."""

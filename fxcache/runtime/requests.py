@@ -41,6 +41,7 @@ class Request:
         self.states: dict = {}  # (runner, model key) -> GraphState
         self.ended = False
         self.mark = None  # implicit requests: the pipeline call frame they serve (attach.pipeline_call_mark)
+        self.gaps: set = set()  # scopes one of whose calls ran outside fxcache (Dynamo's eager fallback)
         self._lock = threading.Lock()
         for scope in scopes or ():
             scope._requests.add(self)
@@ -161,6 +162,9 @@ class RequestScope:
         self._implicit = threading.local()
         self._requests: "weakref.WeakSet[Request]" = weakref.WeakSet()
         self._warned: set[str] = set()
+        from .recompiles import Limits
+
+        self.limits = Limits()  # Dynamo's recompile limits, applied in every thread that calls the models
 
     def warn_once(self, message: str, key: str | None = None) -> None:
         """One FxCacheWarning per distinct `key` (the message itself by default) for this scope."""
@@ -250,3 +254,13 @@ class RequestScope:
 
     def record(self, **record) -> None:
         self.records.append(record)
+
+    def ran_outside(self) -> None:
+        """A call of this scope's model runs outside fxcache now (Dynamo's eager fallback, past its recompile
+        limit): recorded, and the caller's request starts over at its next fxcache call (`Request.gaps`)."""
+        from .runner import _CALLS
+
+        request = self.current()
+        request.gaps.add(self)
+        self.record(graph=-1, call=next(_CALLS), step=-1, branch=0, kind="full", plan=None, tokens=None,
+                    flops=None, t=None, cached=False, request=request.id, cache_bytes=0)

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..step_plan import StepPlan
 from .attach import CONTEXT_NAME
 from .dispatch import Dispatcher
-from .fingerprint import summaries
+from .fingerprint import latent_sample, summaries
 from .state import GraphState
 from .store import nbytes
 
@@ -106,7 +106,7 @@ class Runner:
 
     def __init__(self, *, backend, graph_id: int, dispatcher: Dispatcher, source: VariantSource,
                  timestep_index: int, conditioning: list[int], param_indices: list[int], inplace: bool = False,
-                 cudagraphs: bool = False, plan=None, keep_example_args: bool = False):
+                 cudagraphs: bool = False, plan=None, keep_example_args: bool = False, latents: int | None = None):
         self.backend = backend
         self.scope = backend.scope
         self.graph_id = graph_id
@@ -118,6 +118,7 @@ class Runner:
         self.cudagraphs = cudagraphs
         self.inplace = inplace
         self._param_indices, self._conditioning = param_indices, conditioning
+        self._latents = latents  # the latents input: calls of two trajectories at one t are told apart by it
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # keep_caches: in-place buffers of ended requests
         self._models: dict[int, weakref.ref] = {}  # id -> model identity (first parameter) seen
         self.scope.runners.add(self)
@@ -125,6 +126,9 @@ class Runner:
         self.keep_example_args = keep_example_args  # export traces with it: the first call's arguments stay held
         self.example_args: tuple | None = None
         self._planned_steps = self.config.planned_steps  # the step count the schedule is written for, if any
+        # the token counts of this graph's blocks, told to the pieces of a graph-broken model that run after it
+        self._recent = getattr(backend, "recent_blocks", None) if plan is not None else None
+        self._block_tokens = unit_tokens(plan) if self._recent is not None else {}
 
     # -- state -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -145,11 +149,25 @@ class Runner:
     def _state(self, args) -> tuple[GraphState, "Request", tuple | None]:
         model, key = self._identity(args)
         request = self.scope.current()
+        if self.scope in request.gaps:
+            self._after_gap(request)
         state = request.state(self, key, lambda: self._new_state(model, key, request))
         if not state.belongs_to(model):  # the model that had these ids is gone
             state.release()
             state.model_ref = weakref.ref(model)
         return state, request, key
+
+    def _after_gap(self, request) -> None:
+        """A call of this request ran outside fxcache (it was not seen): its caches may be a step behind, so every
+        graph of this model starts over here (FULL), and the user hears why."""
+        request.gaps.discard(self.scope)
+        request.clear(self.scope)
+        self.backend._warn_once(
+            "fxcache: a model call ran outside fxcache (Dynamo ran it in eager: its recompile limit was hit), so "
+            "the request it belongs to starts over at its next call (a FULL step; no cache from before the gap is "
+            "read): its result differs from the same request run alone. Raise "
+            "torch._dynamo.config.recompile_limit and accumulated_recompile_limit before the first call, and warm "
+            "up every input shape", key="ran-outside")
 
     def _new_state(self, model, key, request) -> GraphState:
         if model is not None:
@@ -195,9 +213,10 @@ class Runner:
 
     # -- what a call shows -------------------------------------------------------------------------------
     def _position(self, state: GraphState, args):
-        t, fingerprint = observe(args[self.timestep_index], [args[i] for i in self._conditioning])
+        latents = args[self._latents] if self._latents is not None else None
+        t, fingerprint, sample = observe(args[self.timestep_index], [args[i] for i in self._conditioning], latents)
         try:
-            return locate(self.scope, state.tracker, t, fingerprint), t
+            return locate(self.scope, state.tracker, t, fingerprint, sample), t
         except ConfigError:
             state.release()
             raise
@@ -256,6 +275,7 @@ class Runner:
         state.tracker.forget(branch)
 
     def __call__(self, *args):
+        self.scope.limits.apply()
         if self.keep_example_args and self.example_args is None:
             self.example_args = args
         state, request, key = self._state(args)
@@ -263,11 +283,13 @@ class Runner:
         if located is None:  # a call whose step cannot be known (`PieceRunner`): FULL, nothing kept
             return self._run_alone(args)
         pos, t = located
-        self._warn_about(pos, state)
+        if self._block_tokens and type(self) is Runner:
+            self._recent.note(self._block_tokens)
+        self._warn_about(pos, state, request)
         step, branch = pos.step, pos.branch
         return self._run(state, args, step, branch, t)
 
-    def _warn_about(self, pos, state: GraphState) -> None:
+    def _warn_about(self, pos, state: GraphState, request) -> None:
         if pos.crowded and not pos.unmatched:
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id} is called for more CFG branches (or interleaved requests, or new "
@@ -282,6 +304,13 @@ class Runner:
                     f"but the latents and t) from one step to the next, so outside a request they cannot be told "
                     f"from other requests and run FULL (uncached). Run each request inside "
                     f"`with fxcache.request(model):` (or use fxcache.enable(pipe)) to cache them.")
+        if pos.jumped and request.implicit:
+            self.backend._warn_once(
+                f"fxcache: graph {self.graph_id}: a call went on from the last step of a loop with the same "
+                f"conditioning (t moved on), but its latents jumped far from that call's, further than a sampling "
+                f"step moves them: it looks like a new request (an img2img or refine pass starting below the last "
+                f"t), which the step rule cannot tell from a continuation and runs on the other's caches. Run each "
+                f"request inside `with fxcache.request(model):` (or use fxcache.enable(pipe)).", key="jumped")
         if pos.flipped:
             log.info("fxcache: graph %d: t moves the other way during sampling; following it (%s; "
                      "time_direction='%s' saves the first step of every request)",
@@ -330,30 +359,40 @@ class Runner:
         return outs[0] if variant.single_output else tuple(outs)
 
 
-def observe(ts, conditioning: list) -> tuple[float, tuple]:
-    """(t, conditioning fingerprint) of a call, in one host read: its timestep `ts` and conditioning values."""
+def unit_tokens(plan) -> dict[str, list[int]]:
+    """Block name in the graph -> the token counts of its recomputable units."""
+    return {b.name: [u.tokens for u in b.units if u.partial] for b in plan.blocks}
+
+
+def observe(ts, conditioning: list, latents=None) -> tuple[float, tuple, tuple | None]:
+    """(t, conditioning fingerprint, latent sample) of a call, in one host read: its timestep `ts`, conditioning
+    values and latents."""
     if not isinstance(ts, torch.Tensor):
-        return float(ts), ()
+        return float(ts), (), None
     # the largest t of the call: Wan 2.2's image-to-video passes t = 0 for the first frame's tokens
     parts = [ts.detach().reshape(-1).max().to(torch.float64).reshape(1)]
     parts += summaries(conditioning, ts.device)
+    n = sum(p.numel() for p in parts)
+    sample = latent_sample(latents)
+    if sample is not None:
+        parts.append(sample.to(ts.device))
     values = torch.cat(parts).tolist()
-    return values[0], tuple(values[1:])
+    return values[0], tuple(values[1:n]), tuple(values[n:]) if sample is not None else None
 
 
-def locate(scope, tracker, t: float, fingerprint: tuple):
+def locate(scope, tracker, t: float, fingerprint: tuple, sample: tuple | None = None):
     """The position of a call at `t`: the explicit `fxcache.step` around it, else the step rule's."""
     override = scope.override()
     if override is not None:
         return tracker.force(override[0], override[1], t)
-    return tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint)
+    return tracker.locate(t, name=CONTEXT_NAME.get(), fingerprint=fingerprint, sample=sample)
 
 
 def compiled_runner(backend, graph_id: int, gm, graph, variants: dict, *, mode=None, options=None) -> Runner:
     """The runner of a Dynamo graph the analysis understood: its variants (those built at compile time, the rest
     on first use) lowered with the backend's lowering and torch.compile's mode and options."""
     from ..step_plan import GraphView
-    from .fingerprint import conditioning_inputs, parameter_inputs
+    from .fingerprint import conditioning_inputs, latent_input, parameter_inputs
 
     cudagraphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
     inplace = cudagraphs if backend.inplace is None else bool(backend.inplace)
@@ -363,7 +402,8 @@ def compiled_runner(backend, graph_id: int, gm, graph, variants: dict, *, mode=N
                   source=source, timestep_index=graph.timestep_index,
                   conditioning=conditioning_inputs(graph.timestep_index, graph.input_paths, graph.forward_params),
                   param_indices=parameter_inputs(gm), inplace=inplace, cudagraphs=cudagraphs, plan=graph,
-                  keep_example_args=backend.keep_example_inputs)
+                  keep_example_args=backend.keep_example_inputs,
+                  latents=latent_input(graph.timestep_index, graph.input_paths, graph.forward_params))
 
 
 class UncachedRunner:
@@ -383,6 +423,7 @@ class UncachedRunner:
         return 0
 
     def __call__(self, *args):
+        self.scope.limits.apply()
         if self._fn is None:
             with self._lock:
                 if self._fn is None:

@@ -13,6 +13,12 @@ up in Lumina's). So a call goes to the branch with its name, else the one with i
   moved back, the branches that stopped calling before it did (an unconditional branch that CFG truncation ended
   early) end with it, so a new request never continues them.
 
+Calls of several trajectories with one conditioning (micro-batches of one prompt, lockstep loops) are told apart
+by their latents, sampled at a few hundred fixed positions with t: a trajectory's latents move a step at a time,
+another's are unrelated. A repeated t whose latents are far from the branch's last ones (relative distance above
+`FAR`) is another trajectory, never a Heun re-evaluation or the same request again; of several branches t moves
+on from, a call continues the one whose latents are nearest.
+
 A call that matches no branch is a new branch at step 0 (it runs FULL): a repeated t is the other half of a
 true-CFG pair, a t above every branch's is a new request, which drops the old branches, and any other is a request
 that cannot be told from the others, so it reads no one's caches. Only inside an explicit request
@@ -32,6 +38,18 @@ from ..errors import ConfigError
 
 FALLING, RISING = -1, 1
 _TOMBSTONES = 16  # fingerprints of dropped branches remembered per tracker
+#: relative distance between two latent samples above which they are two trajectories: a step of one trajectory
+#: moves its latents by far less (Heun's second evaluation at one t by a fraction of a step), two trajectories
+#: of independent noise differ by about sqrt(2)
+FAR = 0.5
+
+
+def distance(a: tuple | None, b: tuple | None) -> float:
+    """Relative distance of two latent samples (0 when either is unknown)."""
+    if a is None or b is None or len(a) != len(b):
+        return 0.0
+    scale = max(math.hypot(*a), math.hypot(*b))
+    return math.dist(a, b) / scale if scale > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -67,6 +85,8 @@ class Branch:
     used: int = 0  # call counter at last use (least recently used goes first)
     varying: bool = False  # its conditioning changed from one step to the next
     moved_back: bool = False  # its last call started it over because t moved back
+    sample: tuple | None = None  # its last call's latents, at fixed positions
+    jump: float = math.nan  # how far its latents moved at its last step (relative)
 
 
 @dataclasses.dataclass
@@ -80,6 +100,7 @@ class Position:
     unmatched: bool = False  # a call that continues no branch: its conditioning changed, or another request
     revived: bool = False  # a dropped branch's conditioning called again, t moving on: a request taken for ended
     returning: bool = False  # a dropped branch's conditioning called again (not conditioning that changes)
+    jumped: bool = False  # t moved on but the latents jumped far more than a step moves them: maybe a new request
 
 
 class StepTracker:
@@ -93,29 +114,41 @@ class StepTracker:
         self.branches: list[Branch] = []
         self.calls = 0
         self._tombstones: collections.OrderedDict = collections.OrderedDict()  # fingerprint -> its last t
+        # (fingerprint, latent sample) of dropped branches: a dropped trajectory that calls again is not taken
+        # for another one of its conditioning
+        self._dropped: collections.deque = collections.deque(maxlen=_TOMBSTONES)
 
-    def locate(self, t: float, *, name: str | None = None, fingerprint: tuple = ()) -> Position:
-        """The (step, branch) of a call at timestep `t` with this conditioning `fingerprint` and context `name`."""
+    def locate(self, t: float, *, name: str | None = None, fingerprint: tuple = (),
+               sample: tuple | None = None) -> Position:
+        """The (step, branch) of a call at timestep `t` with this conditioning `fingerprint`, context `name` and
+        latent `sample`."""
         if not math.isfinite(t):
             self.reset()
             raise ConfigError(f"the timestep is {t}: fxcache needs finite timesteps to follow the sampling loop "
                               "(this model's caches were dropped; the next call starts a new request)")
         self.calls += 1
-        branch = self._match(t, name, fingerprint)
+        position = self._locate(t, name, fingerprint, sample)
+        for b in self.branches:
+            if b.slot == position.branch and b.fingerprint is not None:
+                b.sample = sample
+        return position
+
+    def _locate(self, t: float, name: str | None, fingerprint: tuple, sample: tuple | None) -> Position:
+        branch = self._match(t, name, fingerprint, sample)
         if branch is not None:
-            return self._advance(branch, t, name, fingerprint)
+            return self._advance(branch, t, name, fingerprint, sample)
         behind = [b for b in self.branches if b.fingerprint is not None and self.direction.forward(t, b.last_t)]
         if behind and name is None:
-            branch = min(behind, key=lambda b: b.used)
+            branch = min(behind, key=lambda b: (distance(b.sample, sample), b.used))
             if self.continue_unmatched and (fingerprint not in self._tombstones or branch.varying):
                 branch.varying = True  # conditioning that changes every step: the loop t moves on in
-                return self._advance(branch, t, name, fingerprint)
+                return self._advance(branch, t, name, fingerprint, sample)
             return dataclasses.replace(self._new_branch(t, name, fingerprint), unmatched=True)
-        if any(b.last_t == t for b in self.branches):  # the other half of a true-CFG pair
+        if any(b.last_t == t for b in self.branches):  # the other half of a true-CFG pair, or another trajectory
             return self._new_branch(t, name, fingerprint)
         live = [b for b in self.branches if b.fingerprint is not None]
         if len(live) == 1 and live[0].moved_back and self.continue_unmatched and not self.direction.fixed:
-            return self._advance(live[0], t, name, fingerprint)  # -> flips the direction
+            return self._advance(live[0], t, name, fingerprint, sample)  # -> flips the direction
         if live and not any(self.direction.forward(t, b.last_t) for b in live):
             for b in live:  # t above every branch: a new request
                 self._drop(b, taken_for_ended=True)
@@ -160,33 +193,45 @@ class StepTracker:
     def reset(self) -> None:
         self.branches.clear()
         self._tombstones.clear()
+        self._dropped.clear()
 
     # -- internals ---------------------------------------------------------------------------------------------
-    def _match(self, t: float, name: str | None, fingerprint: tuple) -> Branch | None:
+    def _match(self, t: float, name: str | None, fingerprint: tuple, sample: tuple | None) -> Branch | None:
+        candidates = []
         if name is not None:  # outside an explicit request, a name is a branch of this conditioning only
-            named = [b for b in self.branches if b.name == name and b.fingerprint is not None
-                     and (self.continue_unmatched or b.fingerprint == fingerprint)]
-            if named:
-                return named[0]
-        candidates = [b for b in self.branches if b.fingerprint == fingerprint and (name is None or b.name is None)]
+            candidates = [b for b in self.branches if b.name == name and b.fingerprint is not None
+                          and (self.continue_unmatched or b.fingerprint == fingerprint)]
+        if not candidates:
+            candidates = [b for b in self.branches
+                          if b.fingerprint == fingerprint and (name is None or b.name is None)]
+        # a repeated t with unrelated latents is another trajectory (a micro-batch), not this branch's
+        candidates = [b for b in candidates if not (t == b.last_t and distance(b.sample, sample) > FAR)]
         if not candidates:
             return None
 
-        def rank(b: Branch):  # a branch that t moves on from first, then a repeat, then one that t moved back from
-            order = 0 if self.direction.forward(t, b.last_t) else 1 if t == b.last_t else 2
-            return order, b.used
+        def rank(b: Branch):  # a branch that t moves on from first (the nearest latents), then a repeat, then one
+            order = 0 if self.direction.forward(t, b.last_t) else 1 if t == b.last_t else 2  # t moved back from
+            return order, distance(b.sample, sample), b.used
 
-        return min(candidates, key=rank)
+        best = min(candidates, key=rank)
+        if sample is not None and any(f == fingerprint and distance(s, sample) < distance(best.sample, sample)
+                                      for f, s in self._dropped):
+            return None  # a dropped trajectory of this conditioning calls again: it continues no other's
+        return best
 
-    def _advance(self, branch: Branch, t: float, name, fingerprint) -> Position:
+    def _advance(self, branch: Branch, t: float, name, fingerprint, sample=None) -> Position:
         moved_back, branch.moved_back = branch.moved_back, False
+        jump, previous = distance(branch.sample, sample), branch.jump
         previous_use, branch.used = branch.used, self.calls
         if name is not None:
             branch.name = name
         branch.fingerprint = fingerprint
         flipped = False
+        jumped = False
         if self.direction.forward(t, branch.last_t):
             branch.step += 1
+            jumped = branch.step >= 2 and jump > FAR and jump > 4 * previous  # not how a loop moves its latents
+            branch.jump = jump
         elif t == branch.last_t and branch.step > 0:
             branch.step += 1  # a second evaluation at one t (Heun)
         elif t != branch.last_t and moved_back and branch.step == 0 and not self.direction.fixed:
@@ -203,11 +248,13 @@ class StepTracker:
                     self._drop(b, taken_for_ended=True)
             return Position(0, branch.slot, True, dropped=tuple(b.slot for b in stale))
         branch.last_t = t
-        return Position(branch.step, branch.slot, False, flipped=flipped)
+        return Position(branch.step, branch.slot, False, flipped=flipped, jumped=jumped)
 
     def _drop(self, branch: Branch, *, taken_for_ended: bool = False) -> None:
         """`taken_for_ended`: the rule guessed its request ended (another one started); remember where it was."""
         self.branches.remove(branch)
+        if branch.fingerprint is not None and branch.sample is not None:
+            self._dropped.append((branch.fingerprint, branch.sample))
         if branch.fingerprint is not None:
             self._tombstones.pop(branch.fingerprint, None)
             self._tombstones[branch.fingerprint] = branch.last_t if taken_for_ended else None
@@ -218,7 +265,10 @@ class StepTracker:
         dropped, crowded = (), False
         if len(self.branches) >= self.max_branches:
             old = min(self.branches, key=lambda b: b.used)
-            crowded = self.calls - old.used <= self.max_branches
+            # a call at the same t and conditioning with other latents, again and again (a fixed-t loop), replaces
+            # a branch that never went on: quietly (a micro-batch that does go on finds it dropped and says so)
+            replaced = old.step == 0 and old.fingerprint == fingerprint and old.last_t == t
+            crowded = self.calls - old.used <= self.max_branches and not replaced
             self._drop(old)
             dropped = (old.slot,)
         revived = returning = False

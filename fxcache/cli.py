@@ -128,6 +128,18 @@ class CommandError(Exception):
     """A user error found by a command (a file it cannot read or write): printed as one line, exit status 1."""
 
 
+def _output_folder(path: str) -> None:
+    """Create the results folder of `demo` / `eval` (refusing one that is a symbolic link), or say why not."""
+    from fxcache.quality.files import LinkedFolderError, output_folder
+
+    try:
+        output_folder(path)
+    except LinkedFolderError as exc:
+        raise CommandError(f"--out {exc.strerror}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {path!r}: {exc.strerror or exc}") from None
+
+
 DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer N=6 O=2", "taylorseer", {"preset": "flux"}),
                 ("FORA N=3", "fora", {}))
 #: PSNR gaps within this many dB count as a tie in the demo's verdict (the spread between prompts is larger)
@@ -171,6 +183,7 @@ def demo(argv=None) -> int:
     import fxcache
     from fxcache.config import make_config
     from fxcache.quality.evaluate import evaluate, pareto_plot
+    from fxcache.quality.files import write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.scene_eval import load_reference
 
@@ -187,10 +200,7 @@ def demo(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
-    try:  # before the minutes of sampling: an output folder that cannot be made fails now
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
+    _output_folder(args.out)  # before the minutes of sampling: an output folder that cannot be made fails now
 
     try:
         ref = load_reference(args.reference)
@@ -249,8 +259,7 @@ def demo(argv=None) -> int:
     try:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=columns, tile=96)
         pareto_plot(report, os.path.join(args.out, "pareto.png"))
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n\n" + summary + "\n")
+        write_text(os.path.join(args.out, "table.md"), table + "\n\n" + summary + "\n")
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
     print(f"\nIn one line: {summary}.")
@@ -402,10 +411,9 @@ def eval_cmd(argv=None) -> int:
     """Uncached vs. fxcache methods on your own diffusers pipeline (a local folder, or a model id already in the
     local cache; never a download): same prompts and seeds, interleaved timed runs; writes table.md,
     results.json, grid.png and pareto.png."""
-    import json
-
     import fxcache
     from fxcache.quality.evaluate import pareto_plot
+    from fxcache.quality.files import write_json, write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.pipeline_eval import check_call_args, evaluate_pipeline, load_pipeline, read_prompts
 
@@ -440,10 +448,7 @@ def eval_cmd(argv=None) -> int:
         raise CommandError(f"--prompts {args.prompts!r} cannot be read: {exc.strerror or exc}") from None
     if not [m for m in args.methods.split(",") if m.strip()]:
         raise CommandError("--methods names no method")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
+    _output_folder(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -498,11 +503,10 @@ def eval_cmd(argv=None) -> int:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=cols, tile=160)
         pareto_plot(report, os.path.join(args.out, "pareto.png"),
                     title=f"{args.pipeline}: {len(cols)} images, {steps} steps")
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
-                      f, indent=2, default=str)
+        write_text(os.path.join(args.out, "table.md"), table + "\n")
+        write_json(os.path.join(args.out, "results.json"),
+                   dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
+                   indent=2, default=str)
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
     print(f"\nwrote {args.out}/table.md, results.json, grid.png (rows: {', '.join(report.images)}) and pareto.png")

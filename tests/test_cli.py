@@ -125,3 +125,103 @@ def test_demo_reports_a_reference_folder_diffusers_cannot_load(tmp_path, capsys)
     err = one_line(capsys.readouterr().err)
     assert rc == 1 and f"--reference {str(tmp_path / 'ref')!r} cannot be loaded" in err
 
+
+# -- results: written atomically, never through a link ---------------------------------------------------------------
+
+
+def plant_links(out, names, tmp_path) -> dict:
+    """A symbolic link at each result name in `out`, to a file outside it that must be left as it was."""
+    out.mkdir(parents=True, exist_ok=True)
+    victims = {}
+    for name in names:
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text(f"not yours: {name}")
+        (out / name).symlink_to(victim)
+        victims[name] = victim
+    return victims
+
+
+def assert_replaced(out, victims):
+    """Every planted link became a regular file of its own; what the links pointed to is untouched; no temporary
+    file is left behind."""
+    for name, victim in victims.items():
+        assert victim.read_text() == f"not yours: {name}"
+        assert not (out / name).is_symlink() and (out / name).is_file() and (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(victims)
+
+
+def test_the_writers_replace_a_planted_link_and_leave_no_half_file(tmp_path):
+    from fxcache.quality.evaluate import Row, pareto_plot
+    from fxcache.quality.files import write_json, write_text
+    from fxcache.quality.grids import save_labelled_grid
+    from fxcache.quality.sampling import save_grid
+
+    out = tmp_path / "out"
+    victims = plant_links(out, ["t.md", "r.json", "grid.png", "digits.png", "plot.png"], tmp_path)
+    write_text(str(out / "t.md"), "| table |\n")
+    write_json(str(out / "r.json"), {"rows": [1, 2]})
+    save_labelled_grid([("row", torch.zeros(2, 3, 8, 8))], str(out / "grid.png"), tile=8)
+    save_grid(torch.zeros(4, 1, 8, 8), str(out / "digits.png"), nrow=2)
+
+    class Report:
+        model, images, steps, guidance = "m", 1, 2, 1.0
+        rows = [Row("uncached", "uncached", 2, 1.0, None, 1.0, 1.0)]
+
+    pareto_plot(Report(), str(out / "plot.png"))
+    assert_replaced(out, victims)
+    assert (out / "t.md").read_text() == "| table |\n" and (out / "r.json").read_text() == '{"rows": [1, 2]}'
+    from PIL import Image
+
+    for name in ("grid.png", "digits.png", "plot.png"):
+        assert Image.open(out / name).format == "PNG"
+    # a writer that fails half-way leaves the previous file as it was, and no temporary file
+    with pytest.raises(TypeError):
+        write_json(str(out / "r.json"), {"rows": object()})
+    assert (out / "r.json").read_text() == '{"rows": [1, 2]}'
+    assert sorted(p.name for p in out.iterdir()) == sorted(victims)
+
+
+def test_a_linked_results_folder_is_refused(tmp_path):
+    from fxcache.quality.files import LinkedFolderError, output_folder, write_text
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for path in (str(tmp_path / "link"), str(tmp_path / "link") + "/"):
+        with pytest.raises(LinkedFolderError, match="is a symbolic link"):
+            output_folder(path)
+    with pytest.raises(LinkedFolderError, match="is a symbolic link"):
+        write_text(str(tmp_path / "link" / "table.md"), "x")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_a_linked_out_folder_is_refused_before_any_work(prompts, tmp_path, capsys, command):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    args = (["eval", "--pipeline", SCENES, "--prompts", prompts, "--methods", "fora", *CALL] if command == "eval"
+            else ["demo", "--images", "2", "--threads", "1"])
+    rc = main(args + ["--steps", "2", "--repeats", "1", "--lowering", "eager", "--out", str(tmp_path / "link")])
+    err = one_line(capsys.readouterr().err)
+    assert rc == 1 and err.startswith(f"fxcache {command}: --out {str(tmp_path / 'link')!r} is a symbolic link (to ")
+    assert "pass the folder it points to, or another" in err and capsys.readouterr().out == ""
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_eval_replaces_links_planted_in_its_out_folder(prompts, tmp_path, capsys):
+    out = tmp_path / "out"
+    victims = plant_links(out, ["table.md", "results.json", "grid.png", "pareto.png"], tmp_path)
+    rc = main(["eval", "--pipeline", SCENES, "--prompts", prompts, "--steps", "2", "--repeats", "1", "--lowering",
+               "eager", "--methods", "fora", "--no-fewer-steps", "--out", str(out), *CALL])
+    assert rc == 0, capsys.readouterr().err
+    assert_replaced(out, victims)
+    assert "| fora | 2 |" in (out / "table.md").read_text()
+
+
+def test_demo_replaces_links_planted_in_its_out_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    victims = plant_links(out, ["table.md", "grid.png", "pareto.png"], tmp_path)
+    rc = main(["demo", "--steps", "2", "--images", "2", "--repeats", "1", "--lowering", "eager", "--threads", "1",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert_replaced(out, victims)
+    assert "(equal compute)" in (out / "table.md").read_text()

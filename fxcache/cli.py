@@ -523,7 +523,8 @@ def main(argv=None) -> int:
               "[--lowering inductor|eager] [--threads T]\n"
               "       fxcache export [--reference flux|dit|pixart | --model DIR --inputs FILE] [--method M] "
               "[-o NAME=VALUE] [--format onnx|tensorrt] [--num-steps N] [--out DIR]\n"
-              "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N]\n"
+              "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N] "
+              "[--timestep-input NAME_OR_INDEX]\n"
               "       fxcache eval --pipeline DIR_OR_ID --prompts FILE [--methods duca,taylorseer,fora] [--steps N] "
               "[-a NAME=VALUE] [--clip-model DIR] [--out DIR]\n"
               "       fxcache COMMAND --help")

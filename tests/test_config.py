@@ -238,7 +238,8 @@ def wrong_values(spec) -> st.SearchStrategy:
         others += [st.booleans(), st.text(max_size=3), st.sampled_from([math.nan, math.inf, -math.inf]),
                    st.floats(max_value=-1e-300), st.integers(max_value=-1), st.sampled_from([10**400, -10**400])]
     elif spec.type is str:
-        others += [st.booleans(), st.integers(), st.floats(), st.text(max_size=6).filter(lambda v: v not in spec.choices)]
+        others += [st.booleans(), st.integers(), st.floats(),
+                   st.text(max_size=6).filter(lambda v: v not in spec.choices)]
     return st.one_of(others)
 
 

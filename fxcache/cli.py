@@ -5,6 +5,7 @@ to ONNX / TensorRT artifacts and a manifest) and `fxcache check`."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -13,14 +14,41 @@ import time
 import torch
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int >= 1 (thread, step, image and batch counts)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (what was wrong, what is accepted) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int, text: str, why: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an int >= {minimum}{why}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an int >= {minimum}{why}, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1 (thread, step, image and batch counts)."""
+    return _at_least(1, text)
+
+
+def _images(text: str) -> int:
+    """argparse type: the demo's image count (its Frechet distance needs two images or more)."""
+    return _at_least(2, text, " (the Frechet distance compares sets of two images or more)")
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite float (a NaN or infinite guidance scale makes every image NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -43,16 +71,73 @@ def _file(text: str) -> str:
 
 def _model_folder(text: str) -> str:
     """argparse type: a folder written by diffusers' save_pretrained (it has config.json)."""
+    return _saved_folder(text, "a diffusers model folder (write one with transformer.save_pretrained(folder))")
+
+
+def _clip_folder(text: str) -> str:
+    """argparse type: a local CLIP model folder (it has config.json)."""
+    return _saved_folder(text, "a CLIP model folder (write one with CLIPModel.save_pretrained(folder) and "
+                               "CLIPProcessor.save_pretrained(folder))")
+
+
+def _saved_folder(text: str, what: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
     if not os.path.isfile(os.path.join(text, "config.json")):
-        raise argparse.ArgumentTypeError(f"{text!r} has no config.json: not a diffusers model folder (write one "
-                                         "with transformer.save_pretrained(folder))")
+        raise argparse.ArgumentTypeError(f"{text!r} has no config.json: not {what}")
     return text
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has (cpu, cuda, cuda:N, mps, ...)."""
+    here = _devices_here()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; accepted here: {here}") from None
+    if device.type == "cpu":
+        return text
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    count = getattr(getattr(torch, device.type, None), "device_count", lambda: 1)
+    if not (callable(available) and available() and (device.index is None or device.index < count())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; accepted here: {here}")
+    return text
+
+
+def _devices_here() -> str:
+    """The devices `--device` takes on this machine, for its error message."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names += ["cuda"] + [f"cuda:{i}" for i in range(n)]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
+def _timestep_input(text: str) -> int | str:
+    """argparse type: the forward's timestep parameter, a name (or dotted path) or an index (digits)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected the name or index of the forward's timestep parameter (e.g. "
+                                         "timestep, or 1), got ''")
+    return int(text) if text.isdigit() else text
 
 
 class CommandError(Exception):
     """A user error found by a command (a file it cannot read or write): printed as one line, exit status 1."""
+
+
+def _output_folder(path: str) -> None:
+    """Create the results folder of `demo` / `eval` (refusing one that is a symbolic link), or say why not."""
+    from fxcache.quality.files import LinkedFolderError, output_folder
+
+    try:
+        output_folder(path)
+    except LinkedFolderError as exc:
+        raise CommandError(f"--out {exc.strerror}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {path!r}: {exc.strerror or exc}") from None
 
 
 DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer N=6 O=2", "taylorseer", {"preset": "flux"}),
@@ -98,15 +183,16 @@ def demo(argv=None) -> int:
     import fxcache
     from fxcache.config import make_config
     from fxcache.quality.evaluate import evaluate, pareto_plot
+    from fxcache.quality.files import write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.scene_eval import load_reference
 
-    p = argparse.ArgumentParser(prog="fxcache demo", description=demo.__doc__)
+    p = _Parser(prog="fxcache demo", description=demo.__doc__)
     p.add_argument("--out", default="fxcache-demo", help="output folder (default ./fxcache-demo)")
     p.add_argument("--steps", type=_steps, default=50, help="Euler steps (default 50)")
-    p.add_argument("--images", type=_positive, default=10, help="images, one prompt each (default 10)")
+    p.add_argument("--images", type=_images, default=10, help="images, one prompt each (default 10, at least 2)")
     p.add_argument("--repeats", type=_positive, default=2, help="timed runs per method, interleaved (default 2)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4, batched CFG)")
+    p.add_argument("--guidance", type=_finite, default=4.0, help="CFG scale (default 4, batched CFG)")
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--threads", type=_positive, default=2)
     p.add_argument("--reference", help="a reference pipeline folder written by benchmarks/train_reference.py scenes "
@@ -114,15 +200,15 @@ def demo(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
-    try:  # before the minutes of sampling: an output folder that cannot be made fails now
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
+    _output_folder(args.out)  # before the minutes of sampling: an output folder that cannot be made fails now
 
     try:
         ref = load_reference(args.reference)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # the kinds diffusers raises for a bad folder
+        raise CommandError(f"--reference {args.reference!r} cannot be loaded by diffusers: "
+                           f"{_first_line(exc)}") from None
     params = sum(q.numel() for q in ref.transformer.parameters())
     _, _, height, width = ref.latent_shape(1)
     print(f"fxcache demo: the text-to-image reference (FluxPipeline: {params / 1e6:.1f}M-parameter MMDiT, "
@@ -173,8 +259,7 @@ def demo(argv=None) -> int:
     try:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=columns, tile=96)
         pareto_plot(report, os.path.join(args.out, "pareto.png"))
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n\n" + summary + "\n")
+        write_text(os.path.join(args.out, "table.md"), table + "\n\n" + summary + "\n")
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
     print(f"\nIn one line: {summary}.")
@@ -199,7 +284,7 @@ def export_cmd(argv=None) -> int:
     """Export a cached transformer: one artifact per variant (weights as constants) and manifest.json."""
     import fxcache
 
-    p = argparse.ArgumentParser(prog="fxcache export", description=export_cmd.__doc__)
+    p = _Parser(prog="fxcache export", description=export_cmd.__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--reference", default="flux", choices=("flux", "dit", "pixart"),
                      help="a committed trained digit model (default flux)")
@@ -263,8 +348,7 @@ def _load_model(folder: str, inputs_file: str):
     try:  # a local folder: never a download
         transformer = AutoModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # the kinds diffusers raises for a bad folder
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CommandError(f"--model {folder!r} cannot be loaded by diffusers: {first}") from None
+        raise CommandError(f"--model {folder!r} cannot be loaded by diffusers: {_first_line(exc)}") from None
     return transformer.eval(), inputs
 
 
@@ -275,7 +359,7 @@ def check_cmd(argv=None) -> int:
     import fxcache
     from fxcache.testing.check import REFERENCE_METHODS, check_model
 
-    p = argparse.ArgumentParser(prog="fxcache check", description=check_cmd.__doc__)
+    p = _Parser(prog="fxcache check", description=check_cmd.__doc__)
     p.add_argument("--model", type=_model_folder, required=True,
                    help="a diffusers transformer folder (from save_pretrained)")
     p.add_argument("--inputs", type=_file, required=True,
@@ -284,9 +368,14 @@ def check_cmd(argv=None) -> int:
                    help=f"comma-separated, of {', '.join(fxcache.method_names())} (default "
                         f"{','.join(REFERENCE_METHODS)})")
     p.add_argument("--steps", type=_positive, default=6, help="calls per loop (default 6)")
-    p.add_argument("--timestep-input", help="the forward's timestep parameter, when fxcache does not find it")
+    p.add_argument("--timestep-input", type=_timestep_input,
+                   help="the forward's timestep parameter (its name, or its index among the forward's parameters), "
+                        "when fxcache does not find it")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CommandError(f"--methods names no method: give one or more of {', '.join(fxcache.method_names())}, "
+                           "comma-separated")
     unknown = [m for m in methods if m not in fxcache.method_names()]
     if unknown:
         raise CommandError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(fxcache.method_names())}")
@@ -322,14 +411,13 @@ def eval_cmd(argv=None) -> int:
     """Uncached vs. fxcache methods on your own diffusers pipeline (a local folder, or a model id already in the
     local cache; never a download): same prompts and seeds, interleaved timed runs; writes table.md,
     results.json, grid.png and pareto.png."""
-    import json
-
     import fxcache
     from fxcache.quality.evaluate import pareto_plot
+    from fxcache.quality.files import write_json, write_text
     from fxcache.quality.grids import save_labelled_grid
-    from fxcache.quality.pipeline_eval import evaluate_pipeline, load_pipeline, read_prompts
+    from fxcache.quality.pipeline_eval import check_call_args, evaluate_pipeline, load_pipeline, read_prompts
 
-    p = argparse.ArgumentParser(prog="fxcache eval", description=eval_cmd.__doc__)
+    p = _Parser(prog="fxcache eval", description=eval_cmd.__doc__)
     p.add_argument("--pipeline", required=True, help="a diffusers pipeline folder (model_index.json) or a cached id")
     p.add_argument("--prompts", type=_file, required=True, help="a text file, one prompt per line ('#' comments)")
     p.add_argument("--methods", default="duca,taylorseer,fora",
@@ -343,8 +431,9 @@ def eval_cmd(argv=None) -> int:
                    help="a pipeline call argument, e.g. -a guidance_scale=3.5 -a height=512 (repeatable)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="load the pipeline in this dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", help="where to run it (default: cuda when available, else cpu)")
-    p.add_argument("--clip-model", help="a local CLIP model folder (CLIPModel + CLIPProcessor) for the CLIP score")
+    p.add_argument("--device", type=_device, help="where to run it (default: cuda when available, else cpu)")
+    p.add_argument("--clip-model", type=_clip_folder,
+                   help="a local CLIP model folder (CLIPModel + CLIPProcessor) for the CLIP score")
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the uncached fewer-steps rows")
     p.add_argument("--threads", type=_positive, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", default="fxcache-eval", help="output folder (default ./fxcache-eval)")
@@ -355,22 +444,25 @@ def eval_cmd(argv=None) -> int:
         prompts = read_prompts(args.prompts)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CommandError(f"--prompts: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"--prompts {args.prompts!r} cannot be read: {exc.strerror or exc}") from None
     if not [m for m in args.methods.split(",") if m.strip()]:
         raise CommandError("--methods names no method")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot create the output folder {args.out!r}: {exc.strerror or exc}") from None
+    _output_folder(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         pipe = load_pipeline(args.pipeline, getattr(torch, dtype), device)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CommandError(f"--pipeline {args.pipeline!r} cannot be loaded offline by diffusers: {first}") from None
+        raise CommandError(f"--pipeline {args.pipeline!r} cannot be loaded offline by diffusers: "
+                           f"{_first_line(exc)}") from None
     if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
         raise CommandError(f"--pipeline {args.pipeline!r} is a {type(pipe).__name__} without a transformer "
                            "component: fxcache caches diffusion transformers")
+    try:  # before any sampling
+        check_call_args(pipe, dict(args.arg))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     from fxcache.quality.pipeline_eval import default_steps
 
     steps = args.steps or default_steps(pipe) or 50
@@ -383,7 +475,7 @@ def eval_cmd(argv=None) -> int:
 
     m = 0 if args.no_fewer_steps else len(methods)
     total = 2 + len(methods) + m + args.repeats * (1 + len(methods) + m)  # at most
-    with tqdm(total=total, unit="run", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stdout) as bar:  # stderr: errors only
         def progress(message: str) -> None:
             bar.set_description(message[:50])
             bar.update(1)
@@ -396,7 +488,7 @@ def eval_cmd(argv=None) -> int:
                                        name=args.pipeline, progress=progress)
             bar.update(bar.total - bar.n)
         except (ValueError, TypeError) as exc:
-            raise CommandError(str(exc).strip().splitlines()[0]) from None
+            raise CommandError(_first_line(exc)) from None
     table = report.table()
     print("\n" + table)
     print("\nPSNR / SSIM: against the uncached images of the same prompt and seed. s per run: whole pipeline "
@@ -411,11 +503,10 @@ def eval_cmd(argv=None) -> int:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=cols, tile=160)
         pareto_plot(report, os.path.join(args.out, "pareto.png"),
                     title=f"{args.pipeline}: {len(cols)} images, {steps} steps")
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
-                      f, indent=2, default=str)
+        write_text(os.path.join(args.out, "table.md"), table + "\n")
+        write_json(os.path.join(args.out, "results.json"),
+                   dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
+                   indent=2, default=str)
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
     print(f"\nwrote {args.out}/table.md, results.json, grid.png (rows: {', '.join(report.images)}) and pareto.png")
@@ -432,7 +523,8 @@ def main(argv=None) -> int:
               "[--lowering inductor|eager] [--threads T]\n"
               "       fxcache export [--reference flux|dit|pixart | --model DIR --inputs FILE] [--method M] "
               "[-o NAME=VALUE] [--format onnx|tensorrt] [--num-steps N] [--out DIR]\n"
-              "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N]\n"
+              "       fxcache check --model DIR --inputs FILE [--methods fora,duca,taylorseer] [--steps N] "
+              "[--timestep-input NAME_OR_INDEX]\n"
               "       fxcache eval --pipeline DIR_OR_ID --prompts FILE [--methods duca,taylorseer,fora] [--steps N] "
               "[-a NAME=VALUE] [--clip-model DIR] [--out DIR]\n"
               "       fxcache COMMAND --help")
@@ -445,6 +537,12 @@ def main(argv=None) -> int:
             return 1
     print(f"fxcache: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing): errors are printed as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def fxcache_errors():

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import hashlib
 import json
+import math
+import types
+import typing
 from typing import ClassVar
 
 from .errors import ConfigError, UnknownOptionError
@@ -30,15 +34,22 @@ class StepKind(str, enum.Enum):
 class CacheConfig:
     """Base of every method config. Steps count up from 0 within one generation.
 
-    Subclasses set `method`, validate in `_validate`, and implement `step_kind(step)`. Step counts (`interval`,
+    Subclasses set `method`, validate in `_validate`, and implement `step_kind(step)`. Before `_validate` runs,
+    every field annotated int, float (finite), str or bool, or one of those or None, holds a value of that type
+    and every str field named in `CHOICES` one of its values (`field_specs`), or a `ConfigError` names the field,
+    the value and what it accepts; `_validate` checks ranges and how fields combine. Step counts (`interval`,
     `warmup_steps`, `num_steps`) are at most `MAX_STEPS` (10000): larger ones only mean "never" and would make
     schedules and exports unbounded.
     """
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    #: field name -> the values a str field takes (merged over the class's bases: mixins add theirs)
+    CHOICES: ClassVar[dict] = {}
 
     def __post_init__(self) -> None:
+        for spec in field_specs(type(self)):  # types and choices first: `_validate` compares and looks values up
+            spec.check(type(self).__name__, getattr(self, spec.name))
         self._validate()
 
     def _validate(self) -> None:  # pragma: no cover - overridden
@@ -107,6 +118,68 @@ class CacheConfig:
     def cache_key(self) -> str:
         payload = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+#: the field types `CacheConfig` checks, what each accepts (for the message) and the test of a value
+_TYPES = {
+    int: ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)),
+    str: ("a str", lambda v: isinstance(v, str)),
+    bool: ("True or False", lambda v: isinstance(v, bool)),
+}
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """What `CacheConfig` checks of one field before the config's own `_validate`: its annotated type (int, float,
+    str or bool; None for any other, which it leaves to `_validate`), whether None is accepted, and the values a
+    str field takes (`CHOICES`)."""
+
+    name: str
+    type: type | None
+    optional: bool
+    choices: tuple = ()
+
+    @property
+    def accepted(self) -> str:
+        said = f"one of {', '.join(self.choices)}" if self.choices else _TYPES[self.type][0]
+        return f"None or {said}" if self.optional else said
+
+    def check(self, owner: str, value) -> None:
+        if self.type is None or (value is None and self.optional):
+            return
+        if not _TYPES[self.type][1](value):
+            raise ConfigError(f"{owner}.{self.name} must be {self.accepted}, got {value!r} "
+                              f"(a {type(value).__name__})")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{owner}.{self.name} must be {self.accepted}, got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def field_specs(cls: type) -> tuple[FieldSpec, ...]:
+    """The `FieldSpec` of every field of config class `cls`, from its annotations and `CHOICES`."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # annotations this module cannot resolve: left to the config's `_validate`
+        hints = {}
+    choices: dict = {}
+    for base in reversed(cls.__mro__):
+        choices.update(vars(base).get("CHOICES", {}))
+    specs = []
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = [a for a in args if a is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 and kinds[0] in _TYPES else None
+        specs.append(FieldSpec(f.name, kind, type(None) in args, tuple(choices.get(f.name, ()))))
+    return tuple(specs)
 
 
 _METHODS: dict[str, type[CacheConfig]] = {}

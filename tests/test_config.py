@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from fractions import Fraction
+from typing import ClassVar
 
 import pytest
 from hypothesis import assume, given
@@ -220,6 +222,75 @@ def test_invalid_int_fields(cls, field, value):
 def test_invalid_duca_fields(field, value):
     with pytest.raises(ConfigError, match=field):
         DuCaConfig(**{field: value})
+
+
+def wrong_values(spec) -> st.SearchStrategy:
+    """Values a field of `spec`'s annotated type must refuse: other types (None where it is not allowed, a bool for
+    an int, a float for an int, a str for a number, containers), non-finite and negative numbers (no option of a
+    registered method takes a negative), and strs that are none of a field's choices."""
+    others = [st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+              st.tuples(st.integers()), st.binary(max_size=3), st.complex_numbers(allow_nan=False, max_magnitude=9)]
+    if not spec.optional:
+        others.append(st.none())
+    if spec.type is int:
+        others += [st.booleans(), st.floats(), st.text(max_size=3), st.integers(max_value=-1)]
+    elif spec.type is float:
+        others += [st.booleans(), st.text(max_size=3), st.sampled_from([math.nan, math.inf, -math.inf]),
+                   st.floats(max_value=-1e-300), st.integers(max_value=-1), st.sampled_from([10**400, -10**400])]
+    elif spec.type is str:
+        others += [st.booleans(), st.integers(), st.floats(),
+                   st.text(max_size=6).filter(lambda v: v not in spec.choices)]
+    return st.one_of(others)
+
+
+FIELDS = [(name, spec) for name in method_names() for spec in config_module.field_specs(get_method(name))]
+
+
+def test_every_field_of_every_method_has_a_checked_type_and_every_str_field_its_choices():
+    for name, spec in FIELDS:
+        assert spec.type in (int, float, str), (name, spec)
+        assert spec.type is not str or spec.choices, (name, spec)
+
+
+@pytest.mark.parametrize("method, spec", FIELDS, ids=[f"{m}.{s.name}" for m, s in FIELDS])
+@given(data=st.data())
+def test_a_wrong_value_for_any_field_is_a_config_error_naming_it(method, spec, data):
+    """Any wrong-typed (or negative, non-finite, unknown) value of any option of any registered method is a
+    ConfigError that names the option and the value, never another exception (a list for ratio_schedule was an
+    unhashable TypeError)."""
+    value = data.draw(wrong_values(spec))
+    cls = get_method(method)
+    with pytest.raises(ConfigError) as info:
+        cls(**{spec.name: value})
+    assert f"{cls.__name__}.{spec.name}" in str(info.value) and repr(value)[:20] in str(info.value)
+
+
+@pytest.mark.parametrize("value, says", [([1], "got [1] (a list)"), ({}, "got {} (a dict)"),
+                                         (None, "got None (a NoneType)")])
+def test_an_unhashable_ratio_schedule_is_named_with_the_schedules(value, says):
+    with pytest.raises(ConfigError, match=r"ToCaConfig\.ratio_schedule must be one of flat, flux, dit-ddim50, "
+                                          r"dit-ddpm250, pixart, opensora, " + re.escape(says)):
+        fxcache.ToCaConfig(ratio_schedule=value)
+
+
+def test_the_type_checks_follow_the_annotations_of_a_new_method():
+    """A method registered elsewhere gets the same checks from its annotations, with its own choices."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Probe(CacheConfig):
+        CHOICES: ClassVar[dict] = {"mode": ("a", "b")}
+        interval: int = 2
+        scale: float | None = None
+        mode: str = "a"
+        extra: tuple = ()  # a type the base class does not check
+
+    with pytest.raises(ConfigError, match=r"Probe\.interval must be an int, got 2\.0 \(a float\)"):
+        Probe(interval=2.0)
+    with pytest.raises(ConfigError, match=r"Probe\.scale must be None or a finite number, got 'x' \(a str\)"):
+        Probe(scale="x")
+    with pytest.raises(ConfigError, match=r"Probe\.mode must be one of a, b, got 'c'"):
+        Probe(mode="c")
+    assert Probe(extra=[1], scale=1).scale == 1
 
 
 def test_config_error_is_a_value_error():

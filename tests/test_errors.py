@@ -157,3 +157,53 @@ def test_step_override_for_repeated_timesteps():
                 compiled(**kw)
     assert [(r["step"], r["branch"], r["kind"]) for r in fxcache.stats(compiled)] == [
         (0, 0, "full"), (1, 0, "reuse"), (2, 0, "full"), (3, 0, "reuse")]
+
+
+LATENTS_AS_TIME = ("timestep_input=0 names `hidden_states`, a 4-D tensor of shape (1, 4, 8, 8); the timestep is a "
+                   "per-sample scalar (shape (B,) or ())")
+
+
+def test_a_timestep_input_naming_the_latents_is_said_so_under_strict():
+    """DiT's forward parameter 0 is the latents: read as t, its largest value would step the loop at random."""
+    compiled, _ = compile_cached(make_model("dit"), "fora", timestep_input=0, strict=True)
+    with pytest.raises(fxcache.UnsupportedGraphError) as info, torch.no_grad():
+        compiled(**make_inputs("dit"))
+    message = str(info.value)
+    assert message.startswith(LATENTS_AS_TIME)
+    assert "per-sample scalar inputs: `timestep` (1,), `class_labels` (1,)" in message
+    assert "fxcache finds `timestep` itself: leave timestep_input unset" in message
+
+
+def test_a_timestep_input_naming_the_latents_warns_and_runs_uncached():
+    model = make_model("dit")
+    compiled, _ = compile_cached(model, "fora", timestep_input=0, strict=False, interval=2)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [compiled(**make_inputs("dit", t=t))[0] for t in (0.9, 0.6)]
+        refs = [model(**make_inputs("dit", t=t))[0] for t in (0.9, 0.6)]
+    ours = [str(w.message) for w in caught if issubclass(w.category, fxcache.FxCacheWarning)]
+    assert len(ours) == 1 and LATENTS_AS_TIME in ours[0]
+    assert [r["cached"] for r in fxcache.stats(compiled)] == [False, False]
+    for o, r in zip(outs, refs):
+        assert torch.equal(o, r)
+
+
+def test_explain_says_a_timestep_input_names_the_latents():
+    result = fxcache.explain(make_model("dit"), **make_inputs("dit"), timestep_input="hidden_states")
+    assert result.plans == [None]
+    assert result.errors[0].startswith("timestep_input='hidden_states' names `hidden_states`, a 4-D tensor of shape "
+                                       "(1, 4, 8, 8)")
+    plan = fxcache.explain(make_model("dit"), **make_inputs("dit"), timestep_input=2).plans[0]
+    assert plan is not None and plan.timestep_name.endswith("class_labels_")  # (B,): a per-sample scalar
+
+
+def test_a_timestep_input_naming_the_latents_of_blocks_compiled_on_their_own_is_said_so():
+    """Blocks compiled one by one take their step from the model call around them: there too, a timestep_input that
+    names the latents is named as such, not as a missing timestep."""
+    model = make_model("dit")
+    backend = fxcache.cache_backend("fora", lowering="eager", strict=True, timestep_input=0)
+    for block in model.transformer_blocks:
+        block.compile(backend=backend, dynamic=False)
+    with pytest.raises(fxcache.UnsupportedGraphError) as info, torch.no_grad():
+        model(**make_inputs("dit"))
+    assert LATENTS_AS_TIME in str(info.value) and "`timestep` (1,)" in str(info.value)

@@ -12,7 +12,7 @@ from .blocks import (DEFAULT_BLOCK_LISTS, Block, find_blocks, nested_block_lists
                      without_token_mixing_lists)
 from .inputs import input_paths
 from .module_stack import is_param_placeholder
-from .timestep import find_timestep, resolve_timestep_input, sinusoidal_inputs
+from .timestep import check_named_timestep, find_timestep, resolve_timestep_input, sinusoidal_inputs
 from .units import Unit, find_units
 
 
@@ -189,6 +189,8 @@ def analyse(
                                         f"pass the timestep as a tensor); its tensor inputs are: "
                                         f"{', '.join(users)}")
         index, node = found
+        if index is not None:
+            check_named_timestep(gm, index, timestep_input, input_paths(gm, forward_params), batch)
         how = (f"timestep_input={timestep_input!r}" if index is not None else
                f"the step comes from the model call's {timestep_input!r} (a piece of a forward that graph-breaks, "
                f"or a block compiled on its own)")

@@ -132,6 +132,51 @@ def _per_sample_scalar(x: fx.Node, batch: int | None) -> bool:
     return v.dim() == 0 or batch is None or v.shape[0] in (1, batch)
 
 
+def not_a_timestep(spec, name: str, value, scalars: list[tuple[str, tuple]], found: str | None = None,
+                   batch: int | None = None) -> str:
+    """The error for a `timestep_input=` (`spec`) that names `name`, whose `value` is not a per-sample scalar:
+    what it is, what a timestep is, the per-sample scalar inputs (name, shape) there are, and the one fxcache
+    finds itself (`found`), if any."""
+    if isinstance(value, torch.Tensor):
+        what = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
+        if value.dim() == 1 and batch is not None:
+            what += f", not one value per sample (batch {batch})"
+    else:
+        what = f"a {type(value).__name__}"
+    message = (f"timestep_input={spec!r} names `{name}`, {what}; the timestep is a per-sample scalar (shape (B,) or "
+               f"()), whose value each call's step is read from")
+    if scalars:
+        message += "; the per-sample scalar inputs: " + ", ".join(f"`{n}` {s}" for n, s in scalars)
+    else:
+        message += "; no input is a per-sample scalar: pass the timestep as a tensor of shape (B,)"
+    if found is not None:
+        message += f"; fxcache finds `{found}` itself: leave timestep_input unset"
+    return message
+
+
+def check_named_timestep(gm: fx.GraphModule, index: int, spec, paths: dict[int, str],
+                         batch: int | None) -> None:
+    """Raise UnsupportedGraphError when the input that `timestep_input=spec` names (placeholder `index`) is not a
+    per-sample scalar (a 0-d or (B,) tensor, or a number) and feeds no diffusers `Timesteps` module (whose input
+    may hold a value per token, as Wan 2.2's image-to-video does): read as t, the latents or a text embedding
+    would step the loop at random."""
+    from ..errors import UnsupportedGraphError
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    node = placeholders[index]
+    value = node.meta.get("example_value")
+    if _per_sample_scalar(node, batch) or isinstance(value, (int, float)):
+        return
+    fed = find_timestep_input(gm)
+    if fed is not None and fed[0] == index:
+        return
+    scalars = [(paths[i], tuple(p.meta["example_value"].shape)) for i, p in enumerate(placeholders)
+               if i in paths and _per_sample_scalar(p, batch)]
+    found = find_timestep(gm, paths, batch)
+    raise UnsupportedGraphError(not_a_timestep(spec, paths.get(index, node.name), value, scalars,
+                                               paths.get(found[0]) if found is not None else None, batch))
+
+
 def find_timestep_input(gm: fx.GraphModule) -> tuple[int, fx.Node] | None:
     """(placeholder index, node) of the input of a diffusers `Timesteps` module, or None when there is none."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -7,12 +7,12 @@ from typing import ClassVar
 
 from ..analysis.clusters import cluster_groups
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_fraction, check_int, check_seed, register_method
-from ..errors import ConfigError, UnsupportedGraphError
+from ..errors import UnsupportedGraphError
 from ..graph_io import Role, Slot
 from ..passes import cluster_tokens, forecast_units, refresh_clusters, update_factors
 from ..step_plan import BlockKind
 from .recipe import Recipe, read_units, register_recipe, units_in
-from .schedule import Cyclic, SeededDraws, check_schedule
+from .schedule import FIXED_SCHEDULES, Cyclic, SeededDraws, check_schedule
 
 #: Lloyd iterations run at every FULL step and are unrolled when lowered or exported (the papers use 10-100)
 MAX_KMEANS_ITERS = 1000
@@ -67,6 +67,7 @@ class ClusCaConfig(Cyclic, SeededDraws, CacheConfig):
     """
 
     method = "clusca"
+    CHOICES: ClassVar[dict] = {"schedule": FIXED_SCHEDULES, **OPTION_VALUES}
     #: Which code each preset reproduces (Cache4Diffusion @91a1949; docs/authors/dit-schedules.md section 5):
     #: - "flux": flux/clusca-flux (sample.py defaults): N=5, O=1, K=16, gamma=0.005 (image stream only), W=3, 10
     #:   k-means iterations, with the authors' anchor, per-unit draws and k-means. 12 FULL steps of 50: at most
@@ -108,13 +109,9 @@ class ClusCaConfig(Cyclic, SeededDraws, CacheConfig):
         check_fraction("ClusCaConfig", "gamma", self.gamma)
         object.__setattr__(self, "gamma", float(self.gamma) + 0.0)
         check_int("ClusCaConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
-        check_schedule("ClusCaConfig", self.schedule, self.num_steps, allowed=("counter", "countdown"))
+        check_schedule("ClusCaConfig", self.schedule, self.num_steps)
         check_int("ClusCaConfig", "kmeans_iters", self.kmeans_iters, minimum=0, maximum=MAX_KMEANS_ITERS,
                   why="the papers use 10-100; lowered or exported graphs unroll them")
-        for name, allowed in OPTION_VALUES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"ClusCaConfig.{name} must be one of {', '.join(allowed)}, got "
-                                  f"{getattr(self, name)!r}")
         check_seed("ClusCaConfig", self.seed)
 
     @property

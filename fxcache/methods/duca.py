@@ -13,7 +13,7 @@ from ..passes import expose_final, expose_units, read_final, recompute_subset, r
 from ..step_plan import BlockKind, BlockStep
 from ..analysis.scored import scored_units
 from .recipe import Recipe, partial_units, register_recipe, units_in
-from .schedule import Cyclic, SeededDraws, check_schedule
+from .schedule import SCHEDULES, Cyclic, SeededDraws, check_schedule
 from .selection import TokenSelection
 from .toca import build_selection
 
@@ -46,6 +46,7 @@ class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     """
 
     method = "duca"
+    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES}
     #: DuCa v2 paper, FLUX.1-dev: N=5, R=90%, W=3 (2.93x latency, IR 0.9896; FULL 12 of 50, with the ToCa FLUX
     #: ratio schedule its FLOPs row fits: erratum 8); HunyuanVideo reference (Cache4Diffusion): N=5, R=90%, W=1,
     #: random tokens with the FLUX layer / stream factors. DiT (DuCa-DiT README: N=3, r=0.05, attention score,

@@ -9,7 +9,7 @@ from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, reg
 from ..passes import expose_units, reuse_units
 from ..step_plan import BlockKind
 from .recipe import Recipe, read_units, register_recipe, units_in
-from .schedule import Cyclic, check_schedule
+from .schedule import FIXED_SCHEDULES, Cyclic, check_schedule
 
 
 @register_method
@@ -30,6 +30,7 @@ class FORAConfig(Cyclic, CacheConfig):
     """
 
     method = "fora"
+    CHOICES: ClassVar[dict] = {"schedule": FIXED_SCHEDULES}
     #: FORA paper / ToCa README: FLUX.1-dev N=3 (2.82x FLOPs); DiT-XL/2 DDIM-50 N=3 (2.77x, FID 3.55), run by the
     #: authors as DiT-ToCa with fresh ratio 0: FULL at s = 0, 1, 4, ..., 49, 18 of 50 (docs/authors/dit-schedules.md
     #: section 2; pass num_steps for another step count); HunyuanVideo N=5 (5.00x, from the TaylorSeer tables).
@@ -47,7 +48,7 @@ class FORAConfig(Cyclic, CacheConfig):
     def _validate(self) -> None:
         check_int("FORAConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_int("FORAConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
-        check_schedule("FORAConfig", self.schedule, self.num_steps, allowed=("counter", "countdown"))
+        check_schedule("FORAConfig", self.schedule, self.num_steps)
 
     @property
     def kinds(self) -> frozenset[StepKind]:

@@ -20,6 +20,8 @@ def cycle_position(step: int, interval: int, warmup: int) -> int:
 
 
 SCHEDULES = ("counter", "countdown", "dit", "pixart")
+#: the schedules of the methods without the references' per-block schedules
+FIXED_SCHEDULES = ("counter", "countdown")
 
 
 def _reference_interval(schedule: str, interval: int, s: int, num_steps: int, fixed: bool) -> int:
@@ -81,9 +83,9 @@ def progress_position(schedule: str, step: int, interval: int, num_steps: int, f
     return reference_positions(schedule, step, interval, num_steps, fixed)[1]
 
 
-def check_schedule(owner: str, schedule, num_steps, allowed: tuple[str, ...] = SCHEDULES) -> None:
-    if schedule not in allowed:
-        raise ConfigError(f"{owner}.schedule must be one of {', '.join(allowed)}, got {schedule!r}")
+def check_schedule(owner: str, schedule: str, num_steps) -> None:
+    """num_steps within bounds, and given where the schedule counts the steps (the schedule's name is one of the
+    config's `CHOICES`, checked before)."""
     if num_steps is not None:
         check_int(owner, "num_steps", num_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
     if schedule != "counter" and num_steps is None:

@@ -6,7 +6,7 @@ Shared by ToCa and DuCa (whose conservative steps are ToCa steps in the authors'
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import ClassVar
 
 import torch
 
@@ -84,6 +84,8 @@ class TokenSelection:
     """The fields of the configs whose partial steps choose tokens as ToCa does, with what they mean (ToCaConfig
     documents each); the config brings `num_steps`, `schedule`, `warmup_steps` and a `fresh_ratio`."""
 
+    CHOICES: ClassVar[dict] = {"score": SCORES, "prefer": ("low", "high"), "rows": ROWS,
+                               "ratio_schedule": RATIO_SCHEDULES}
     score: str = "random"
     prefer: str = "low"
     staleness_weight: float = 0.0
@@ -94,23 +96,14 @@ class TokenSelection:
     rows: str = "shared"
 
     def _validate_selection(self, owner: str) -> None:
-        if self.score not in SCORES:
-            raise ConfigError(f"{owner}.score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.prefer not in ("low", "high"):
-            raise ConfigError(f"{owner}.prefer must be 'low' or 'high', got {self.prefer!r}")
-        if self.rows not in ROWS:
-            raise ConfigError(f"{owner}.rows must be 'each' (every batch row chooses its own tokens, as the authors' "
-                              f"code) or 'shared' (scores averaged over the rows), got {self.rows!r}")
+        """Ranges and combinations (score, prefer, rows and ratio_schedule are `CHOICES`, checked before)."""
         for name in ("staleness_weight", "spatial_bonus"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if v < 0:
                 raise ConfigError(f"{owner}.{name} must be a number >= 0, got {v!r}")
             object.__setattr__(self, name, float(v) + 0.0)
         check_int(owner, "spatial_grid", self.spatial_grid, minimum=0, maximum=MAX_SPATIAL_GRID,
                   why="the side of a bonus cell in tokens; the references use 2-4")
-        if self.ratio_schedule not in RATIO_SCHEDULES:
-            raise ConfigError(f"{owner}.ratio_schedule must be one of {', '.join(RATIO_SCHEDULES)}, "
-                              f"got {self.ratio_schedule!r}")
         if RATIO_SCHEDULES[self.ratio_schedule].step_weight and self.num_steps is None:
             raise ConfigError(f"{owner}.ratio_schedule={self.ratio_schedule!r} changes the ratio with the "
                               "sampling progress: pass num_steps (the sampler's step count)")

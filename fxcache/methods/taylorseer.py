@@ -9,7 +9,7 @@ from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, reg
 from ..passes import forecast_units, update_factors
 from ..step_plan import BlockKind
 from .recipe import Recipe, read_units, register_recipe, units_in
-from .schedule import Cyclic, check_schedule
+from .schedule import FIXED_SCHEDULES, Cyclic, check_schedule
 
 
 @register_method
@@ -34,6 +34,7 @@ class TaylorSeerConfig(Cyclic, CacheConfig):
     """
 
     method = "taylorseer"
+    CHOICES: ClassVar[dict] = {"schedule": FIXED_SCHEDULES}
     #: TaylorSeer paper: FLUX.1-dev N=6, O=2, W=3 (4.99x FLOPs, IR 1.0039); DiT-XL/2 DDIM-50 N=4, O=4 (3.57x), FULL
     #: at s = 0, 1, 5, ..., 49 as the authors' countdown gives it (docs/authors/dit-schedules.md section 4);
     #: HunyuanVideo / Wan2.1 N=5, O=1, W=1 (5.00x, VBench 79.93).
@@ -53,7 +54,7 @@ class TaylorSeerConfig(Cyclic, CacheConfig):
         check_int("TaylorSeerConfig", "interval", self.interval, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
         check_int("TaylorSeerConfig", "order", self.order, minimum=0, maximum=8, why="the papers use 1-4")
         check_int("TaylorSeerConfig", "warmup_steps", self.warmup_steps, minimum=1, maximum=MAX_STEPS, why=STEPS_WHY)
-        check_schedule("TaylorSeerConfig", self.schedule, self.num_steps, allowed=("counter", "countdown"))
+        check_schedule("TaylorSeerConfig", self.schedule, self.num_steps)
 
     @property
     def taylor_order(self) -> int:

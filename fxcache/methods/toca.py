@@ -13,7 +13,7 @@ from ..passes import (Selection, age_unrefreshed, expose_units, record_scores, r
                       select_and_recompute)
 from ..step_plan import BlockKind, BlockStep
 from .recipe import Recipe, partial_units, register_recipe, units_in
-from .schedule import Cyclic, SeededDraws, check_schedule
+from .schedule import SCHEDULES, Cyclic, SeededDraws, check_schedule
 from .selection import MAX_SPATIAL_GRID, MAX_STEP_BUCKETS, RATIO_SCHEDULES, SCORES, RatioSchedule, TokenSelection
 
 __all__ = ["MAX_SPATIAL_GRID", "MAX_STEP_BUCKETS", "RATIO_SCHEDULES", "SCORES", "RatioSchedule", "ToCaConfig",
@@ -70,6 +70,7 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     """
 
     method = "toca"
+    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES}
     #: ToCa README defaults (ALGORITHMS.md 3.5): FLUX.1-dev 50 steps N=4, W=3, r=0.1, attention score, lambda3
     #: 0.25, FLUX ratio schedule (2.94x FLOPs, IR 0.9798); DiT-XL/2 DDIM-50 N=3, r=0.07, attention score,
     #: lambda3 0.25, ddim50 schedule, spatial bonus 2x2 / 0.6; PixArt-alpha N=3, r=0.3, cross-attention entropy,

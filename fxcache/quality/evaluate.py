@@ -21,6 +21,7 @@ import torch
 from .. import cache_backend, stats
 from ..config import CacheConfig
 from ..passes.propagate_shapes import eager_flops
+from .files import save_figure
 from .metrics import psnr, rel_l2, ssim
 from .peers import Peer, PeerModel
 from .reference import ReferenceModel
@@ -232,5 +233,5 @@ def pareto_plot(report, path: str, metric: str = "psnr", title: str | None = Non
     unique = dict(zip(names, handles))  # one legend entry per kind
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .files import save_image
+
 
 def to_pil_rows(images: torch.Tensor, tile: int) -> list:
     """(N, C, H, W) in [-1, 1], C 1 or 3 -> N PIL RGB images whose longer side is `tile` pixels (small images
@@ -64,4 +66,4 @@ def save_labelled_grid(rows: list[tuple[str, torch.Tensor]], path: str, *, colum
         draw.text((4, y + h // 2 - 6), label, fill="black", font=font)
         for c, tile in enumerate(row):
             canvas.paste(tile, (label_width + pad + c * (w + pad), y))
-    canvas.save(path)
+    save_image(canvas, path)

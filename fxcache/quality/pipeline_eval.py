@@ -17,8 +17,11 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import math
 import statistics
 import time
+import types
+import typing
 import warnings
 from typing import Callable
 
@@ -93,7 +96,61 @@ def _accepts(pipe, name: str) -> bool:
 
 #: call arguments `fxcache eval` sets itself (the options that set them)
 RESERVED = {"prompt": "--prompts", "num_inference_steps": "--steps", "generator": "--seeds",
-            "output_type": "(images are compared as tensors)", "num_images_per_prompt": "--seeds"}
+            "output_type": "images are compared as tensors", "num_images_per_prompt": "--seeds",
+            "return_dict": "images are read from the pipeline's output object"}
+#: call arguments that are sizes: an int >= 1 (pipelines take 0, as None, for their default size)
+SIZES = {"height": "pixels", "width": "pixels", "num_frames": "frames"}
+#: what a value of each simple annotated type must be, and how to say it
+_SIMPLE = {
+    int: ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    bool: ("True or False", lambda v: isinstance(v, bool)),
+    str: ("a str", lambda v: isinstance(v, str)),
+}
+
+
+def check_call_args(pipe, call_args: dict) -> None:
+    """Refuse, before any sampling, call arguments the harness sets itself, names `pipe.__call__` does not take,
+    values its signature rules out (an int, float, bool or str parameter, or that or None) and sizes that are not
+    ints >= 1; richer parameters (lists, tensors, images) are left to the pipeline."""
+    taken = [k for k in call_args if k in RESERVED]
+    if taken:
+        raise ValueError("; ".join(f"{k} is set by fxcache eval: " + (f"use {RESERVED[k]}" if RESERVED[k][:2] == "--"
+                                                                      else RESERVED[k]) for k in taken))
+    unknown = [k for k in call_args if not _accepts(pipe, k)]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__}.__call__ takes no argument {', '.join(unknown)}")
+    params = inspect.signature(type(pipe).__call__).parameters
+    for name, value in call_args.items():
+        if name in SIZES and not (value is None or (_SIMPLE[int][1](value) and value >= 1)):
+            raise ValueError(f"call argument {name}={value!r}: a size in {SIZES[name]}, an int >= 1 (leave it out "
+                             "for the pipeline's default)")
+        simple = _simple_types(params[name].annotation) if name in params else None
+        if simple is None:
+            continue
+        types, none = simple
+        if (value is None and none) or any(_SIMPLE[t][1](value) for t in types):
+            continue
+        said = " or ".join([_SIMPLE[t][0] for t in types] + (["None"] if none else []))
+        raise ValueError(f"call argument {name}={value!r}: {type(pipe).__name__} takes {said} (its signature: "
+                         f"{_annotation_text(params[name].annotation)})")
+
+
+def _simple_types(annotation) -> tuple[list[type], bool] | None:
+    """([int, float, bool, str among them], whether None is allowed) for an annotation made of those and None
+    only; None for anything richer or unannotated."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+    else:
+        args = (annotation,)
+    kinds = [a for a in args if a is not type(None)]
+    if not kinds or any(a not in _SIMPLE for a in kinds):
+        return None
+    return kinds, type(None) in args
+
+
+def _annotation_text(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def default_steps(pipe) -> int | None:
@@ -122,12 +179,8 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
 
     say = progress or (lambda m: None)
     call_args = dict(call_args or {})
-    taken = [k for k in call_args if k in RESERVED]
-    if taken:
-        raise ValueError(f"{', '.join(taken)} is set by fxcache eval: use {', '.join(RESERVED[k] for k in taken)}")
-    unknown = [k for k in call_args if not _accepts(pipe, k)]
-    if unknown:
-        raise ValueError(f"{type(pipe).__name__}.__call__ takes no argument {', '.join(unknown)}")
+    check_call_args(pipe, call_args)
+    scorer = _clip_scorer(clip_model) if clip_model else None  # a folder that is not CLIP fails before sampling
     names = transformer_components(pipe)
     if not names:
         raise ValueError(f"{type(pipe).__name__} has no transformer component: fxcache caches diffusion transformers")
@@ -209,7 +262,6 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
             generate(label, s)
             seconds[row].append(time.perf_counter() - t0)
     base_s = statistics.median(seconds["uncached"])
-    scorer = _clip_scorer(clip_model) if clip_model else None
     captions = [p for _ in seeds for p in prompts]
 
     def judge(row: Row, imgs: torch.Tensor) -> Row:
@@ -260,8 +312,14 @@ def _clip_scorer(folder: str):
     `CLIPScore` (1.9) reads `get_image_features` as a tensor, which transformers 5 no longer returns."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
-    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what transformers raises for a folder it cannot read
+        text = str(exc).strip()
+        raise ValueError(f"clip_model {folder!r} is not a CLIP model folder transformers can load offline (CLIPModel "
+                         f"and CLIPProcessor, save_pretrained): {text.splitlines()[0] if text else type(exc).__name__}"
+                         ) from None
 
     def score(imgs: torch.Tensor, captions: list[str]) -> float:
         pix = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

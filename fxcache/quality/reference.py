@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..testing.models import flux_ids
+from .files import write_json
 
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 FAMILIES = ("flux", "dit", "pixart")
@@ -193,8 +194,7 @@ def save(ref: ReferenceModel, folder: str) -> None:
         copy.deepcopy(ref.transformer).to(torch.float16).save_pretrained(os.path.join(folder, "transformer"))
     save_file({k: v.contiguous() for k, v in ref.conditioner.state_dict().items()},
               os.path.join(folder, "conditioner.safetensors"))
-    with open(os.path.join(folder, "reference.json"), "w") as f:
-        json.dump(ref.meta, f, indent=2, sort_keys=True)
+    write_json(os.path.join(folder, "reference.json"), ref.meta, indent=2, sort_keys=True)
 
 
 #: every reference the harness evaluates: the digit ones and the text-to-image one

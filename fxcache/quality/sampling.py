@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .files import save_image
 from .reference import ReferenceModel
 
 
@@ -70,4 +71,4 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2) -> N
     for i in range(n):
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = pix[i]
-    Image.fromarray(grid.numpy(), mode="L").save(path)
+    save_image(Image.fromarray(grid.numpy(), mode="L"), path)

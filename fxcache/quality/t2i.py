@@ -138,7 +138,8 @@ def save_pipeline(components: dict, folder: str, meta: dict | None = None) -> No
     """Write the components as a `FluxPipeline` folder in float16 (safetensors; `load_pipeline` computes in
     float32), with `meta` (how it was trained) in reference.json."""
     import copy
-    import json
+
+    from .files import write_json
 
     pipe = make_pipeline({k: copy.deepcopy(v) for k, v in components.items()})
     pipe.to(torch.float16)
@@ -147,5 +148,4 @@ def save_pipeline(components: dict, folder: str, meta: dict | None = None) -> No
     with _quiet_diffusers():
         pipe.save_pretrained(folder)
     if meta is not None:
-        with open(os.path.join(folder, "reference.json"), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+        write_json(os.path.join(folder, "reference.json"), meta, indent=2, sort_keys=True)

@@ -5,7 +5,6 @@ encoders (rectified flow, caption dropout for CFG, EMA weights). Resumable: the 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes, t2i
+from .files import replacing, write_json
 
 
 def train_vae(vae, images: torch.Tensor, *, steps: int, batch: int = 32, lr: float = 3e-3, kl: float = 1e-6,
@@ -102,13 +102,13 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
     t0, running = time.perf_counter() - elapsed, 0.0
 
     def save_state(step):
-        torch.save(dict(step=step, curve=curve, seconds=time.perf_counter() - t0, rng=g.get_state(),
-                        model={k: comps[k].state_dict() for k in ema_comps},
-                        ema={k: ema_comps[k].state_dict() for k in ema_comps},
-                        opt=opt.state_dict(), sched=sched.state_dict(), vae=vae.state_dict(), vae_curve=vae_curve,
-                        vae_factors=dict(shift_factor=vae.config.shift_factor,
-                                         scaling_factor=vae.config.scaling_factor)), state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
+        with replacing(state_path) as f:
+            torch.save(dict(step=step, curve=curve, seconds=time.perf_counter() - t0, rng=g.get_state(),
+                            model={k: comps[k].state_dict() for k in ema_comps},
+                            ema={k: ema_comps[k].state_dict() for k in ema_comps},
+                            opt=opt.state_dict(), sched=sched.state_dict(), vae=vae.state_dict(),
+                            vae_curve=vae_curve, vae_factors=dict(shift_factor=vae.config.shift_factor,
+                                                                  scaling_factor=vae.config.scaling_factor)), f)
 
     for step in range(start, steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
@@ -139,8 +139,8 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
             running = 0.0
         if (step + 1) % save_every == 0 or step + 1 == steps:
             save_state(step + 1)
-    with open(os.path.join(out, "curve.json"), "w") as f:
-        json.dump(dict(vae=vae_curve, transformer=curve, seconds=round(time.perf_counter() - t0, 1)), f)
+    write_json(os.path.join(out, "curve.json"),
+               dict(vae=vae_curve, transformer=curve, seconds=round(time.perf_counter() - t0, 1)))
     result = dict(comps)
     for k, m in ema_comps.items():
         result[k] = m.eval()

@@ -20,7 +20,7 @@ import torch
 
 from ..analysis.inputs import LATENT_NAMES
 from ..analysis.pieces import module_block_lists, module_calls
-from ..analysis.timestep import is_time_name
+from ..analysis.timestep import is_time_name, not_a_timestep
 from .step import StepTracker, TimeDirection
 
 #: the usual names of a forward's timestep parameter, first match taken (`timestep` beside `timestep_r`)
@@ -95,6 +95,30 @@ def _bind(module, args, kwargs, name: str) -> ModelCall | None:
     conditioning = [v for n, v in values.items()
                     if n not in (name, latent) and isinstance(v, torch.Tensor) and not v.is_complex()]
     return ModelCall(module, t, conditioning, values.get(latent), (args, kwargs))
+
+
+def misnamed_timestep(timestep_input) -> str | None:
+    """Why no model call around a piece gives its step, when `timestep_input` is the reason: the error saying that
+    it names, in a model call on the stack (a module with block lists), a parameter whose value is not a
+    per-sample scalar; None otherwise."""
+    if timestep_input is None:
+        return None
+    for module, locs in module_calls(sys._getframe(1)):
+        name, sig = timestep_parameter(module, timestep_input), _signature(module)
+        if name is None or sig is None or not module_block_lists(module):
+            continue
+        try:
+            values = sig.bind_partial(*locs.get("args", ()), **locs.get("kwargs", {})).arguments
+        except TypeError:
+            continue
+        value = values.get(name)
+        if value is None or _per_sample_scalar(value) or isinstance(value, (int, float)):
+            continue
+        scalars = [(n, tuple(v.shape)) for n, v in values.items() if _per_sample_scalar(v)]
+        own = timestep_parameter(module)
+        return not_a_timestep(timestep_input, name, value, scalars,
+                              own if own is not None and _per_sample_scalar(values.get(own)) else None)
+    return None
 
 
 def find_model_call(accepts, timestep_input=None, model=None) -> ModelCall | None:

@@ -14,7 +14,7 @@ from ..analysis.pieces import coordinates, entry_of, module_block_lists, module_
 from ..step_plan import GraphView
 from ..config import StepKind
 from .attach import attach
-from .calls import CallState, find_model_call
+from .calls import CallState, find_model_call, misnamed_timestep
 from .dispatch import Dispatcher
 from .runner import _CALLS, Runner, locate, observe, unit_tokens
 from .state import GraphState
@@ -170,10 +170,11 @@ class PieceRunner(Runner):
         model = info.model_ref() if info.model_ref is not None else None
         call = find_model_call(None, self.backend.timestep_input, model=model) if model is not None else None
         if call is None:
-            why = (f"graph {self.graph_id} holds transformer blocks but no timestep input found: it is a piece of a "
-                   f"forward that graph-breaks (or a block compiled on its own), and no module around it takes the "
-                   f"timestep as a tensor (a forward parameter named timestep, t, sigma, ...); pass "
-                   f"timestep_input=<name or index of the model forward's timestep parameter> to cache_backend")
+            why = misnamed_timestep(self.backend.timestep_input) or (
+                f"graph {self.graph_id} holds transformer blocks but no timestep input found: it is a piece of a "
+                f"forward that graph-breaks (or a block compiled on its own), and no module around it takes the "
+                f"timestep as a tensor (a forward parameter named timestep, t, sigma, ...); pass "
+                f"timestep_input=<name or index of the model forward's timestep parameter> to cache_backend")
             if self.backend.strict:
                 from ..errors import UnsupportedGraphError
 

@@ -132,6 +132,7 @@ def soak(pipeline: str = "flux", *, threads: int = 4, requests: int = 25, shapes
     options = dict(interval=3) if options is None else options
     build, call, fork, sizes, faults = PIPELINES[pipeline]()
     sizes = sizes[:shapes]
+    torch._dynamo.reset()  # a fresh server: no graphs of earlier runs count against the recompile limits
     torch._dynamo.config.recompile_limit = 64  # in this thread only: fxcache takes them to the workers
     torch._dynamo.config.accumulated_recompile_limit = 512
     pipe = _enabled(build, method, lowering, options)

@@ -23,6 +23,7 @@ from .runtime import Runner, UncachedRunner, compiled_runner
 from .runtime.pieces import RecentBlocks, piece_runner
 from .runtime.attach import attach, backends_of, calling_module, code_label, traced_frame
 from .runtime.calls import CallKeeper, timestep_parameter
+from .runtime.outside import watch_calls
 from .runtime.recompiles import watch
 from .runtime.requests import Request, RequestScope
 from .runtime.signature import graph_signature, same_constants
@@ -48,7 +49,7 @@ class FailedRunner:
         return 0
 
     def __call__(self, *args):
-        self.scope.limits.apply()
+        self.scope.serve()
         raise self.error
 
 
@@ -125,6 +126,7 @@ class CacheBackend:
         module, code = traced_frame()
         if module is not None:
             attach(module, self)
+            watch_calls(module, self)  # a later call Dynamo runs in eager is seen (`runtime/outside.py`)
         if code is not None:
             watch(self, code_label(code))
         self.scope.limits.note()  # the limits this graph was compiled under reach every thread calling the model

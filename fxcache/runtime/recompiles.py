@@ -9,9 +9,10 @@ transformers share one wrapped `forward` (peft's `apply_lora_scale`), and `modul
 
 * `Limits` keeps the highest limits seen where the backend compiled a graph, and raises a calling
   thread's limits to them (once per thread and change; every runner call and pipeline signal checks).
-* A handler watches Dynamo's log for the limit line. It runs in the thread whose call is about to run in eager:
-  that call's request (of the backend serving the called model) is marked, so the request's next fxcache call starts
-  over (FULL, no cache from before the gap is read), with a warning; the eager call is recorded in `stats`.
+* A handler watches Dynamo's log for the limit line, said once per code object, in the thread whose call is about
+  to run in eager: the backend serving the called model warns, and that call's request is marked, so its next
+  fxcache call starts over (FULL, no cache from before the gap is read). Later eager calls are silent in Dynamo;
+  `outside.py` finds each of them and records it in `stats`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class _Watch(logging.Handler):
                 f"torch._dynamo.config.recompile_limit = 64 and "
                 f"torch._dynamo.config.accumulated_recompile_limit = 512 (fxcache applies the limits set where "
                 f"the model was compiled in every thread that calls it).", key="recompile_limit")
-            backend.scope.ran_outside()
+            backend.scope.ran_outside(record=False)  # the wrapped entry records it (`outside.py`)
         except Exception:  # never let a log record break the model call
             return
 

@@ -255,12 +255,22 @@ class RequestScope:
     def record(self, **record) -> None:
         self.records.append(record)
 
-    def ran_outside(self) -> None:
-        """A call of this scope's model runs outside fxcache now (Dynamo's eager fallback, past its recompile
-        limit): recorded, and the caller's request starts over at its next fxcache call (`Request.gaps`)."""
+    def serve(self) -> None:
+        """A runner of this scope serves a call now: the calling thread gets the recompile limits, and the
+        model call around it counts as served (`outside.py`)."""
+        from .outside import served
+
+        self.limits.apply()
+        served()
+
+    def ran_outside(self, *, record: bool = True) -> None:
+        """A call of this scope's model ran (or runs now) outside fxcache (Dynamo's eager fallback, past its
+        recompile limit): the caller's request starts over at its next fxcache call (`Request.gaps`); `record`:
+        the call goes in `stats` (graph -1, uncached)."""
         from .runner import _CALLS
 
         request = self.current()
         request.gaps.add(self)
-        self.record(graph=-1, call=next(_CALLS), step=-1, branch=0, kind="full", plan=None, tokens=None,
-                    flops=None, t=None, cached=False, request=request.id, cache_bytes=0)
+        if record:
+            self.record(graph=-1, call=next(_CALLS), step=-1, branch=0, kind="full", plan=None, tokens=None,
+                        flops=None, t=None, cached=False, request=request.id, cache_bytes=0)

@@ -275,7 +275,7 @@ class Runner:
         state.tracker.forget(branch)
 
     def __call__(self, *args):
-        self.scope.limits.apply()
+        self.scope.serve()
         if self.keep_example_args and self.example_args is None:
             self.example_args = args
         state, request, key = self._state(args)
@@ -423,7 +423,7 @@ class UncachedRunner:
         return 0
 
     def __call__(self, *args):
-        self.scope.limits.apply()
+        self.scope.serve()
         if self._fn is None:
             with self._lock:
                 if self._fn is None:

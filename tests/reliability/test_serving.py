@@ -99,14 +99,17 @@ def test_a_call_dynamo_runs_in_eager_restarts_the_request_with_a_warning():
                 small["timestep"] = torch.full_like(small["timestep"], t)
                 compiled(**small)
             large["timestep"] = torch.full((2,), TS[3])
-            compiled(**large)  # a new shape past the limit: Dynamo runs it in eager
-            for t in TS[4:]:
-                small["timestep"] = torch.full_like(small["timestep"], t)
-                compiled(**small)
+            compiled(**large)  # a new shape past the limit: Dynamo runs it in eager, and says so
+            small["timestep"] = torch.full_like(small["timestep"], TS[4])
+            compiled(**small)
+            large["timestep"] = torch.full((2,), TS[5])
+            compiled(**large)  # again: Dynamo runs it in eager without a word
+            small["timestep"] = torch.full_like(small["timestep"], 300.0)
+            compiled(**small)
     records = backend.stats()
     assert [(r["graph"], r["step"], r["kind"], r["cached"]) for r in records] == [
         (0, 0, "full", True), (0, 1, "reuse", True), (0, 2, "reuse", True), (-1, -1, "full", False),
-        (0, 0, "full", True), (0, 1, "reuse", True)]
+        (0, 0, "full", True), (-1, -1, "full", False), (0, 0, "full", True)]
     said = [str(w.message) for w in caught if issubclass(w.category, FxCacheWarning)]
     assert any("ran outside fxcache" in m and "starts over" in m for m in said), said
     assert any("recompile_limit" in m for m in said), said

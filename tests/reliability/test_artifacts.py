@@ -519,6 +519,26 @@ def test_bad_call_inputs_name_the_input(session, name, value, message):
     session.reset()
 
 
+def test_a_fractional_timestep_into_an_integer_export_is_refused(session):
+    """DiT exported with int64 timesteps: t=900.5 would run as 900 (the model at 900.5 differs), so it is
+    refused; a float that is an integer value runs as that integer."""
+    example = _example()
+    model = make_model("dit")
+    with torch.no_grad():
+        at = {t: model(**{**example, "timestep": torch.full((2,), t)})[0] for t in (900.0, 900.5)}
+    assert (at[900.5] - at[900.0]).abs().max() > 1e-3
+    session.reset()
+    got = session(**{**example, "timestep": torch.full((2,), 900)})[0]
+    session.reset()
+    assert torch.equal(session(**{**example, "timestep": 900.0})[0], got)
+    assert (got - at[900.0]).abs().max() < 1e-4
+    session.reset()
+    for t in (900.5, torch.full((2,), 900.5)):
+        with pytest.raises(fxcache.ConfigError, match="'timestep' \\(the timestep\\).*900.5.*the export takes int64"):
+            session(**{**example, "timestep": t})
+    session.reset()
+
+
 def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
     """Once trusted, a saved program's inputs and outputs are still checked against the manifest before use."""
     import importlib

@@ -18,7 +18,7 @@ import torch
 from ..backends import get_format
 from ..config import CacheConfig
 from ..errors import ConfigError, ExportError
-from ..export.manifest import Artifact, Manifest, confined, read_manifest
+from ..export.manifest import Artifact, Manifest, check_digests, confined, read_manifest
 from ..graph_io import GraphValue, dtype_from_name, dtype_name
 from ..runtime.attach import CONTEXT_NAME
 from ..runtime.dispatch import Dispatcher
@@ -112,7 +112,7 @@ class CachedSession:
                 "can run any code on this machine. Load only folders you made or trust, with "
                 "CachedSession(folder, trust_remote_code=True)")
         # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
-        executors = [self._executor(a) for a in m.artifacts]
+        executors = [self._executor(a, f"artifacts[{i}]") for i, a in enumerate(m.artifacts)]
         if m.format == "onnx":
             timestep = m.user_inputs[m.timestep_input].name
             full = executors[next(i for i, a in enumerate(m.artifacts) if a.kind == "full")]
@@ -124,8 +124,9 @@ class CachedSession:
                               source=ArtifactVariants(m, executors), timestep_index=m.timestep_input,
                               conditioning=conditioning_inputs(m.timestep_input, paths), param_indices=[])
 
-    def _executor(self, artifact: Artifact):
+    def _executor(self, artifact: Artifact, where: str):
         path = confined(self.folder, artifact.file)
+        check_digests(self.folder, artifact, where)  # before a TensorRT program is unpickled, too
         if self.manifest.format == "onnx":
             return get_format("onnx").executor(path, artifact.inputs, artifact.outputs, self.providers)
         return get_format("tensorrt").executor(path, artifact.inputs, artifact.outputs)

@@ -34,6 +34,7 @@ from .manifest import (
     Manifest,
     Tensor,
     export_files,
+    file_sha256,
     load_json,
     write_manifest,
 )
@@ -185,10 +186,10 @@ def _check_earlier_export(out_dir: str, entries: list[str]) -> None:
         data = load_json(path)
         if not isinstance(data, dict) or "format_version" not in data:
             raise ExportError("it has no format_version")
-        manifest = Manifest.from_dict(data)
+        names = export_files(data)
     except ExportError as exc:
         raise ExportError(refuse.format(f"its {MANIFEST} is not an fxcache manifest: {exc}")) from None
-    others = sorted(set(entries) - export_files(manifest))
+    others = sorted(set(entries) - names)
     if others:
         shown = ", ".join(repr(n) for n in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(refuse.format(f"besides the export its {MANIFEST} describes it holds {shown}"))
@@ -433,9 +434,11 @@ def _export_variant(writer, variant, name, args, keep, user_inputs, out_dir, che
                 error = max(error, diff)
             elif not torch.equal(g.to(e.dtype), e):
                 raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
+    data = os.path.join(out_dir, file + ".data")  # the weights of an artifact over 2 GB
     return Artifact(file=file, plan=variant.plan.to_json(), tokens=variant.tokens, flops=variant.flops,
                     num_outputs=variant.num_outputs, single_output=variant.single_output, inputs=in_specs,
-                    outputs=out_specs, max_abs_error=error)
+                    outputs=out_specs, sha256=file_sha256(os.path.join(out_dir, file)),
+                    data_sha256=file_sha256(data) if os.path.exists(data) else None, max_abs_error=error)
 
 
 # -- formats ---------------------------------------------------------------------------------------------------

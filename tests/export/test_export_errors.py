@@ -13,7 +13,7 @@ import fxcache
 from fxcache import ConfigError, ExportError, MissingDependencyError
 from fxcache.deploy import CachedSession
 
-from helpers import loop_inputs, make_model, rel_err
+from helpers import loop_inputs, make_model, redigest, rel_err
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
@@ -62,6 +62,9 @@ def test_missing_and_broken_artifacts(copy):
         CachedSession(copy)
     with open(os.path.join(copy, "skip.onnx"), "wb") as f:
         f.write(b"definitely not an onnx model")
+    with pytest.raises(ExportError, match="artifact 'skip.onnx' does not match its digest"):
+        CachedSession(copy)
+    redigest(copy)
     with pytest.raises(ExportError, match="onnxruntime could not load .*skip.onnx"):
         CachedSession(copy)
 

@@ -4,6 +4,7 @@ without an explicit opt-in, and every malformed manifest an ExportError that nam
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -19,6 +20,8 @@ from fxcache import ExportError
 from fxcache.deploy import CachedSession
 from fxcache.export.manifest import Manifest, read_manifest
 from fxcache.testing import make_inputs, make_model
+
+from helpers import redigest
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
@@ -123,6 +126,76 @@ def test_a_symlink_out_of_the_folder_is_refused(folder, tmp_path):
     os.symlink(str(target), os.path.join(folder, "full.onnx"))
     with pytest.raises(ExportError, match="symbolic link"):
         CachedSession(folder)
+
+
+# -- each artifact is the file its export wrote ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_export(tmp_path_factory):
+    """A second export of the same architecture, method and shapes, with other weights."""
+    folder = str(tmp_path_factory.mktemp("dit_fora_other") / "export")
+    fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    return folder
+
+
+def test_the_manifest_holds_each_artifact_digest(exported):
+    for a in read_manifest(exported).artifacts:
+        assert a.sha256 == hashlib.sha256(open(os.path.join(exported, a.file), "rb").read()).hexdigest()
+        assert a.data_sha256 is None  # no external weights file beside so small an artifact
+
+
+def test_an_artifact_of_another_export_is_refused(folder, other_export):
+    """full.onnx of another export of the same model passes every shape and dtype check: unchecked, the session
+    would run one model's FULL steps and the other's cached steps."""
+    shutil.copy(os.path.join(other_export, "full.onnx"), os.path.join(folder, "full.onnx"))
+    with pytest.raises(ExportError, match="artifact 'full.onnx' does not match its digest \\(manifest field "
+                                          "artifacts\\[0\\].sha256\\).*export again"):
+        CachedSession(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda a: a.update(sha256="0" * 64), "artifact 'full.onnx' does not match its digest \\(manifest field "
+                                          "artifacts\\[0\\].sha256\\)"),
+    (lambda a: a.update(sha256="not a digest"), "manifest field artifacts\\[0\\].sha256 must be a sha256 digest"),
+    (lambda a: a.update(sha256=a["sha256"][:-1]), "manifest field artifacts\\[0\\].sha256 must be a sha256"),
+    (lambda a: a.update(sha256=a["sha256"].upper()), "manifest field artifacts\\[0\\].sha256 must be a sha256"),
+    (lambda a: a.update(sha256=None), "manifest field artifacts\\[0\\].sha256 must be a sha256 digest"),
+    (lambda a: a.pop("sha256"), "manifest field artifacts\\[0\\] lacks sha256"),
+    (lambda a: a.update(data_sha256="0" * 64), "'full.onnx.data' \\(manifest field artifacts\\[0\\].data_sha256\\) "
+                                               "is missing"),
+    (lambda a: a.update(data_sha256="x"), "manifest field artifacts\\[0\\].data_sha256 must be a sha256 digest"),
+])
+def test_a_tampered_digest_is_an_export_error_naming_the_field(folder, edit, message):
+    _edit(folder, lambda d: edit(d["artifacts"][0]))
+    with pytest.raises(ExportError, match=message):
+        CachedSession(folder)
+
+
+def test_external_weights_without_a_digest_are_refused(folder):
+    """`<artifact>.data` holds the weights of an artifact over 2 GB: one in the folder is checked like the artifact,
+    so its digest cannot be dropped from the manifest."""
+    with open(os.path.join(folder, "full.onnx.data"), "wb") as f:
+        f.write(bytes(64))
+    with pytest.raises(ExportError, match="'full.onnx.data' is in the folder but manifest field "
+                                          "artifacts\\[0\\].data_sha256 is null"):
+        CachedSession(folder)
+
+
+def test_a_folder_without_digests_is_refused_and_export_replaces_it(folder):
+    """Format 2 manifests have no digests: such a folder does not load unchecked, and exporting again into it
+    replaces it (it is an earlier export, not someone else's folder)."""
+    def as_format_2(d):
+        d["format_version"] = 2
+        for a in d["artifacts"]:
+            a.pop("sha256", None)
+            a.pop("data_sha256", None)
+
+    _edit(folder, as_format_2)
+    with pytest.raises(ExportError, match="format_version 2 is not supported \\(this fxcache reads 3\\); export the "
+                                          "model again"):
+        CachedSession(folder)
+    fxcache.export(make_model("dit"), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert CachedSession(folder).manifest.format_version == 3
 
 
 # -- shapes and dtypes are checked against the artifacts before anything is allocated ------------------------------
@@ -408,6 +481,7 @@ def test_symbolic_dimensions_in_an_artifact_are_refused(folder):
     model = onnx.load(path)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.save(model, path)
+    redigest(folder)
     with pytest.raises(ExportError, match="symbolic shape \\['batch'"):
         CachedSession(folder)
 
@@ -559,5 +633,6 @@ def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
             torch.export.save(program, os.path.join(folder, a["file"]))
 
     _edit(folder, as_tensorrt)
+    redigest(folder)
     with pytest.raises(ExportError, match="the manifest lists 3 inputs of full.ep, the program has 1"):
         CachedSession(folder, trust_remote_code=True)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
+import time
 import types
 
 import torch
@@ -93,6 +95,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
         from ..backends.tensorrt import require_tensorrt
 
         require_tensorrt("format='tensorrt'")
+    _remove_dead_exports(out_dir)
     staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
     runner = None
     try:
@@ -206,12 +209,13 @@ def _is_folder(path: str) -> bool:
 
 
 def _staging_folder(out_dir: str) -> str:
-    """A new folder beside out_dir, with the mode `os.makedirs` would give it (0o777 less the umask)."""
+    """A new folder beside out_dir, with the mode `os.makedirs` would give it (0o777 less the umask); its name
+    carries the pid, so that a later export can tell a killed export's folder (`_remove_dead_exports`)."""
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)
         for _ in range(100):
-            path = os.path.join(parent, f".{os.path.basename(out_dir)}.export-{secrets.token_hex(4)}")
+            path = os.path.join(parent, f".{os.path.basename(out_dir)}.export-{os.getpid()}-{secrets.token_hex(4)}")
             try:
                 os.mkdir(path, 0o777)
             except FileExistsError:
@@ -229,7 +233,7 @@ def _replace_folder(staging: str, out_dir: str) -> None:
     if not os.path.exists(out_dir):
         os.rename(staging, out_dir)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-", dir=os.path.dirname(out_dir))
     os.rmdir(old)
     os.rename(out_dir, old)
     try:
@@ -238,6 +242,50 @@ def _replace_folder(staging: str, out_dir: str) -> None:
         os.rename(old, out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+#: no export runs this long: a staging folder older than this is a dead export's, whatever process has its pid now
+STAGING_MAX_AGE_S = 24 * 3600
+
+
+def _remove_dead_exports(out_dir: str) -> None:
+    """Remove what killed exports to out_dir left beside it: staging folders (`.NAME.export-PID-XXXXXXXX`) whose
+    process is gone or older than STAGING_MAX_AGE_S, and folders an export was replacing (`.NAME.old-PID-...`),
+    but those only once out_dir is in place again (killed between its two renames, the old one is the only copy).
+    Only real folders of exactly these names: never a symbolic link, never anything else. Best effort."""
+    parent, base = os.path.split(out_dir)
+    pattern = re.compile(rf"\.{re.escape(base)}\.(export|old)-([0-9]{{1,10}})-[0-9a-z_]{{8}}")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for name in entries:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            continue
+        dead = not _process_exists(int(match[2])) or time.time() - info.st_mtime > STAGING_MAX_AGE_S
+        if dead and (match[1] == "export" or _is_folder(out_dir)):
+            shutil.rmtree(path, ignore_errors=True)  # does not follow links inside the folder either
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process has this pid on this machine (True where that cannot be told)."""
+    if pid <= 0 or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: it exists, as another user's; a number no pid can be
+        return True
+    return True
 
 
 # -- tracing ---------------------------------------------------------------------------------------------------

@@ -81,6 +81,36 @@ def test_a_failed_export_leaves_the_old_folder_intact(folder, monkeypatch):
     CachedSession(folder)  # still loads: the old manifest with the old artifacts
 
 
+def test_an_export_removes_what_killed_exports_left_beside_its_folder(folder, tmp_path):
+    """A killed export leaves its staging folder (and, killed while replacing the folder, the old one): the next
+    export to that folder removes those of processes that are gone or a day old, and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+    def plant(name):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "full.onnx").write_bytes(b"partial")
+        return name
+
+    removed = [plant(f".copy.export-{dead}-0123abcd"), plant(f".copy.old-{dead}-k2_x9q0z"),
+               plant(".copy.export-1-89abcdef")]  # pid 1 lives, but no export runs for a day: its pid was reused
+    os.utime(tmp_path / removed[-1], (time.time() - 2 * 86400,) * 2)
+    kept = [plant(f".copy.export-{os.getpid()}-00000000"),  # a live process: an export in another thread
+            plant(f".other.export-{dead}-0123abcd"),  # another folder's
+            plant(".copy.export-notes"), plant(f".copy.export-{dead}-0123abcd.bak"),
+            plant(".copy.export-9999999999-0123abcd"), plant("target")]  # no pid is that large: kept
+    os.symlink(str(tmp_path / "target"), str(tmp_path / f".copy.export-{dead}-fedcba98"))
+    kept.append(f".copy.export-{dead}-fedcba98")
+    fxcache.export(make_model("dit"), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["copy"])
+    assert (tmp_path / "target" / "full.onnx").read_bytes() == b"partial"
+
+
 def test_export_replaces_an_earlier_export_and_never_writes_through_planted_links(folder, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("precious")

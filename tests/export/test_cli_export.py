@@ -11,7 +11,7 @@ from fxcache.cli import main
 from fxcache.deploy import CachedSession
 from fxcache.export import read_manifest
 
-from helpers import loop_inputs, make_model
+from helpers import loop_inputs, make_model, rel_err
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
@@ -30,6 +30,25 @@ def test_export_a_reference_then_run_it(tmp_path, capsys):
     ref = load("dit")
     kw = ref.example_inputs(1)
     assert session(**kw, return_dict=False)[0].shape == kw["hidden_states"].shape
+
+
+def test_a_reference_name_never_loads_a_folder_of_that_name_in_the_working_directory(tmp_path, monkeypatch):
+    """`--reference flux` is the committed model even where the working directory holds a ./flux folder (a
+    reference someone trained, or anyone's files): the name is looked up in the package, never in the cwd."""
+    from fxcache.quality.reference import CHECKPOINTS, build, load, save
+
+    monkeypatch.chdir(tmp_path)
+    save(build("flux", seed=1), "flux")  # a loadable reference of other weights
+    out = str(tmp_path / "export")
+    assert main(["export", "--reference", "flux", "--method", "fora", "--num-steps", "2", "--out", out]) == 0
+    committed, planted = load(os.path.join(CHECKPOINTS, "flux")), load(str(tmp_path / "flux"))
+    kw = committed.example_inputs(1)
+    with torch.no_grad():
+        want = committed.transformer(**kw, return_dict=False)[0]
+        other = planted.transformer(**kw, return_dict=False)[0]
+        assert torch.equal(load("flux").transformer(**kw, return_dict=False)[0], want)  # the library's load too
+    got = CachedSession(out)(**kw, return_dict=False)[0]
+    assert rel_err(got, want) < 1e-4 and rel_err(got, other) > 1e-2
 
 
 def test_export_a_saved_model_with_an_inputs_file(tmp_path):

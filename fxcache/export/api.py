@@ -104,6 +104,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
                            staging, check, tolerance)
         try:
             write_manifest(manifest, staging)
+            _check_staging(staging, manifest)
             _check_out_dir(out_dir)  # again: the folder may have changed while the artifacts were written
             _replace_folder(staging, out_dir)
         except OSError as exc:
@@ -224,6 +225,16 @@ def _staging_folder(out_dir: str) -> str:
         raise FileExistsError(f"no free staging folder name in {parent!r}")
     except OSError as exc:
         raise ExportError(f"cannot write the export to {out_dir!r}: {exc}") from None
+
+
+def _check_staging(staging: str, manifest: Manifest) -> None:
+    """The staging folder holds the files the export wrote, as plain files, and nothing else: nothing planted in it
+    while it was written is published."""
+    names = export_files(manifest)
+    for entry in sorted(os.listdir(staging)):
+        if entry not in names or not stat.S_ISREG(os.lstat(os.path.join(staging, entry)).st_mode):
+            raise ExportError(f"the staging folder {staging!r} holds {entry!r}, which the export did not write (as "
+                              f"a plain file): someone wrote into it while the export ran; nothing was published")
 
 
 def _replace_folder(staging: str, out_dir: str) -> None:
@@ -464,29 +475,44 @@ def _export_variant(writer, variant, name, args, keep, user_inputs, out_dir, che
     out_specs = [Tensor(f"output_{i}", "output", list(t.shape), dtype_name(t.dtype))
                  for i, t in enumerate(expected[:variant.num_outputs])]
     out_specs += [Tensor.typed(v, f"new:{v.key.name}") for v in variant.outputs]
-    file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(out_dir, name), name)
-    error = None
-    if check:
-        got = writer.run(os.path.join(out_dir, file), inputs, in_specs, out_specs)
-        error = 0.0
-        for spec, g, e in zip(out_specs, got, expected):
-            if g.shape != e.shape:
-                raise ExportError(f"{name} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
-                                  f"variant {tuple(e.shape)}")
-            if e.is_floating_point():
-                diff = (g.float() - e.float()).abs().max().item() if e.numel() else 0.0
-                scale = max(1.0, e.float().abs().max().item() if e.numel() else 0.0)
-                if not diff <= tolerance * scale:
-                    raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant by "
-                                      f"{diff:.3g} (tolerance {tolerance * scale:.3g})")
-                error = max(error, diff)
-            elif not torch.equal(g.to(e.dtype), e):
-                raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
-    data = os.path.join(out_dir, file + ".data")  # the weights of an artifact over 2 GB
+    # written in a new folder of its own, checked and hashed there, then renamed into the staging folder: a file
+    # or link planted in the staging folder meanwhile is replaced, never written through or hashed (on a failure
+    # export removes the staging folder with everything in it)
+    try:
+        private = tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir)
+        file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(private, name), name)
+        path = os.path.join(private, file)
+        error = _max_error(writer, path, inputs, in_specs, out_specs, expected, name, tolerance) if check else None
+        digest, data = file_sha256(path), path + ".data"  # `.data`: the weights of an artifact over 2 GB
+        data_digest = file_sha256(data) if os.path.exists(data) else None
+        for entry in os.listdir(private):
+            os.replace(os.path.join(private, entry), os.path.join(out_dir, entry))
+        os.rmdir(private)
+    except OSError as exc:
+        raise ExportError(f"could not write the {name} artifact: {exc}") from exc
     return Artifact(file=file, plan=variant.plan.to_json(), tokens=variant.tokens, flops=variant.flops,
                     num_outputs=variant.num_outputs, single_output=variant.single_output, inputs=in_specs,
-                    outputs=out_specs, sha256=file_sha256(os.path.join(out_dir, file)),
-                    data_sha256=file_sha256(data) if os.path.exists(data) else None, max_abs_error=error)
+                    outputs=out_specs, sha256=digest, data_sha256=data_digest, max_abs_error=error)
+
+
+def _max_error(writer, path, inputs, in_specs, out_specs, expected, name, tolerance) -> float:
+    """The artifact run on the example against the torch variant: its max abs error, ExportError above tolerance."""
+    got = writer.run(path, inputs, in_specs, out_specs)
+    error = 0.0
+    for spec, g, e in zip(out_specs, got, expected):
+        if g.shape != e.shape:
+            raise ExportError(f"{name} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
+                              f"variant {tuple(e.shape)}")
+        if e.is_floating_point():
+            diff = (g.float() - e.float()).abs().max().item() if e.numel() else 0.0
+            scale = max(1.0, e.float().abs().max().item() if e.numel() else 0.0)
+            if not diff <= tolerance * scale:
+                raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant by "
+                                  f"{diff:.3g} (tolerance {tolerance * scale:.3g})")
+            error = max(error, diff)
+        elif not torch.equal(g.to(e.dtype), e):
+            raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
+    return error
 
 
 # -- formats ---------------------------------------------------------------------------------------------------

@@ -424,7 +424,9 @@ def write_manifest(manifest: Manifest, folder: str) -> str:
         raise ExportError(f"the manifest would take {len(text.encode()) / 2**20:.0f} MiB, over the "
                           f"{MAX_MANIFEST_BYTES // 2**20} MiB a loader reads; export fewer steps or variants")
     path = os.path.join(folder, MANIFEST)
-    with open(path, "w") as f:
+    # a new file only: a file or link planted under its name is an error, never written through
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
     return path
 
@@ -464,13 +466,15 @@ def read_manifest(folder: str) -> Manifest:
     return manifest
 
 
-def export_files(data: dict) -> set[str]:
-    """The names an export folder of the manifest JSON `data` holds: the manifest, the artifacts, and the external
-    weights (`<artifact>.data`) the ONNX exporter writes beside an artifact over protobuf's 2 GB. A manifest of an
-    earlier format, which this fxcache no longer loads, is read only for its artifact names, so that exporting
+def export_files(data: Manifest | dict) -> set[str]:
+    """The names an export folder of a manifest (or its JSON `data`) holds: the manifest, the artifacts, and the
+    external weights (`<artifact>.data`) the ONNX exporter writes beside an artifact over protobuf's 2 GB. JSON of
+    an earlier format, which this fxcache no longer loads, is read only for its artifact names, so that exporting
     again replaces its folder. ExportError if `data` is no fxcache manifest."""
     version = data.get("format_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
+    if isinstance(data, Manifest):
+        files = [a.file for a in data.artifacts]
+    elif isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
         files = [_dict(a, f"artifacts[{i}]", keys=("file",))["file"]
                  for i, a in enumerate(_list(data.get("artifacts"), "artifacts"))]
         for i, file in enumerate(files):

@@ -122,6 +122,58 @@ def test_export_replaces_an_earlier_export_and_never_writes_through_planted_link
     assert read_manifest(folder).method == "duca"
 
 
+def _plant_in_staging(monkeypatch, parent, plant):
+    """While the export writes its first artifact, `plant(staging folder)`: someone writing into it meanwhile."""
+    from fxcache.backends import onnx as onnx_writer
+
+    real = onnx_writer.OnnxFormat.write
+
+    def write(self, gm, inputs, in_specs, out_specs, stem, kind):
+        if kind == "full":
+            (staging,) = parent.glob(".copy.export-*")
+            plant(str(staging))
+        return real(self, gm, inputs, in_specs, out_specs, stem, kind)
+
+    monkeypatch.setattr(onnx_writer.OnnxFormat, "write", write)
+
+
+@pytest.mark.parametrize("names", [("full.onnx", "reuse.onnx"), ("manifest.json",)])
+def test_export_never_writes_through_a_link_planted_in_its_staging_folder(folder, tmp_path, monkeypatch, names):
+    """Links planted under the names the export writes, in its staging folder (by anyone who may write there): the
+    file they link to is never written; nothing but plain files is published."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    before = _files(folder)
+
+    def plant(staging):
+        for name in names:
+            os.symlink(str(outside), os.path.join(staging, name))
+
+    def export():
+        fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+
+    _plant_in_staging(monkeypatch, tmp_path, plant)
+    if names == ("manifest.json",):  # written as a new file only: refused
+        with pytest.raises(ExportError, match="manifest.json"):
+            export()
+        assert _files(folder) == before
+    else:  # an artifact is written in a folder of its own and renamed over the link
+        export()
+        assert not any(os.path.islink(os.path.join(folder, n)) for n in os.listdir(folder))
+        CachedSession(folder)
+    assert outside.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["copy", "outside.txt"]
+
+
+def test_export_publishes_only_the_files_it_wrote(folder, tmp_path, monkeypatch):
+    before = _files(folder)
+    _plant_in_staging(monkeypatch, tmp_path, lambda staging: open(os.path.join(staging, "notes.txt"), "w").close())
+    with pytest.raises(ExportError, match="'notes.txt', which the export did not write"):
+        fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert _files(folder) == before
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
 def test_export_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="folder of other files"):

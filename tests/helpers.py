@@ -106,9 +106,26 @@ def all_pairs(*factors) -> list[tuple]:
     return out
 
 
+def redigest(folder: str) -> None:
+    """Write the digests of the folder's artifact files into its manifest: a crafted artifact then passes the
+    digest check, so a test reaches the checks behind it."""
+    import hashlib
+    import json
+    import os
+
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        data = json.load(f)
+    for a in data["artifacts"]:
+        with open(os.path.join(folder, a["file"]), "rb") as f:
+            a["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 __all__ = [
-    "all_pairs", "assert_loop_matches", "cfg_calls", "compile_cached", "loop_inputs", "make_inputs", "make_model", "reference_for", "rel_err",
-    "run", "run_reference", "run_twice_without_recompiles", "timesteps",
+    "all_pairs", "assert_loop_matches", "cfg_calls", "compile_cached", "loop_inputs", "make_inputs", "make_model",
+    "redigest", "reference_for", "rel_err", "run", "run_reference", "run_twice_without_recompiles", "timesteps",
 ]
 
 

@@ -18,8 +18,8 @@ import torch
 from ..backends import get_format
 from ..config import CacheConfig
 from ..errors import ConfigError, ExportError
-from ..export.manifest import Artifact, Manifest, confined, read_manifest
-from ..graph_io import GraphValue, dtype_from_name
+from ..export.manifest import Artifact, Manifest, check_digests, confined, read_manifest
+from ..graph_io import GraphValue, dtype_from_name, dtype_name
 from ..runtime.attach import CONTEXT_NAME
 from ..runtime.dispatch import Dispatcher
 from ..runtime.fingerprint import conditioning_inputs
@@ -112,7 +112,7 @@ class CachedSession:
                 "can run any code on this machine. Load only folders you made or trust, with "
                 "CachedSession(folder, trust_remote_code=True)")
         # load every artifact now: a broken or foreign file is an error here, not in the middle of a generation
-        executors = [self._executor(a) for a in m.artifacts]
+        executors = [self._executor(a, f"artifacts[{i}]") for i, a in enumerate(m.artifacts)]
         if m.format == "onnx":
             timestep = m.user_inputs[m.timestep_input].name
             full = executors[next(i for i, a in enumerate(m.artifacts) if a.kind == "full")]
@@ -124,8 +124,9 @@ class CachedSession:
                               source=ArtifactVariants(m, executors), timestep_index=m.timestep_input,
                               conditioning=conditioning_inputs(m.timestep_input, paths), param_indices=[])
 
-    def _executor(self, artifact: Artifact):
+    def _executor(self, artifact: Artifact, where: str):
         path = confined(self.folder, artifact.file)
+        check_digests(self.folder, artifact, where)  # before a TensorRT program is unpickled, too
         if self.manifest.format == "onnx":
             return get_format("onnx").executor(path, artifact.inputs, artifact.outputs, self.providers)
         return get_format("tensorrt").executor(path, artifact.inputs, artifact.outputs)
@@ -144,6 +145,7 @@ class CachedSession:
             if "hidden_states" in kwargs or len(args) > 1:
                 raise ConfigError("pass the transformer inputs as keyword arguments (hidden_states=..., ...)")
             kwargs["hidden_states"] = args[0]
+        self._refuse_unexported(kwargs)
         inputs = [self._input(spec, kwargs, i == self.manifest.timestep_input)
                   for i, spec in enumerate(self.manifest.user_inputs)]
         with torch.no_grad():
@@ -159,6 +161,31 @@ class CachedSession:
         return tuple(outs)
 
     forward = __call__
+
+    def _refuse_unexported(self, kwargs: dict) -> None:
+        """An argument that carries data (not None, not a dict of None) but is no input of the export: the
+        artifacts would run as if it were not given (an attention mask ignored), so it is refused."""
+        names = {t.name for t in self.manifest.user_inputs}
+        found, todo, seen = [], [("", kwargs)], set()
+        while todo:  # without recursion: nested dicts (added_cond_kwargs) name their inputs by path
+            prefix, values = todo.pop()
+            if id(values) in seen:
+                continue
+            seen.add(id(values))
+            for key, value in values.items():
+                path = f"{prefix}{key}"
+                if value is None or path in names:
+                    continue
+                if isinstance(value, dict):
+                    todo.append((path + ".", value))
+                else:
+                    found.append(path)
+        if found:
+            shown = ", ".join(repr(p) for p in sorted(found))
+            takes = ", ".join(t.name for t in self.manifest.user_inputs)
+            raise ConfigError(f"the export has no input {shown} (it takes {takes}), so the artifacts would run as if "
+                              f"it were not given: leave it out (or pass None), or export again with it in "
+                              f"example_inputs")
 
     def _input(self, spec, kwargs, is_timestep: bool) -> torch.Tensor:
         value = kwargs
@@ -179,8 +206,15 @@ class CachedSession:
                                       f"{value.reshape(-1)[:4].tolist()}")
             if value.numel() == 1:
                 value = value.reshape(1).expand(spec.shape)
-            if list(value.shape) == list(spec.shape):
-                value = value.to(want)
+            if list(value.shape) == list(spec.shape) and value.dtype != want:
+                cast = value.to(want)
+                if not torch.equal(cast.to(value.dtype), value):  # t=900.5 would run as 900
+                    raise ConfigError(f"input {spec.name!r} (the timestep) is {dtype_name(value.dtype)} "
+                                      f"{value.reshape(-1)[:4].tolist()}, which would change to "
+                                      f"{cast.reshape(-1)[:4].tolist()} in the export's input: the export takes "
+                                      f"{spec.dtype}. Pass the timestep as {spec.dtype}, or export again with a "
+                                      f"timestep of the dtype the sampler uses")
+                value = cast
         if list(value.shape) != list(spec.shape):
             raise ConfigError(f"input {spec.name!r} has shape {tuple(value.shape)}, but {self.folder!r} was exported "
                               f"for {tuple(spec.shape)}; shapes are static: export again with inputs of this shape")

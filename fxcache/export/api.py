@@ -10,10 +10,12 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
+import time
 import types
 
 import torch
@@ -34,6 +36,7 @@ from .manifest import (
     Manifest,
     Tensor,
     export_files,
+    file_sha256,
     load_json,
     write_manifest,
 )
@@ -92,6 +95,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
         from ..backends.tensorrt import require_tensorrt
 
         require_tensorrt("format='tensorrt'")
+    _remove_dead_exports(out_dir)
     staging = _staging_folder(out_dir)  # every file is written here; out_dir is replaced only once all is done
     runner = None
     try:
@@ -100,6 +104,7 @@ def export(transformer: torch.nn.Module, example_inputs: dict, method_or_config:
                            staging, check, tolerance)
         try:
             write_manifest(manifest, staging)
+            _check_staging(staging, manifest)
             _check_out_dir(out_dir)  # again: the folder may have changed while the artifacts were written
             _replace_folder(staging, out_dir)
         except OSError as exc:
@@ -185,10 +190,10 @@ def _check_earlier_export(out_dir: str, entries: list[str]) -> None:
         data = load_json(path)
         if not isinstance(data, dict) or "format_version" not in data:
             raise ExportError("it has no format_version")
-        manifest = Manifest.from_dict(data)
+        names = export_files(data)
     except ExportError as exc:
         raise ExportError(refuse.format(f"its {MANIFEST} is not an fxcache manifest: {exc}")) from None
-    others = sorted(set(entries) - export_files(manifest))
+    others = sorted(set(entries) - names)
     if others:
         shown = ", ".join(repr(n) for n in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(refuse.format(f"besides the export its {MANIFEST} describes it holds {shown}"))
@@ -205,12 +210,13 @@ def _is_folder(path: str) -> bool:
 
 
 def _staging_folder(out_dir: str) -> str:
-    """A new folder beside out_dir, with the mode `os.makedirs` would give it (0o777 less the umask)."""
+    """A new folder beside out_dir, with the mode `os.makedirs` would give it (0o777 less the umask); its name
+    carries the pid, so that a later export can tell a killed export's folder (`_remove_dead_exports`)."""
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)
         for _ in range(100):
-            path = os.path.join(parent, f".{os.path.basename(out_dir)}.export-{secrets.token_hex(4)}")
+            path = os.path.join(parent, f".{os.path.basename(out_dir)}.export-{os.getpid()}-{secrets.token_hex(4)}")
             try:
                 os.mkdir(path, 0o777)
             except FileExistsError:
@@ -221,6 +227,16 @@ def _staging_folder(out_dir: str) -> str:
         raise ExportError(f"cannot write the export to {out_dir!r}: {exc}") from None
 
 
+def _check_staging(staging: str, manifest: Manifest) -> None:
+    """The staging folder holds the files the export wrote, as plain files, and nothing else: nothing planted in it
+    while it was written is published."""
+    names = export_files(manifest)
+    for entry in sorted(os.listdir(staging)):
+        if entry not in names or not stat.S_ISREG(os.lstat(os.path.join(staging, entry)).st_mode):
+            raise ExportError(f"the staging folder {staging!r} holds {entry!r}, which the export did not write (as "
+                              f"a plain file): someone wrote into it while the export ran; nothing was published")
+
+
 def _replace_folder(staging: str, out_dir: str) -> None:
     """Put the finished export in place: renames on one file system, the old folder kept until the new one is
     there (a failure in between leaves the old folder, renamed, beside it)."""
@@ -228,7 +244,7 @@ def _replace_folder(staging: str, out_dir: str) -> None:
     if not os.path.exists(out_dir):
         os.rename(staging, out_dir)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-{os.getpid()}-", dir=os.path.dirname(out_dir))
     os.rmdir(old)
     os.rename(out_dir, old)
     try:
@@ -237,6 +253,50 @@ def _replace_folder(staging: str, out_dir: str) -> None:
         os.rename(old, out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+#: no export runs this long: a staging folder older than this is a dead export's, whatever process has its pid now
+STAGING_MAX_AGE_S = 24 * 3600
+
+
+def _remove_dead_exports(out_dir: str) -> None:
+    """Remove what killed exports to out_dir left beside it: staging folders (`.NAME.export-PID-XXXXXXXX`) whose
+    process is gone or older than STAGING_MAX_AGE_S, and folders an export was replacing (`.NAME.old-PID-...`),
+    but those only once out_dir is in place again (killed between its two renames, the old one is the only copy).
+    Only real folders of exactly these names: never a symbolic link, never anything else. Best effort."""
+    parent, base = os.path.split(out_dir)
+    pattern = re.compile(rf"\.{re.escape(base)}\.(export|old)-([0-9]{{1,10}})-[0-9a-z_]{{8}}")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for name in entries:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            continue
+        dead = not _process_exists(int(match[2])) or time.time() - info.st_mtime > STAGING_MAX_AGE_S
+        if dead and (match[1] == "export" or _is_folder(out_dir)):
+            shutil.rmtree(path, ignore_errors=True)  # does not follow links inside the folder either
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process has this pid on this machine (True where that cannot be told)."""
+    if pid <= 0 or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: it exists, as another user's; a number no pid can be
+        return True
+    return True
 
 
 # -- tracing ---------------------------------------------------------------------------------------------------
@@ -415,27 +475,44 @@ def _export_variant(writer, variant, name, args, keep, user_inputs, out_dir, che
     out_specs = [Tensor(f"output_{i}", "output", list(t.shape), dtype_name(t.dtype))
                  for i, t in enumerate(expected[:variant.num_outputs])]
     out_specs += [Tensor.typed(v, f"new:{v.key.name}") for v in variant.outputs]
-    file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(out_dir, name), name)
-    error = None
-    if check:
-        got = writer.run(os.path.join(out_dir, file), inputs, in_specs, out_specs)
-        error = 0.0
-        for spec, g, e in zip(out_specs, got, expected):
-            if g.shape != e.shape:
-                raise ExportError(f"{name} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
-                                  f"variant {tuple(e.shape)}")
-            if e.is_floating_point():
-                diff = (g.float() - e.float()).abs().max().item() if e.numel() else 0.0
-                scale = max(1.0, e.float().abs().max().item() if e.numel() else 0.0)
-                if not diff <= tolerance * scale:
-                    raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant by "
-                                      f"{diff:.3g} (tolerance {tolerance * scale:.3g})")
-                error = max(error, diff)
-            elif not torch.equal(g.to(e.dtype), e):
-                raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
+    # written in a new folder of its own, checked and hashed there, then renamed into the staging folder: a file
+    # or link planted in the staging folder meanwhile is replaced, never written through or hashed (on a failure
+    # export removes the staging folder with everything in it)
+    try:
+        private = tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir)
+        file = writer.write(lifted, inputs, in_specs, out_specs, os.path.join(private, name), name)
+        path = os.path.join(private, file)
+        error = _max_error(writer, path, inputs, in_specs, out_specs, expected, name, tolerance) if check else None
+        digest, data = file_sha256(path), path + ".data"  # `.data`: the weights of an artifact over 2 GB
+        data_digest = file_sha256(data) if os.path.exists(data) else None
+        for entry in os.listdir(private):
+            os.replace(os.path.join(private, entry), os.path.join(out_dir, entry))
+        os.rmdir(private)
+    except OSError as exc:
+        raise ExportError(f"could not write the {name} artifact: {exc}") from exc
     return Artifact(file=file, plan=variant.plan.to_json(), tokens=variant.tokens, flops=variant.flops,
                     num_outputs=variant.num_outputs, single_output=variant.single_output, inputs=in_specs,
-                    outputs=out_specs, max_abs_error=error)
+                    outputs=out_specs, sha256=digest, data_sha256=data_digest, max_abs_error=error)
+
+
+def _max_error(writer, path, inputs, in_specs, out_specs, expected, name, tolerance) -> float:
+    """The artifact run on the example against the torch variant: its max abs error, ExportError above tolerance."""
+    got = writer.run(path, inputs, in_specs, out_specs)
+    error = 0.0
+    for spec, g, e in zip(out_specs, got, expected):
+        if g.shape != e.shape:
+            raise ExportError(f"{name} artifact output {spec.name} has shape {tuple(g.shape)}, the torch "
+                              f"variant {tuple(e.shape)}")
+        if e.is_floating_point():
+            diff = (g.float() - e.float()).abs().max().item() if e.numel() else 0.0
+            scale = max(1.0, e.float().abs().max().item() if e.numel() else 0.0)
+            if not diff <= tolerance * scale:
+                raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant by "
+                                  f"{diff:.3g} (tolerance {tolerance * scale:.3g})")
+            error = max(error, diff)
+        elif not torch.equal(g.to(e.dtype), e):
+            raise ExportError(f"{name} artifact output {spec.name} differs from the torch variant")
+    return error
 
 
 # -- formats ---------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ cache entries it keeps for later steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 
 import torch
 
@@ -23,7 +25,7 @@ from ..graph_io import ROLE_SLOTS, GraphValue, Key, Role
 from ..step_plan import BlockKind, BlockStep, GraphView, StepPlan, UnitView
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: artifact digests
 FORMATS = ("onnx", "tensorrt")
 #: the most steps an export covers and a manifest may hold: `fxcache.export` and the loader share this bound
 MAX_NUM_STEPS = MAX_STEPS
@@ -60,6 +62,8 @@ class Artifact:
     single_output: bool
     inputs: list[Tensor]
     outputs: list[Tensor]
+    sha256: str  # of the file: one copied in from another export of the model would load and mix two models
+    data_sha256: str | None = None  # of `<file>.data`, the weights beside an artifact over 2 GB (None: no such file)
     max_abs_error: float | None = None  # runtime vs. the torch variant on the export example
 
     @property
@@ -316,9 +320,9 @@ def _step_plan(value, where: str, view: GraphView | None = None) -> StepPlan:
 
 
 def _artifact(value, where: str, user_inputs: list[Tensor], view: GraphView) -> Artifact:
-    keys = ("file", "plan", "tokens", "flops", "num_outputs", "single_output", "inputs", "outputs")
+    keys = ("file", "plan", "tokens", "flops", "num_outputs", "single_output", "inputs", "outputs", "sha256")
     _dict(value, where, keys=keys)
-    extra = sorted(set(value) - set(keys) - {"max_abs_error"})
+    extra = sorted(set(value) - set(keys) - {"data_sha256", "max_abs_error"})
     if extra:
         raise ExportError(f"manifest field {where} has unknown fields {', '.join(extra)}")
     file = _string(value["file"], f"{where}.file")
@@ -346,8 +350,17 @@ def _artifact(value, where: str, user_inputs: list[Tensor], view: GraphView) -> 
     err = value.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))):
         raise _fail(f"{where}.max_abs_error", "a number or null", err)
+    data = value.get("data_sha256")
     return Artifact(file=file, plan=plan.to_json(), tokens=value["tokens"], flops=value["flops"], num_outputs=n,
-                    single_output=value["single_output"], inputs=inputs, outputs=outputs, max_abs_error=err)
+                    single_output=value["single_output"], inputs=inputs, outputs=outputs,
+                    sha256=_digest(value["sha256"], f"{where}.sha256"),
+                    data_sha256=None if data is None else _digest(data, f"{where}.data_sha256"), max_abs_error=err)
+
+
+def _digest(value, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{64}", value):
+        raise _fail(where, "a sha256 digest (64 lowercase hex digits)", value)
+    return value
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -373,13 +386,47 @@ def confined(folder: str, name: str) -> str:
     return path
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_digests(folder: str, artifact: Artifact, where: str) -> None:
+    """The artifact's files (and its external weights, if the folder holds them) are the ones its export wrote:
+    a file copied in from another export of the model passes every shape check but mixes two models."""
+    for name, digest, field in ((artifact.file, artifact.sha256, "sha256"),
+                                (artifact.file + ".data", artifact.data_sha256, "data_sha256")):
+        if digest is None:
+            if os.path.lexists(os.path.join(folder, name)):
+                raise ExportError(f"{name!r} is in the folder but manifest field {where}.{field} is null: the file "
+                                  f"is not one its export wrote; export again")
+            continue
+        path = confined(folder, name)
+        if not os.path.isfile(path):
+            raise ExportError(f"{name!r} (manifest field {where}.{field}) is missing from {folder!r}")
+        try:
+            found = file_sha256(path)
+        except OSError as exc:
+            raise ExportError(f"{name!r} cannot be read: {exc.strerror or exc}") from None
+        if found != digest:
+            raise ExportError(f"artifact {name!r} does not match its digest (manifest field {where}.{field}): it "
+                              f"was changed or copied in from another export after this one was written; export "
+                              f"again")
+
+
 def write_manifest(manifest: Manifest, folder: str) -> str:
     text = manifest.to_json()
     if len(text.encode()) > MAX_MANIFEST_BYTES:  # the loader would refuse it
         raise ExportError(f"the manifest would take {len(text.encode()) / 2**20:.0f} MiB, over the "
                           f"{MAX_MANIFEST_BYTES // 2**20} MiB a loader reads; export fewer steps or variants")
     path = os.path.join(folder, MANIFEST)
-    with open(path, "w") as f:
+    # a new file only: a file or link planted under its name is an error, never written through
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
     return path
 
@@ -419,10 +466,20 @@ def read_manifest(folder: str) -> Manifest:
     return manifest
 
 
-def export_files(manifest: Manifest) -> set[str]:
-    """The names an export folder of `manifest` holds: the manifest, the artifacts, and the external weights
-    (`<artifact>.data`) the ONNX exporter writes beside an artifact over protobuf's 2 GB."""
-    names = {MANIFEST}
-    for a in manifest.artifacts:
-        names |= {a.file, a.file + ".data"}
-    return names
+def export_files(data: Manifest | dict) -> set[str]:
+    """The names an export folder of a manifest (or its JSON `data`) holds: the manifest, the artifacts, and the
+    external weights (`<artifact>.data`) the ONNX exporter writes beside an artifact over protobuf's 2 GB. JSON of
+    an earlier format, which this fxcache no longer loads, is read only for its artifact names, so that exporting
+    again replaces its folder. ExportError if `data` is no fxcache manifest."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(data, Manifest):
+        files = [a.file for a in data.artifacts]
+    elif isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
+        files = [_dict(a, f"artifacts[{i}]", keys=("file",))["file"]
+                 for i, a in enumerate(_list(data.get("artifacts"), "artifacts"))]
+        for i, file in enumerate(files):
+            if not is_plain_name(file):
+                raise _fail(f"artifacts[{i}].file", "a file name inside the export folder", file)
+    else:
+        files = [a.file for a in Manifest.from_dict(data).artifacts]
+    return {MANIFEST} | set(files) | {f + ".data" for f in files}

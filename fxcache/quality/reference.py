@@ -211,11 +211,14 @@ def load_family(family: str) -> ReferenceModel:
 
 
 def load(family_or_folder: str = "flux") -> ReferenceModel:
-    """A committed reference (`"flux"`, `"dit"`, `"pixart"`) or a folder written by `save`, via `from_pretrained`."""
+    """A committed reference (`"flux"`, `"dit"`, `"pixart"`) or a folder written by `save`, via `from_pretrained`.
+
+    A family name is always the committed one, never a folder of that name in the working directory (pass
+    "./flux" for that)."""
     from safetensors.torch import load_file
 
     folder = family_or_folder
-    if not os.path.isdir(folder):
+    if folder in FAMILIES or not os.path.isdir(folder):
         folder = os.path.join(CHECKPOINTS, family_or_folder)
     meta_path = os.path.join(folder, "reference.json")
     if not os.path.exists(meta_path):

@@ -11,25 +11,35 @@ from fxcache.cli import main
 from fxcache.deploy import CachedSession
 from fxcache.export import read_manifest
 
-from helpers import loop_inputs, make_model
+from helpers import loop_inputs, make_model, rel_err
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
 
-def test_export_a_reference_then_run_it(tmp_path, capsys):
-    out = str(tmp_path / "dit")
+def test_export_a_reference_then_run_it(tmp_path, capsys, monkeypatch):
+    """The committed reference, even where the working directory holds a folder of its name (a reference someone
+    trained, or anyone's files): a reference name is looked up in the package, never in the cwd."""
+    from fxcache.quality.reference import CHECKPOINTS, build, load, save
+
+    monkeypatch.chdir(tmp_path)
+    save(build("dit", seed=1), "dit")  # a loadable reference of other weights
+    out = str(tmp_path / "export")
     assert main(["export", "--reference", "dit", "--method", "fora", "-o", "interval=2", "--num-steps", "6",
                  "--out", out]) == 0
     text = capsys.readouterr().out
     assert "full.onnx" in text and "reuse.onnx" in text and "FRFRFR" in text
     manifest = read_manifest(out)
     assert manifest.method == "fora" and manifest.config["interval"] == 2
-    session = CachedSession(out)
-    from fxcache.quality.reference import load
-
-    ref = load("dit")
-    kw = ref.example_inputs(1)
-    assert session(**kw, return_dict=False)[0].shape == kw["hidden_states"].shape
+    committed, planted = load(os.path.join(CHECKPOINTS, "dit")), load(str(tmp_path / "dit"))
+    kw = committed.example_inputs(1)
+    with torch.no_grad():
+        want = committed.transformer(**kw, return_dict=False)[0]
+        other = planted.transformer(**kw, return_dict=False)[0]
+    got = CachedSession(out)(**kw, return_dict=False)[0]
+    assert got.shape == kw["hidden_states"].shape
+    assert rel_err(got, want) < 1e-4 and rel_err(got, other) > 1e-2
+    with torch.no_grad():  # the library's load too
+        assert torch.equal(load("dit").transformer(**kw, return_dict=False)[0], want)
 
 
 def test_export_a_saved_model_with_an_inputs_file(tmp_path):

@@ -13,7 +13,7 @@ import fxcache
 from fxcache import ConfigError, ExportError, MissingDependencyError
 from fxcache.deploy import CachedSession
 
-from helpers import loop_inputs, make_model
+from helpers import loop_inputs, make_model, redigest, rel_err
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
@@ -62,6 +62,9 @@ def test_missing_and_broken_artifacts(copy):
         CachedSession(copy)
     with open(os.path.join(copy, "skip.onnx"), "wb") as f:
         f.write(b"definitely not an onnx model")
+    with pytest.raises(ExportError, match="artifact 'skip.onnx' does not match its digest"):
+        CachedSession(copy)
+    redigest(copy)
     with pytest.raises(ExportError, match="onnxruntime could not load .*skip.onnx"):
         CachedSession(copy)
 
@@ -208,3 +211,51 @@ def test_a_dynamo_failure_says_what_the_model_raised_and_where(tmp_path):
     message = str(info.value)
     assert "AttributeError" in message and "resolution" in message
     assert "scale = timestep.resolution" in message
+
+
+def test_an_argument_the_export_did_not_take_is_refused(exported):
+    """PixArt's pipeline passes encoder_attention_mask: a session exported without it would ignore it and return
+    the unmasked model's output. Any non-None argument the export did not take is refused, naming it."""
+    session = CachedSession(exported)
+    model = make_model("pixart")
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    mask = torch.ones(2, 6)
+    mask[:, 3:] = 0
+    with torch.no_grad():
+        masked = model(**kw, encoder_attention_mask=mask)[0]
+        unmasked = model(**kw)[0]
+    got = session(**kw)[0]
+    assert rel_err(got, unmasked) < 1e-4 and rel_err(got, masked) > 1e-2  # what ignoring the mask would give
+    takes = "\\(it takes hidden_states, timestep, encoder_hidden_states\\)"
+    with pytest.raises(ConfigError, match=f"the export has no input 'encoder_attention_mask' {takes}"):
+        session(**kw, encoder_attention_mask=mask)
+    with pytest.raises(ConfigError, match=f"the export has no input 'added_cond_kwargs.resolution' {takes}"):
+        session(**{**kw, "added_cond_kwargs": {"resolution": torch.ones(2, 2), "aspect_ratio": None}})
+    with pytest.raises(ConfigError, match="the export has no input 'attention_kwargs.scale'"):
+        session(**kw, attention_kwargs={"scale": 0.5})
+    with pytest.raises(ConfigError, match="keyword arguments"):
+        session(kw.pop("hidden_states"), mask, **kw)
+
+
+def test_arguments_that_carry_no_data_are_accepted(exported):
+    """None, dicts of None and return_dict: what pipelines pass on every call without changing the output."""
+    session = CachedSession(exported)
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    expected = session(**kw)[0]
+    session.reset()
+    assert kw["return_dict"] is False and kw["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    got = session(**kw, encoder_attention_mask=None, joint_attention_kwargs=None, attention_kwargs={})[0]
+    assert torch.equal(got, expected)
+
+
+def test_a_lossy_timestep_cast_is_refused(exported):
+    """A float timestep into a float export is cast only where the value survives: float64 t that float32
+    cannot hold is refused, one it holds is accepted."""
+    session = CachedSession(exported)
+    kw = loop_inputs("pixart", 1, batch=2)[0]
+    expected = session(**kw)[0]
+    session.reset()
+    assert torch.equal(session(**{**kw, "timestep": kw["timestep"].double()})[0], expected)
+    session.reset()
+    with pytest.raises(ConfigError, match="'timestep'.*float64.*the export takes float32"):
+        session(**{**kw, "timestep": torch.full((2,), 900.1, dtype=torch.float64)})

@@ -4,6 +4,7 @@ without an explicit opt-in, and every malformed manifest an ExportError that nam
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -19,6 +20,8 @@ from fxcache import ExportError
 from fxcache.deploy import CachedSession
 from fxcache.export.manifest import Manifest, read_manifest
 from fxcache.testing import make_inputs, make_model
+
+from helpers import redigest
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (in the dev extra)")
 
@@ -78,6 +81,36 @@ def test_a_failed_export_leaves_the_old_folder_intact(folder, monkeypatch):
     CachedSession(folder)  # still loads: the old manifest with the old artifacts
 
 
+def test_an_export_removes_what_killed_exports_left_beside_its_folder(folder, tmp_path):
+    """A killed export leaves its staging folder (and, killed while replacing the folder, the old one): the next
+    export to that folder removes those of processes that are gone or a day old, and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+    def plant(name):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "full.onnx").write_bytes(b"partial")
+        return name
+
+    removed = [plant(f".copy.export-{dead}-0123abcd"), plant(f".copy.old-{dead}-k2_x9q0z"),
+               plant(".copy.export-1-89abcdef")]  # pid 1 lives, but no export runs for a day: its pid was reused
+    os.utime(tmp_path / removed[-1], (time.time() - 2 * 86400,) * 2)
+    kept = [plant(f".copy.export-{os.getpid()}-00000000"),  # a live process: an export in another thread
+            plant(f".other.export-{dead}-0123abcd"),  # another folder's
+            plant(".copy.export-notes"), plant(f".copy.export-{dead}-0123abcd.bak"),
+            plant(".copy.export-9999999999-0123abcd"), plant("target")]  # no pid is that large: kept
+    os.symlink(str(tmp_path / "target"), str(tmp_path / f".copy.export-{dead}-fedcba98"))
+    kept.append(f".copy.export-{dead}-fedcba98")
+    fxcache.export(make_model("dit"), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["copy"])
+    assert (tmp_path / "target" / "full.onnx").read_bytes() == b"partial"
+
+
 def test_export_replaces_an_earlier_export_and_never_writes_through_planted_links(folder, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("precious")
@@ -87,6 +120,58 @@ def test_export_replaces_an_earlier_export_and_never_writes_through_planted_link
     assert outside.read_text() == "precious"
     assert not os.path.islink(os.path.join(folder, "full.onnx"))
     assert read_manifest(folder).method == "duca"
+
+
+def _plant_in_staging(monkeypatch, parent, plant):
+    """While the export writes its first artifact, `plant(staging folder)`: someone writing into it meanwhile."""
+    from fxcache.backends import onnx as onnx_writer
+
+    real = onnx_writer.OnnxFormat.write
+
+    def write(self, gm, inputs, in_specs, out_specs, stem, kind):
+        if kind == "full":
+            (staging,) = parent.glob(".copy.export-*")
+            plant(str(staging))
+        return real(self, gm, inputs, in_specs, out_specs, stem, kind)
+
+    monkeypatch.setattr(onnx_writer.OnnxFormat, "write", write)
+
+
+@pytest.mark.parametrize("names", [("full.onnx", "reuse.onnx"), ("manifest.json",)])
+def test_export_never_writes_through_a_link_planted_in_its_staging_folder(folder, tmp_path, monkeypatch, names):
+    """Links planted under the names the export writes, in its staging folder (by anyone who may write there): the
+    file they link to is never written; nothing but plain files is published."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    before = _files(folder)
+
+    def plant(staging):
+        for name in names:
+            os.symlink(str(outside), os.path.join(staging, name))
+
+    def export():
+        fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+
+    _plant_in_staging(monkeypatch, tmp_path, plant)
+    if names == ("manifest.json",):  # written as a new file only: refused
+        with pytest.raises(ExportError, match="manifest.json"):
+            export()
+        assert _files(folder) == before
+    else:  # an artifact is written in a folder of its own and renamed over the link
+        export()
+        assert not any(os.path.islink(os.path.join(folder, n)) for n in os.listdir(folder))
+        CachedSession(folder)
+    assert outside.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["copy", "outside.txt"]
+
+
+def test_export_publishes_only_the_files_it_wrote(folder, tmp_path, monkeypatch):
+    before = _files(folder)
+    _plant_in_staging(monkeypatch, tmp_path, lambda staging: open(os.path.join(staging, "notes.txt"), "w").close())
+    with pytest.raises(ExportError, match="'notes.txt', which the export did not write"):
+        fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert _files(folder) == before
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
 
 
 def test_export_refuses_a_folder_of_other_files(tmp_path):
@@ -123,6 +208,76 @@ def test_a_symlink_out_of_the_folder_is_refused(folder, tmp_path):
     os.symlink(str(target), os.path.join(folder, "full.onnx"))
     with pytest.raises(ExportError, match="symbolic link"):
         CachedSession(folder)
+
+
+# -- each artifact is the file its export wrote ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_export(tmp_path_factory):
+    """A second export of the same architecture, method and shapes, with other weights."""
+    folder = str(tmp_path_factory.mktemp("dit_fora_other") / "export")
+    fxcache.export(make_model("dit", seed=1), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    return folder
+
+
+def test_the_manifest_holds_each_artifact_digest(exported):
+    for a in read_manifest(exported).artifacts:
+        assert a.sha256 == hashlib.sha256(open(os.path.join(exported, a.file), "rb").read()).hexdigest()
+        assert a.data_sha256 is None  # no external weights file beside so small an artifact
+
+
+def test_an_artifact_of_another_export_is_refused(folder, other_export):
+    """full.onnx of another export of the same model passes every shape and dtype check: unchecked, the session
+    would run one model's FULL steps and the other's cached steps."""
+    shutil.copy(os.path.join(other_export, "full.onnx"), os.path.join(folder, "full.onnx"))
+    with pytest.raises(ExportError, match="artifact 'full.onnx' does not match its digest \\(manifest field "
+                                          "artifacts\\[0\\].sha256\\).*export again"):
+        CachedSession(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda a: a.update(sha256="0" * 64), "artifact 'full.onnx' does not match its digest \\(manifest field "
+                                          "artifacts\\[0\\].sha256\\)"),
+    (lambda a: a.update(sha256="not a digest"), "manifest field artifacts\\[0\\].sha256 must be a sha256 digest"),
+    (lambda a: a.update(sha256=a["sha256"][:-1]), "manifest field artifacts\\[0\\].sha256 must be a sha256"),
+    (lambda a: a.update(sha256=a["sha256"].upper()), "manifest field artifacts\\[0\\].sha256 must be a sha256"),
+    (lambda a: a.update(sha256=None), "manifest field artifacts\\[0\\].sha256 must be a sha256 digest"),
+    (lambda a: a.pop("sha256"), "manifest field artifacts\\[0\\] lacks sha256"),
+    (lambda a: a.update(data_sha256="0" * 64), "'full.onnx.data' \\(manifest field artifacts\\[0\\].data_sha256\\) "
+                                               "is missing"),
+    (lambda a: a.update(data_sha256="x"), "manifest field artifacts\\[0\\].data_sha256 must be a sha256 digest"),
+])
+def test_a_tampered_digest_is_an_export_error_naming_the_field(folder, edit, message):
+    _edit(folder, lambda d: edit(d["artifacts"][0]))
+    with pytest.raises(ExportError, match=message):
+        CachedSession(folder)
+
+
+def test_external_weights_without_a_digest_are_refused(folder):
+    """`<artifact>.data` holds the weights of an artifact over 2 GB: one in the folder is checked like the artifact,
+    so its digest cannot be dropped from the manifest."""
+    with open(os.path.join(folder, "full.onnx.data"), "wb") as f:
+        f.write(bytes(64))
+    with pytest.raises(ExportError, match="'full.onnx.data' is in the folder but manifest field "
+                                          "artifacts\\[0\\].data_sha256 is null"):
+        CachedSession(folder)
+
+
+def test_a_folder_without_digests_is_refused_and_export_replaces_it(folder):
+    """Format 2 manifests have no digests: such a folder does not load unchecked, and exporting again into it
+    replaces it (it is an earlier export, not someone else's folder)."""
+    def as_format_2(d):
+        d["format_version"] = 2
+        for a in d["artifacts"]:
+            a.pop("sha256", None)
+            a.pop("data_sha256", None)
+
+    _edit(folder, as_format_2)
+    with pytest.raises(ExportError, match="format_version 2 is not supported \\(this fxcache reads 3\\); export the "
+                                          "model again"):
+        CachedSession(folder)
+    fxcache.export(make_model("dit"), _example(), "fora", out_dir=folder, num_steps=4, interval=3)
+    assert CachedSession(folder).manifest.format_version == 3
 
 
 # -- shapes and dtypes are checked against the artifacts before anything is allocated ------------------------------
@@ -408,6 +563,7 @@ def test_symbolic_dimensions_in_an_artifact_are_refused(folder):
     model = onnx.load(path)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.save(model, path)
+    redigest(folder)
     with pytest.raises(ExportError, match="symbolic shape \\['batch'"):
         CachedSession(folder)
 
@@ -519,6 +675,26 @@ def test_bad_call_inputs_name_the_input(session, name, value, message):
     session.reset()
 
 
+def test_a_fractional_timestep_into_an_integer_export_is_refused(session):
+    """DiT exported with int64 timesteps: t=900.5 would run as 900 (the model at 900.5 differs), so it is
+    refused; a float that is an integer value runs as that integer."""
+    example = _example()
+    model = make_model("dit")
+    with torch.no_grad():
+        at = {t: model(**{**example, "timestep": torch.full((2,), t)})[0] for t in (900.0, 900.5)}
+    assert (at[900.5] - at[900.0]).abs().max() > 1e-3
+    session.reset()
+    got = session(**{**example, "timestep": torch.full((2,), 900)})[0]
+    session.reset()
+    assert torch.equal(session(**{**example, "timestep": 900.0})[0], got)
+    assert (got - at[900.0]).abs().max() < 1e-4
+    session.reset()
+    for t in (900.5, torch.full((2,), 900.5)):
+        with pytest.raises(fxcache.ConfigError, match="'timestep' \\(the timestep\\).*900.5.*the export takes int64"):
+            session(**{**example, "timestep": t})
+    session.reset()
+
+
 def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
     """Once trusted, a saved program's inputs and outputs are still checked against the manifest before use."""
     import importlib
@@ -539,5 +715,6 @@ def test_a_tensorrt_program_must_match_its_manifest(folder, monkeypatch):
             torch.export.save(program, os.path.join(folder, a["file"]))
 
     _edit(folder, as_tensorrt)
+    redigest(folder)
     with pytest.raises(ExportError, match="the manifest lists 3 inputs of full.ep, the program has 1"):
         CachedSession(folder, trust_remote_code=True)

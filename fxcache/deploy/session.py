@@ -22,7 +22,7 @@ from ..export.manifest import Artifact, Manifest, check_digests, confined, read_
 from ..graph_io import GraphValue, dtype_from_name, dtype_name
 from ..runtime.attach import CONTEXT_NAME
 from ..runtime.dispatch import Dispatcher
-from ..runtime.fingerprint import conditioning_inputs
+from ..runtime.fingerprint import conditioning_inputs, latent_input
 from ..runtime.requests import Request, RequestScope
 from ..runtime.runner import Runner, VariantSource
 from ..step_plan import StepPlan
@@ -122,7 +122,8 @@ class CachedSession:
         paths = {i: t.name for i, t in enumerate(m.user_inputs)}
         self._runner = Runner(backend=self, graph_id=0, dispatcher=self.dispatcher,
                               source=ArtifactVariants(m, executors), timestep_index=m.timestep_input,
-                              conditioning=conditioning_inputs(m.timestep_input, paths), param_indices=[])
+                              conditioning=conditioning_inputs(m.timestep_input, paths), param_indices=[],
+                              latents=latent_input(m.timestep_input, paths))
 
     def _executor(self, artifact: Artifact, where: str):
         path = confined(self.folder, artifact.file)

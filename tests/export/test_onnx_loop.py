@@ -77,9 +77,31 @@ def test_duca_loop_through_onnx_equals_torch(tmp_path, name):
     ("clusca", dict(interval=3, clusters=4, warmup_steps=1, kmeans_iters=3)),
 ])
 def test_every_method_loops_through_onnx(tmp_path, method, opts):
-    export_and_compare(tmp_path, "dit", make_config(method, **opts))
+    _, session, _ = export_and_compare(tmp_path, "dit", make_config(method, **opts))
+    if method == "fora":
+        micro_batches_keep_their_caches(session)
     change, message = OTHER_CONFIG[method]
     refuses_another_config(str(tmp_path), change, message)
+
+
+def micro_batches_keep_their_caches(session):
+    """Two trajectories of one conditioning, one call each per step in one request (micro-batches): each equals
+    itself run alone through the session."""
+    base = loop_inputs("dit", STEPS, batch=2)
+
+    def trajectory(seed):
+        g = torch.Generator().manual_seed(seed)
+        start, drift = torch.randn(base[0]["hidden_states"].shape, generator=g), torch.randn(
+            base[0]["hidden_states"].shape, generator=g)
+        return [dict(kw, hidden_states=start + 0.05 * s * drift) for s, kw in enumerate(base)]
+
+    a, b = trajectory(1), trajectory(2)
+    with torch.no_grad(), fxcache.request(session):
+        together = [(session(**x)[0], session(**y)[0]) for x, y in zip(a, b)]
+    for i, alone in enumerate((a, b)):
+        with torch.no_grad(), fxcache.request(session):
+            expected = [session(**kw)[0] for kw in alone]
+        assert all(torch.equal(pair[i], e) for pair, e in zip(together, expected)), i
 
 
 #: per method, an option that changes the artifacts, and the mismatch a folder with that option changed shows

@@ -135,6 +135,7 @@ class CacheBackend:
             seen = self._by_signature.get(signature)
             if seen is not None and same_constants(seen[0], gm):
                 self.duplicate_graphs += 1
+                self.scope.limits.grow()
                 log.info("fxcache: Dynamo traced graph %d again (an identical graph); its requests go on in it",
                          seen[1].graph_id)
                 return seen[1]

@@ -8,7 +8,8 @@ transformers share one wrapped `forward` (peft's `apply_lora_scale`), and `modul
 `ContextVar`): a limit raised in the main thread does not reach a server's worker threads.
 
 * `Limits` keeps the highest limits seen where the backend compiled a graph, and raises a calling
-  thread's limits to them (once per thread and change; every runner call and pipeline signal checks).
+  thread's limits to them (once per thread and change; every runner call and pipeline signal checks). A graph
+  Dynamo traces again (it does under threads) takes a slot: the limits grow by one for each.
 * A handler watches Dynamo's log for the limit line, said once per code object, in the thread whose call is about
   to run in eager: the backend serving the called model warns, and that call's request is marked, so its next
   fxcache call starts over (FULL, no cache from before the gap is read). Later eager calls are silent in Dynamo;
@@ -50,6 +51,14 @@ class Limits:
                 if isinstance(value, int) and value > self.values.get(name, 0):
                     self.values[name] = value
                     self._version = next(_VERSIONS)
+
+    def grow(self) -> None:
+        """Dynamo traced a graph it already had (a duplicate): it takes a slot of the limits, so the limits of
+        every thread grow by one, and duplicates never use up the shapes the user sized them for."""
+        with self._lock:
+            for name in list(self.values):
+                self.values[name] += 1
+            self._version = next(_VERSIONS)
 
     def apply(self) -> None:
         """Raise the calling thread's (context's) limits to the noted ones: cheap when already done."""

@@ -55,6 +55,26 @@ def test_a_graph_dynamo_traces_again_continues_the_request(method, opts):
         assert torch.equal(o[0], e[0])
 
 
+def test_graphs_dynamo_traces_again_do_not_use_up_the_recompile_limit():
+    """With recompile_limit=2, one shape and a duplicate of it (a global setting flipped) would leave a second
+    shape to run in eager; the limits grow by one per duplicate, so it compiles and is cached."""
+    model = make_model("dit")
+
+    class FreshCode(type(model)):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model.__class__ = FreshCode
+    backend = fxcache.cache_backend("fora", lowering="eager", interval=2)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=2):
+        _loop(compiled, toggle_at=(2, 4))
+        with torch.no_grad():
+            compiled(**make_inputs("dit", batch=2))
+    assert backend.duplicate_graphs >= 1 and len(backend.runners) == 2
+    assert all(r["cached"] for r in backend.stats())
+
+
 def test_recompile_limits_set_where_the_model_compiled_reach_a_worker_thread():
     model = make_model("dit")
     backend = fxcache.cache_backend("fora", lowering="eager")

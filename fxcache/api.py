@@ -113,8 +113,9 @@ class CacheBackend:
         self.runners: list = []
         self._by_signature: dict[tuple, tuple] = {}  # graph signature -> (graph, runner): Dynamo's duplicates
         self.duplicate_graphs = 0  # graphs Dynamo traced again that equal one this backend already runs
-        self.call_keeper = CallKeeper(self.scope)
-        self.recent_blocks = RecentBlocks()  # per thread: the token counts the latest call ran each block with  # under it, a request keeps each model's call positions (pieces)
+        self.call_keeper = CallKeeper(self.scope)  # under it, a request keeps each model's call positions (pieces)
+        self.recent_blocks = RecentBlocks()  # per thread and model: the token counts the latest call ran each block
+        self.has_pieces = False  # a graph of a forward that graph-breaks was cached as a piece
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -171,6 +172,7 @@ class CacheBackend:
             else:
                 log.info("fxcache graph %d (%s):\n%s", graph_id, self.config.method, plan.summary())
                 if plan.timestep_index is None:
+                    self.has_pieces = True
                     runner = piece_runner(self, graph_id, gm, plan, variants, root_cls=type(module),
                                           block_root=block_root, mode=mode, options=options)
                 else:

@@ -1,12 +1,14 @@
 """Calls of a compiled model that no fxcache runner served: Dynamo ran them in plain eager.
 
 Past its recompile limit Dynamo runs a call whose shape it has no graph for in eager; after the first such call it
-says nothing more (the code object runs only its cached graphs from then on). Such a call is a step of some request
+says nothing more (the code object runs only its cached graphs from then on). A forced eager stance or
+`torch.compiler.disable` around the model does the same. Such a call is a step of some request
 that fxcache never saw, so that request's caches fall a step behind. The compiled entry of a model a backend serves
 (an `OptimizedModule`'s `forward`, or the `_compiled_call_impl` of a module compiled in place) is wrapped: a call
 during which no runner ran is reported to the backend (`RequestScope.ran_outside`), which records it and makes the
 request start over at its next call. The wrapper runs outside Dynamo (it calls the compiled entry), so it costs no
-graph break and no recompile.
+graph break and no recompile; before the call, it gives the calling thread the recompile limits the model's
+graphs were compiled under (`recompiles.Limits`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def watch_calls(module: torch.nn.Module | None, backend) -> None:
 
     @functools.wraps(current)
     def entry(*args, **kwargs):
+        for ref in watchers:  # before Dynamo looks the call up: this thread gets the limits the model needs
+            watching = ref()
+            if watching is not None:
+                watching.scope.limits.apply()
         before = _SERVED.get()
         out = current(*args, **kwargs)
         if _SERVED.get() == before:  # no runner ran: Dynamo ran the call in eager

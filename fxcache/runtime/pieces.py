@@ -30,22 +30,28 @@ def _compiled_root(model):
 
 
 class RecentBlocks:
-    """Per thread, the token counts of each block's recomputable units (by the block's path in its model) as the
-    latest call ran them. A model call runs its blocks in order in one thread, so the blocks before a piece were
-    run by the call in hand, at its size: where the piece's rows of a step's token draw start does not depend on
-    the sizes compiled before."""
+    """Per thread and model, the token counts of each block's recomputable units (by the block's path in the
+    model) as the latest call ran them. A model call runs its blocks in order in one thread, so the blocks before a
+    piece were run by the call in hand, at its size: where the piece's rows of a step's token draw start does not
+    depend on the sizes compiled before."""
 
     def __init__(self):
         self._local = threading.local()
 
-    def note(self, blocks: dict[str, list[int]]) -> None:
-        recent = getattr(self._local, "blocks", None)
+    def _of(self, model) -> dict:
+        recent = getattr(self._local, "models", None)
         if recent is None:
-            recent = self._local.blocks = {}
-        recent.update(blocks)
+            recent = self._local.models = weakref.WeakKeyDictionary()
+        blocks = recent.get(model)
+        if blocks is None:
+            blocks = recent[model] = {}
+        return blocks
 
-    def get(self, name: str) -> list[int] | None:
-        return getattr(self._local, "blocks", {}).get(name)
+    def note(self, model, blocks: dict[str, list[int]]) -> None:
+        self._of(model).update(blocks)
+
+    def get(self, model, name: str) -> list[int] | None:
+        return self._of(model).get(name)
 
 
 class PieceInfo:
@@ -148,7 +154,7 @@ class PieceRunner(Runner):
                 if li == list_index and i >= layer:
                     break
                 name = f"{lst}.{i}"
-                tokens = recent.get(name)
+                tokens = recent.get(model, name)
                 if tokens is None:
                     tokens = by_name.get(name, by_class.get(type(entry).__name__, []))
                 for t in tokens:
@@ -195,7 +201,7 @@ class PieceRunner(Runner):
                     f"are shared between positions): it runs uncached", key=f"shared-{self.graph_id}")
             return None
         info.seq = calls.seq  # this state's first call in this model call: the call's dropped / new branches
-        self.backend.recent_blocks.note(info.blocks)
+        self.backend.recent_blocks.note(model, info.blocks)
         for slot in pos.dropped:
             state.drop(slot)
         if pos.new:

@@ -79,6 +79,8 @@ class Request:
 
             raise ConfigError(f"fxcache request {self.id} has ended (its caches were freed); open a new one with "
                               "fxcache.request(model) instead of re-entering or resuming an ended request")
+        for scope in self.scopes or ():
+            scope.limits.apply()  # a worker thread's request: the limits its models were compiled under
         frame = sys._getframe(1)
         while frame is not None and frame.f_code.co_filename in _OWN_FILES:
             frame = frame.f_back  # the caller's `with` statement, past resume() and contextlib

@@ -163,11 +163,11 @@ class Runner:
         request.gaps.discard(self.scope)
         request.clear(self.scope)
         self.backend._warn_once(
-            "fxcache: a model call ran outside fxcache (Dynamo ran it in eager: its recompile limit was hit), so "
-            "the request it belongs to starts over at its next call (a FULL step; no cache from before the gap is "
-            "read): its result differs from the same request run alone. Raise "
-            "torch._dynamo.config.recompile_limit and accumulated_recompile_limit before the first call, and warm "
-            "up every input shape", key="ran-outside")
+            "fxcache: a model call ran outside fxcache (Dynamo ran it in eager: past its recompile limit, or under "
+            "torch.compiler.disable or a forced eager stance), so the request it belongs to starts over at its "
+            "next call (a FULL step; no cache from before the gap is read): its result differs from the same "
+            "request run alone. If the limit was hit, raise torch._dynamo.config.recompile_limit and "
+            "accumulated_recompile_limit before the first call, and warm up every input shape", key="ran-outside")
 
     def _new_state(self, model, key, request) -> GraphState:
         if model is not None:
@@ -283,11 +283,27 @@ class Runner:
         if located is None:  # a call whose step cannot be known (`PieceRunner`): FULL, nothing kept
             return self._run_alone(args)
         pos, t = located
-        if self._block_tokens and type(self) is Runner:
-            self._recent.note(self._block_tokens)
+        if self._block_tokens and self.backend.has_pieces and type(self) is Runner:
+            self._note_blocks(state)
         self._warn_about(pos, state, request)
         step, branch = pos.step, pos.branch
         return self._run(state, args, step, branch, t)
+
+    def _note_blocks(self, state: GraphState) -> None:
+        """Tell the pieces of this model that run after this graph the token counts its blocks ran with (the
+        model's module, found on the stack once per model)."""
+        module_ref = getattr(state, "module_ref", None)
+        if module_ref is None:
+            from .attach import calling_module
+
+            param = state.model_ref() if state.model_ref is not None else None
+            module = calling_module(param, depth=48) if param is not None else None
+            if module is None:
+                return
+            module_ref = state.module_ref = weakref.ref(module)
+        module = module_ref()
+        if module is not None:
+            self._recent.note(module, self._block_tokens)
 
     def _warn_about(self, pos, state: GraphState, request) -> None:
         if pos.crowded and not pos.unmatched:

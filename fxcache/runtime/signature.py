@@ -5,6 +5,8 @@ it already has (whose state the requests keep) instead of a new, empty one."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 
@@ -15,12 +17,22 @@ def _input_signature(value) -> tuple:
     return ("value", type(value).__name__, repr(value))
 
 
+def global_state() -> str:
+    """The global state Dynamo guards (grad mode, autocast, default dtype, deterministic algorithms, TF32 and
+    reduced-precision reductions, torch function), but the thread count: a graph traced under other state is
+    another graph (Inductor bakes autocast into its code, for one)."""
+    state = json.loads(torch._C._dynamo.guards.GlobalStateGuard().__getstate__())
+    state.pop("num_threads", None)
+    return json.dumps(state, sort_keys=True)
+
+
 def graph_signature(gm: torch.fx.GraphModule, example_inputs, *, origin: tuple, mode=None, options=None) -> tuple:
     """What a graph computes and what it is called with: its code, every input's shape, strides, dtype, device and
-    grad flag, the grad mode, torch.compile's mode and options, and `origin` (the module class and code object it
-    was traced from). Equal signatures (and equal constants, `same_constants`) run interchangeably."""
+    grad flag, the global state it was traced under, torch.compile's mode and options, and `origin` (the module
+    class and code object it was traced from). Equal signatures (and equal constants, `same_constants`) run
+    interchangeably."""
     constants = tuple((n.target, _input_signature(_attr(gm, n.target))) for n in gm.graph.nodes if n.op == "get_attr")
-    return (gm.code, tuple(_input_signature(x) for x in example_inputs), constants, torch.is_grad_enabled(),
+    return (gm.code, tuple(_input_signature(x) for x in example_inputs), constants, global_state(),
             mode, repr(sorted((options or {}).items())), origin)
 
 

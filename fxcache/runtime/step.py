@@ -15,9 +15,11 @@ up in Lumina's). So a call goes to the branch with its name, else the one with i
 
 Calls of several trajectories with one conditioning (micro-batches of one prompt, lockstep loops) are told apart
 by their latents, sampled at a few hundred fixed positions with t: a trajectory's latents move a step at a time,
-another's are unrelated. A repeated t whose latents are far from the branch's last ones (relative distance above
-`FAR`) is another trajectory, never a Heun re-evaluation or the same request again; of several branches t moves
-on from, a call continues the one whose latents are nearest.
+another's are elsewhere (even one that starts close, as variations of one image do). A repeated t continues a
+branch only with latents nearer to its last ones than half the step before moved them (a Heun re-evaluation), or,
+at step 0, with the same latents (the same request again); else it is another trajectory. Of several branches t
+moves on from, a call continues the least recently used (the order of a loop), unless another's latents are less
+than half as far from the call's.
 
 A call that matches no branch is a new branch at step 0 (it runs FULL): a repeated t is the other half of a
 true-CFG pair, a t above every branch's is a new request, which drops the old branches, and any other is a request
@@ -38,10 +40,11 @@ from ..errors import ConfigError
 
 FALLING, RISING = -1, 1
 _TOMBSTONES = 16  # fingerprints of dropped branches remembered per tracker
-#: relative distance between two latent samples above which they are two trajectories: a step of one trajectory
-#: moves its latents by far less (Heun's second evaluation at one t by a fraction of a step), two trajectories
-#: of independent noise differ by about sqrt(2)
+#: relative distance between two latent samples that no re-evaluation at one t reaches, and a jump in t's direction
+#: beyond which (and beyond 4 of the branch's last steps) a call looks like a new request; two trajectories of
+#: independent noise differ by about sqrt(2)
 FAR = 0.5
+SAME = 1e-3  # relative distance within which two latent samples are the same latents (rounding)
 
 
 def distance(a: tuple | None, b: tuple | None) -> float:
@@ -139,7 +142,7 @@ class StepTracker:
             return self._advance(branch, t, name, fingerprint, sample)
         behind = [b for b in self.branches if b.fingerprint is not None and self.direction.forward(t, b.last_t)]
         if behind and name is None:
-            branch = min(behind, key=lambda b: (distance(b.sample, sample), b.used))
+            branch = min(behind, key=lambda b: b.used)
             if self.continue_unmatched and (fingerprint not in self._tombstones or branch.varying):
                 branch.varying = True  # conditioning that changes every step: the loop t moves on in
                 return self._advance(branch, t, name, fingerprint, sample)
@@ -204,20 +207,37 @@ class StepTracker:
         if not candidates:
             candidates = [b for b in self.branches
                           if b.fingerprint == fingerprint and (name is None or b.name is None)]
-        # a repeated t with unrelated latents is another trajectory (a micro-batch), not this branch's
-        candidates = [b for b in candidates if not (t == b.last_t and distance(b.sample, sample) > FAR)]
+        # a repeated t with other latents is another trajectory (a micro-batch), not this branch's
+        candidates = [b for b in candidates if t != b.last_t or self._repeats(b, sample)]
         if not candidates:
             return None
 
-        def rank(b: Branch):  # a branch that t moves on from first (the nearest latents), then a repeat, then one
-            order = 0 if self.direction.forward(t, b.last_t) else 1 if t == b.last_t else 2  # t moved back from
-            return order, distance(b.sample, sample), b.used
+        def rank(b: Branch):  # a branch that t moves on from first, then a repeat, then one that t moved back from
+            order = 0 if self.direction.forward(t, b.last_t) else 1 if t == b.last_t else 2
+            return order, b.used
 
         best = min(candidates, key=rank)
+        moving = [b for b in candidates if self.direction.forward(t, b.last_t)]
+        if len(moving) > 1:  # the least recently used (a loop's order), unless another's latents are far nearer
+            nearest = min(moving, key=lambda b: distance(b.sample, sample))
+            if 2 * distance(nearest.sample, sample) < distance(best.sample, sample):
+                best = nearest
         if sample is not None and any(f == fingerprint and distance(s, sample) < distance(best.sample, sample)
                                       for f, s in self._dropped):
             return None  # a dropped trajectory of this conditioning calls again: it continues no other's
         return best
+
+    @staticmethod
+    def _repeats(branch: Branch, sample: tuple | None) -> bool:
+        """Whether a call at the branch's last t continues it: a re-evaluation at one t (Heun) moves the latents
+        by a fraction of the step before it, so they must be nearer than half that step (and than `FAR`); at
+        step 0 (no step yet: the same request again) they must be the same latents. Unknown latents continue."""
+        if branch.sample is None or sample is None:
+            return True
+        d = distance(branch.sample, sample)
+        if branch.step >= 1 and math.isfinite(branch.jump):
+            return d <= min(FAR, 0.5 * branch.jump)
+        return d <= SAME
 
     def _advance(self, branch: Branch, t: float, name, fingerprint, sample=None) -> Position:
         moved_back, branch.moved_back = branch.moved_back, False

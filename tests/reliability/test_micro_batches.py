@@ -16,14 +16,24 @@ METHODS = [("fora", dict(interval=3)), ("duca", dict(interval=3, ratio=0.5)),
            ("taylorseer", dict(interval=3, warmup_steps=1))]
 
 
-def _trajectories(compiled, seeds, *, steps=6, label=3, request=True, batch=2):
+def _start(seed, batch=2, near=None):
+    """Start latents of seed `seed`; `near`: (seed, rel) start at relative distance `rel` from that seed's, as
+    variations of one image at a low strength are."""
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    if near is None:
+        return x
+    base = _start(near[0], batch)
+    return base + near[1] * base.norm() * x / x.norm()
+
+
+def _trajectories(compiled, seeds, *, steps=6, label=3, request=True, batch=2, starts=None):
     """One DDIM loop that advances every trajectory (a latent batch of `batch` images per seed) one call each per
     step, all with the same class label and t."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)
-    latents = [torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    latents = list(starts) if starts is not None else [_start(s, batch) for s in seeds]
     labels = torch.full((batch,), label)
     with torch.no_grad(), (fxcache.request(compiled) if request else _nothing()):
         for t in scheduler.timesteps:
@@ -57,6 +67,17 @@ def test_micro_batches_of_one_prompt_equal_each_run_alone(method, opts, request_
         alone, _ = _compiled(method, opts)
         expected = _trajectories(alone, (seed,), request=request_marked)[0]
         assert torch.equal(out, expected), (seed, (out - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("rel", [0.3, 0.1])
+def test_micro_batches_that_start_close_equal_each_run_alone(rel):
+    """Variations of one image (the same latents but for a little noise) are still two trajectories."""
+    starts = [_start(1), _start(2, near=(1, rel))]
+    together, _ = _compiled("fora", dict(interval=3))
+    outs = _trajectories(together, (), starts=starts)
+    for start, out in zip(starts, outs):
+        alone, _ = _compiled("fora", dict(interval=3))
+        assert torch.equal(out, _trajectories(alone, (), starts=[start])[0])
 
 
 def test_three_micro_batches_keep_their_steps():

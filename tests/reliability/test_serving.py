@@ -22,53 +22,77 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 import soak_serving  # noqa: E402
 
 TS = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0]
+_EPOCH = [0]  # read by `Retraced.forward`: Dynamo guards its value, so flipping it makes Dynamo trace again
 
 
-def _loop(compiled, toggle_at=()):
-    """One request of 6 steps; `torch.use_deterministic_algorithms` flips at the given steps (a global setting
-    Dynamo guards: it traces the same graph again, and again when it flips back)."""
+def retraced_dit():
+    """A DiT whose forward reads a global flag that changes nothing it computes: flipping the flag fails a guard,
+    and Dynamo traces the same graph again, as it does now and then under threads."""
+    model = make_model("dit")
+
+    class Retraced(type(model)):
+        def forward(self, *args, **kwargs):
+            if _EPOCH[0] % 2:
+                pass
+            return super().forward(*args, **kwargs)
+
+    model.__class__ = Retraced
+    return model
+
+
+def _loop(compiled, flip_at=()):
+    """One request of 6 steps; the global flag flips at the given steps."""
     inputs = make_inputs("dit")
     outs = []
     try:
         with torch.no_grad(), fxcache.request(compiled):
             for i, t in enumerate(TS):
-                if i in toggle_at:
-                    torch.use_deterministic_algorithms(not torch.are_deterministic_algorithms_enabled())
+                if i in flip_at:
+                    _EPOCH[0] += 1
                 inputs["timestep"] = torch.full_like(inputs["timestep"], t)
                 outs.append(compiled(**inputs))
     finally:
-        torch.use_deterministic_algorithms(False)
+        _EPOCH[0] = 0
     return outs
 
 
 @pytest.mark.parametrize("method,opts", [("fora", dict(interval=3)), ("taylorseer", dict(interval=3, warmup_steps=1))])
 def test_a_graph_dynamo_traces_again_continues_the_request(method, opts):
     backend = fxcache.cache_backend(method, lowering="eager", **opts)
-    compiled = torch.compile(make_model("dit"), backend=backend, dynamic=False)
-    outs = _loop(compiled, toggle_at=(2, 4))
+    compiled = torch.compile(retraced_dit(), backend=backend, dynamic=False)
+    outs = _loop(compiled, flip_at=(2, 4))
     assert backend.duplicate_graphs >= 1 and len(backend.runners) == 1
     fresh_backend = fxcache.cache_backend(method, lowering="eager", **opts)
-    expected = _loop(torch.compile(make_model("dit"), backend=fresh_backend, dynamic=False))
+    expected = _loop(torch.compile(retraced_dit(), backend=fresh_backend, dynamic=False))
     assert [r["kind"] for r in backend.stats()] == [r["kind"] for r in fresh_backend.stats()]
     assert [r["step"] for r in backend.stats()] == list(range(6))
     for o, e in zip(outs, expected):
         assert torch.equal(o[0], e[0])
 
 
+@pytest.mark.inductor
+def test_a_graph_traced_under_other_global_state_is_not_a_duplicate():
+    """The same code traced under autocast is another graph (Inductor bakes the autocast dtype in): a call
+    without autocast after one with it runs in float32."""
+    model = torch.nn.Linear(8, 8)
+    backend = fxcache.cache_backend("fora")
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            assert compiled(x).dtype == torch.bfloat16
+        out = compiled(x)
+    assert backend.duplicate_graphs == 0 and len(backend.runners) == 2
+    assert out.dtype == torch.float32 and torch.allclose(out, model(x), atol=1e-6)
+
+
 def test_graphs_dynamo_traces_again_do_not_use_up_the_recompile_limit():
     """With recompile_limit=2, one shape and a duplicate of it (a global setting flipped) would leave a second
     shape to run in eager; the limits grow by one per duplicate, so it compiles and is cached."""
-    model = make_model("dit")
-
-    class FreshCode(type(model)):
-        def forward(self, *args, **kwargs):
-            return super().forward(*args, **kwargs)
-
-    model.__class__ = FreshCode
     backend = fxcache.cache_backend("fora", lowering="eager", interval=2)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
+    compiled = torch.compile(retraced_dit(), backend=backend, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=2):
-        _loop(compiled, toggle_at=(2, 4))
+        _loop(compiled, flip_at=(2, 4))
         with torch.no_grad():
             compiled(**make_inputs("dit", batch=2))
     assert backend.duplicate_graphs >= 1 and len(backend.runners) == 2
@@ -95,6 +119,27 @@ def test_recompile_limits_set_where_the_model_compiled_reach_a_worker_thread():
     thread.join()
     assert seen["before"] == 8, "a new thread starts with Dynamo's default limit"
     assert seen["after"] == (77, 777)
+
+
+def test_a_worker_whose_first_call_is_a_new_shape_gets_the_limits_before_dynamo_checks_them():
+    """A custom server loop (a request per job, no pipeline): the worker's very first call needs a new graph past
+    Dynamo's default limit of 8; it compiles because the request and the compiled entry give the thread the limits
+    the model was compiled under first."""
+    model = retraced_dit()
+    backend = fxcache.cache_backend("fora", lowering="eager")
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=16, accumulated_recompile_limit=64), torch.no_grad():
+        for batch in range(1, 9):  # 8 graphs: the default limit, spent
+            compiled(**make_inputs("dit", batch=batch))
+
+    def worker():
+        with torch.no_grad(), fxcache.request(compiled):
+            compiled(**make_inputs("dit", batch=9))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(backend.runners) == 9 and all(r["cached"] for r in backend.stats())
 
 
 def test_a_call_dynamo_runs_in_eager_restarts_the_request_with_a_warning():

@@ -11,8 +11,8 @@ import torch
 
 
 def _input_signature(value) -> tuple:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device,
+    if isinstance(value, torch.Tensor):  # sizes as text: a symbolic size (dynamic shapes) is not hashable
+        return ("tensor", str(tuple(value.shape)), str(tuple(value.stride())), value.dtype, value.device,
                 value.requires_grad, isinstance(value, torch.nn.Parameter))
     return ("value", type(value).__name__, repr(value))
 

@@ -117,8 +117,8 @@ class StepTracker:
         self.branches: list[Branch] = []
         self.calls = 0
         self._tombstones: collections.OrderedDict = collections.OrderedDict()  # fingerprint -> its last t
-        # (fingerprint, latent sample) of dropped branches: a dropped trajectory that calls again is not taken
-        # for another one of its conditioning
+        # (fingerprint, latent sample) of branches dropped for room (max_branches): such a trajectory that calls
+        # again is not taken for another one of its conditioning
         self._dropped: collections.deque = collections.deque(maxlen=_TOMBSTONES)
 
     def locate(self, t: float, *, name: str | None = None, fingerprint: tuple = (),
@@ -273,8 +273,6 @@ class StepTracker:
     def _drop(self, branch: Branch, *, taken_for_ended: bool = False) -> None:
         """`taken_for_ended`: the rule guessed its request ended (another one started); remember where it was."""
         self.branches.remove(branch)
-        if branch.fingerprint is not None and branch.sample is not None:
-            self._dropped.append((branch.fingerprint, branch.sample))
         if branch.fingerprint is not None:
             self._tombstones.pop(branch.fingerprint, None)
             self._tombstones[branch.fingerprint] = branch.last_t if taken_for_ended else None
@@ -290,6 +288,8 @@ class StepTracker:
             replaced = old.step == 0 and old.fingerprint == fingerprint and old.last_t == t
             crowded = self.calls - old.used <= self.max_branches and not replaced
             self._drop(old)
+            if old.fingerprint is not None and old.sample is not None:
+                self._dropped.append((old.fingerprint, old.sample))
             dropped = (old.slot,)
         revived = returning = False
         if fingerprint in self._tombstones:

@@ -3,6 +3,7 @@ inside one request, lockstep loops outside any request. Each trajectory equals i
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -35,20 +36,12 @@ def _trajectories(compiled, seeds, *, steps=6, label=3, request=True, batch=2, s
     scheduler.set_timesteps(steps)
     latents = list(starts) if starts is not None else [_start(s, batch) for s in seeds]
     labels = torch.full((batch,), label)
-    with torch.no_grad(), (fxcache.request(compiled) if request else _nothing()):
+    with torch.no_grad(), (fxcache.request(compiled) if request else contextlib.nullcontext()):
         for t in scheduler.timesteps:
             for i, x in enumerate(latents):
                 eps = compiled(x, timestep=t.expand(batch), class_labels=labels).sample[:, :4]
                 latents[i] = scheduler.step(eps, t, x).prev_sample
     return latents
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _compiled(method, opts):
@@ -146,3 +139,14 @@ def test_more_micro_batches_than_max_branches_warn_and_fit_when_raised():
     outs = _trajectories(roomy, (1, 2, 3, 4), steps=4)
     alone, _ = _compiled("fora", dict(interval=3))
     assert torch.equal(outs[3], _trajectories(alone, (4,), steps=4)[0])
+
+
+def test_the_same_unmarked_loop_twice_in_a_row_gives_the_same_output():
+    """Outside any request, a loop that starts again (t above every branch) is a new request: the latents of the
+    one before (the same trajectory, here) never turn its steps into another trajectory's."""
+    compiled, backend = _compiled("fora", dict(interval=3))
+    first = _trajectories(compiled, (5,), request=False)[0]
+    second = _trajectories(compiled, (5,), request=False)[0]
+    assert torch.equal(first, second)
+    kinds = [r["kind"] for r in backend.stats()]
+    assert kinds[:6] == kinds[6:] and "reuse" in kinds

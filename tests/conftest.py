@@ -30,7 +30,8 @@ def _fresh_dynamo():
 #: the files that take longest (about 60-100 s each on the 2-core machine), run first: pytest-xdist hands out whole
 #: files in collection order, so a long file collected last would leave one worker running it alone
 LONGEST_FIRST = ("reliability/test_requests.py", "export/test_onnx_loop.py", "test_end_to_end.py",
-                 "test_more_models.py", "methods/test_toca.py", "quality/test_peers.py")
+                 "test_more_models.py", "reliability/test_artifacts.py", "reliability/test_serving.py",
+                 "methods/test_toca.py", "quality/test_peers.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -151,8 +151,6 @@ def _request_subclass(cls: type) -> type:
             state = self.__dict__.get("_fxcache")
             if state is None:
                 return base_call(self, *args, **kwargs)
-            for backend in state["backends"]:
-                backend.scope.limits.apply()  # a worker thread gets the limits set where the model was compiled
             with Request(tuple(b.scope for b in state["backends"])):
                 return base_call(self, *args, **kwargs)
 

@@ -68,6 +68,16 @@ def input_paths(gm: fx.GraphModule, forward_params: list[str] | None = None) -> 
     return out
 
 
+def latent_name(names: list[str], forward_params=None) -> str | None:
+    """Of a call's argument names, the latents': the first of the usual latent names, else the forward's first
+    parameter."""
+    for usual in LATENT_NAMES:
+        if usual in names:
+            return usual
+    first = forward_params[0] if forward_params else (names[0] if names else None)
+    return first if first in names else None
+
+
 def is_per_step_input(path: str, forward_params: list[str] | None = None) -> bool:
     """Latents and per-step residuals (ControlNet): inputs a sampling loop changes at every call."""
     head = path.split(".", 1)[0]

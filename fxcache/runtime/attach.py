@@ -74,16 +74,12 @@ def _install(module: torch.nn.Module) -> None:
             reset(*args, **kwargs)
         mod = ref()
         for backend in backends_of(mod) if mod is not None else ():
-            backend.scope.limits.apply()
             backend.scope.end_current()
 
     @contextlib.contextmanager
     def cache_context(name: str, **kwargs):
         """diffusers' cache context; fxcache reads its name as the CFG branch of the calls inside."""
         token = CONTEXT_NAME.set(name if isinstance(name, str) else None)
-        mod = ref()
-        for backend in backends_of(mod) if mod is not None else ():
-            backend.scope.limits.apply()  # before the call: Dynamo checks the limits before fxcache runs
         try:
             if context is not None:
                 with context(name, **kwargs):

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from ..analysis.inputs import LATENT_NAMES
+from ..analysis.inputs import latent_name
 from ..analysis.pieces import module_block_lists, module_calls
 from ..analysis.timestep import is_time_name, not_a_timestep
 from .step import StepTracker, TimeDirection
@@ -36,16 +36,6 @@ class ModelCall:
     conditioning: list  # the call's other tensor arguments, but the latents
     latents: torch.Tensor | None
     marker: tuple  # (args, kwargs) objects of this call: identity tells one call from the next
-
-
-def latent_name(names: list[str], forward_params=None) -> str | None:
-    """Of a call's argument names, the latents': the first of the usual latent names, else the forward's first
-    parameter."""
-    for usual in LATENT_NAMES:
-        if usual in names:
-            return usual
-    first = forward_params[0] if forward_params else (names[0] if names else None)
-    return first if first in names else None
 
 
 def _per_sample_scalar(value) -> bool:

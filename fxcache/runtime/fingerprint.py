@@ -28,7 +28,7 @@ def conditioning_inputs(timestep_index: int, input_paths: dict[int, str], forwar
 def latent_input(timestep_index: int, input_paths: dict[int, str], forward_params=None) -> int | None:
     """Index of the latents input (by its usual names, else the forward's first parameter), or None: calls of
     one trajectory move them a step at a time, calls of two trajectories hold unrelated ones."""
-    from .calls import latent_name
+    from ..analysis.inputs import latent_name
 
     names = {i: p for i, p in input_paths.items() if i != timestep_index and "." not in p}
     chosen = latent_name(list(names.values()), forward_params)

@@ -16,7 +16,7 @@ from ..config import StepKind
 from .attach import attach
 from .calls import CallState, find_model_call, misnamed_timestep
 from .dispatch import Dispatcher
-from .runner import _CALLS, Runner, locate, observe, unit_tokens
+from .runner import _CALLS, Runner, locate, observe
 from .state import GraphState
 
 
@@ -123,8 +123,7 @@ class PieceRunner(Runner):
         dispatcher = self._dispatchers.get(key)
         if dispatcher is None:
             dispatcher = self._dispatchers.setdefault(key, Dispatcher(self.config, view, blocks, offsets))
-        tokens = unit_tokens(self.plan)
-        return PieceInfo(model, dispatcher, {f: tokens[n] for n, f in zip(names, full)})
+        return PieceInfo(model, dispatcher, {f: self._block_tokens[n] for n, f in zip(names, full)})
 
     def _row_offsets(self, model, first: str, where: tuple[int, int, int]) -> dict[int, int]:
         """Token count -> the recomputable units of that stream in the model's blocks before `first` (in list

@@ -8,7 +8,8 @@ transformers share one wrapped `forward` (peft's `apply_lora_scale`), and `modul
 `ContextVar`): a limit raised in the main thread does not reach a server's worker threads.
 
 * `Limits` keeps the highest limits seen where the backend compiled a graph, and raises a calling
-  thread's limits to them (once per thread and change; every runner call and pipeline signal checks). A graph
+  thread's limits to them (once per thread and change): the wrapped compiled entry (`outside.py`) does so before
+  Dynamo looks a call up, a request when it is entered, and every runner call. A graph
   Dynamo traces again (it does under threads) takes a slot: the limits grow by one for each.
 * A handler watches Dynamo's log for the limit line, said once per code object, in the thread whose call is about
   to run in eager: the backend serving the called model warns, and that call's request is marked, so its next

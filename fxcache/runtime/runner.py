@@ -292,7 +292,7 @@ class Runner:
     def _note_blocks(self, state: GraphState) -> None:
         """Tell the pieces of this model that run after this graph the token counts its blocks ran with (the
         model's module, found on the stack once per model)."""
-        module_ref = getattr(state, "module_ref", None)
+        module_ref = state.module_ref
         if module_ref is None:
             from .attach import calling_module
 

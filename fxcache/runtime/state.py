@@ -15,6 +15,7 @@ class GraphState:
         self.runner = runner
         self.request_id = request_id
         self.model_ref = weakref.ref(model) if model is not None else None
+        self.module_ref = None  # the model's module, once a graph of a graph-broken model needed it (`Runner`)
         # each request learns the time direction itself, from the configured option: a request's result never
         # depends on the requests before it (the same request twice gives the same output)
         self.tracker = StepTracker(TimeDirection.of(runner.scope.time_direction), runner.scope.max_branches,

@@ -144,6 +144,31 @@ def test_a_worker_whose_first_call_is_a_new_shape_gets_the_limits_before_dynamo_
     assert len(backend.runners) == 3 and all(r["cached"] for r in backend.stats())
 
 
+def test_a_pipeline_worker_whose_first_call_is_a_new_shape_compiles_it():
+    """The same through an enabled pipeline (a `from_pipe` pipeline per worker): the wrapped compiled transformer
+    gives the worker the limits before Dynamo checks them."""
+    from diffusers import FluxPipeline
+    from reliability.pipelines import flux_generate, flux_pipeline
+
+    pipe = flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    backend = fxcache.enable(pipe, "fora", lowering="eager", interval=2)
+    with torch._dynamo.config.patch(recompile_limit=5, accumulated_recompile_limit=64):
+        flux_generate(pipe, steps=3)
+        flux_generate(pipe, steps=3, height=24, width=24)
+
+    def worker():
+        torch._dynamo.config.recompile_limit = 2  # spent by the two shapes above
+        mine = FluxPipeline.from_pipe(pipe)
+        mine.set_progress_bar_config(disable=True)
+        flux_generate(mine, steps=3, height=32, width=32)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(backend.runners) == 3 and all(r["cached"] for r in backend.stats())
+
+
 def test_a_call_dynamo_runs_in_eager_restarts_the_request_with_a_warning():
     """Past the recompile limit Dynamo runs a call in plain eager, unseen by fxcache: the request it belongs to
     must not go on reading caches a step behind. It is recorded, the next call runs FULL, and a warning says why."""

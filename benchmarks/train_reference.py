@@ -4,6 +4,8 @@
     python benchmarks/train_reference.py dit --steps 2400 --out /tmp/dit
     python benchmarks/train_reference.py classifier                   # the digit classifier for FD / accuracy
     python benchmarks/train_reference.py scenes --steps 2800 --batch 32   # the text-to-image FluxPipeline, ~55 min
+    python benchmarks/train_reference.py scenes --init fxcache/quality/checkpoints/scenes --schedule constant \
+        --steps 12000 --lr 6e-4 --t-mean 0.5 --check-every 500 --work .train/scenes   # continue it (resumable)
     python benchmarks/train_reference.py scene-classifier             # its classifier, for FD, ~2 min
 
 `scenes` trains the text-to-image reference (`fxcache.quality.t2i`): autoencoder, then transformer and text
@@ -47,6 +49,15 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=1000, help="scenes: autoencoder steps")
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fxcache", "train-scenes"),
                    help="scenes: folder of the resumable training state")
+    p.add_argument("--init", help="scenes: a pipeline folder to start from (its weights; the autoencoder kept)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="scenes: learning rate after warmup (constant: stop and continue at any step)")
+    p.add_argument("--t-mean", type=float, default=0.0,
+                   help="scenes: location of the logit-normal timestep density (>0: more weight on noisy steps)")
+    p.add_argument("--check-every", type=int, default=0,
+                   help="scenes: draw the 20 benchmark prompts and log the exact prompt checks every N steps")
+    p.add_argument("--save-only", action="store_true",
+                   help="scenes: write the pipeline folder from the --work state without training further")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.family == "scenes":
@@ -85,20 +96,47 @@ def train_scenes_cmd(args) -> None:
     from fxcache.quality.t2i_train import train_scenes
 
     out = args.out or t2i.CHECKPOINT
-    comps = train_scenes(args.work, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
-                         ema=args.ema, seed=args.seed, log=lambda m: print(m, flush=True))
+    os.makedirs(args.work, exist_ok=True)
+    log_path = os.path.join(args.work, "train.log")
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        with open(log_path, "a") as f:
+            f.write(message + "\n")
+
+    previous = None
+    if args.init and not os.path.exists(os.path.join(args.work, "train_state.pt")):
+        with open(os.path.join(args.init, "reference.json")) as f:
+            previous = json.load(f)
+    elif os.path.exists(os.path.join(args.work, "meta.json")):
+        with open(os.path.join(args.work, "meta.json")) as f:
+            previous = json.load(f).get("previous")
+    log(f"$ python benchmarks/train_reference.py {' '.join(sys.argv[1:])}")
+    steps = args.steps
+    if args.save_only:
+        state = torch.load(os.path.join(args.work, "train_state.pt"), weights_only=False)
+        steps = state["step"]
+    comps = train_scenes(args.work, steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
+                         ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean, init=args.init,
+                         check_every=0 if args.save_only else args.check_every, log=log)
     with open(os.path.join(args.work, "curve.json")) as f:
         curve = json.load(f)
-    meta = dict(family="scenes", steps=args.steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
+    meta = dict(family="scenes", steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
                 ema=args.ema, seed=args.seed, threads=args.threads, torch=torch.__version__,
+                schedule=args.schedule, t_mean=args.t_mean, init=args.init, previous=previous,
                 train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
                 call_args=t2i.CALL_ARGS)
+    with open(os.path.join(args.work, "meta.json"), "w") as f:
+        json.dump(dict(previous=previous), f)
     t2i.save_pipeline(comps, out, meta)
     with open(os.path.join(out, "curve.json"), "w") as f:
         json.dump(curve, f)
     from fxcache.quality.scene_eval import sample_grid
 
     sample_grid(t2i.load_pipeline(out), os.path.join(out, "samples.png"))
+    import shutil
+
+    shutil.copyfile(log_path, os.path.join(out, "train.log"))
     print(f"saved {out} ({curve['seconds']} s of training)")
 
 

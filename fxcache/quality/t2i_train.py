@@ -1,6 +1,10 @@
 """Training of the text-to-image reference (`t2i`): the autoencoder first, then the transformer with both text
 encoders (rectified flow, caption dropout for CFG, EMA weights). Resumable: the state is saved every
-`save_every` steps to <out>/train_state.pt and a rerun with the same folder continues from it."""
+`save_every` steps to <out>/train_state.pt and a rerun with the same folder continues from it. A run can also
+start from a saved pipeline folder (`init`: its autoencoder kept, the rest trained further), so the committed
+reference is itself a checkpoint that a later run continues. Every `check_every` steps the EMA model draws the
+benchmark's prompts through the pipeline and the exact prompt checks are logged: training is judged by what the
+model draws, not by its loss."""
 
 from __future__ import annotations
 
@@ -51,11 +55,39 @@ def _parameters(c: dict) -> list[torch.nn.Parameter]:
     return [p for k in ("transformer", "text_encoder", "text_encoder_2") for p in c[k].parameters()]
 
 
+def check_prompts(components: dict, n: int = 20, steps: int = 50) -> dict[str, float]:
+    """The exact prompt checks (`scenes.adherence`) and the blank-image fraction of `n` benchmark prompts
+    (`scene_eval.eval_labels`, seeds 0..n-1) drawn by a `FluxPipeline` of `components` at `t2i.CALL_ARGS`."""
+    from .scene_eval import CAPTIONS, eval_labels
+
+    pipe = t2i.make_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    labels = eval_labels(n)
+    caps = [CAPTIONS[int(i)] for i in labels]
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    with torch.no_grad():
+        images = pipe(caps, num_inference_steps=steps, generator=gens, output_type="pt", **t2i.CALL_ARGS).images
+    images = images * 2 - 1
+    picked = [scenes.parse(c) for c in caps]
+    result = scenes.adherence(images, picked)
+    result["blank"] = sum(scenes.detect(im)["count"] == 0 for im in images) / n
+    return result
+
+
 def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32, lr: float = 5e-4,
                  warmup: int = 200, ema: float = 0.999, caption_dropout: float = 0.1, data: int = 30000,
-                 seed: int = 0, save_every: int = 100, log: Callable[[str], None] = print) -> dict:
+                 seed: int = 0, save_every: int = 100, schedule: str = "cosine", t_mean: float = 0.0,
+                 init: str | None = None, check_every: int = 0,
+                 log: Callable[[str], None] = print) -> dict:
     """Train (or resume) the reference in `out`; returns the EMA components. The loss curve goes to
-    <out>/curve.json ([step, loss] pairs, 100-step means)."""
+    <out>/curve.json ([step, loss] pairs, 100-step means), the prompt checks to its "checks" list.
+
+    `schedule`: "cosine" (warmup, then down to 0 at `steps`) or "constant" (warmup, then `lr`: a run that may be
+    stopped and continued at any step, the EMA weights its result). `t_mean`: location of the logit-normal
+    timestep density (positive: more weight on noisy steps, where the layout is decided). `init`: a pipeline
+    folder to start from instead of fresh weights (its autoencoder is kept; ignored when resuming)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
     from diffusers import FluxPipeline
 
     os.makedirs(out, exist_ok=True)
@@ -68,7 +100,15 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
     labels = torch.tensor([index[s.caption()] for s in picked])
     clip_ids, t5_ids = t2i.token_ids(pipe, captions)
     state = torch.load(state_path, weights_only=False) if os.path.exists(state_path) else None
-    if state is None:
+    if state is None and init is not None:
+        start_from = t2i.load_pipeline(init)
+        for k in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+            comps[k].load_state_dict(getattr(start_from, k).float().state_dict())
+        factors = start_from.vae.config
+        comps["vae"].register_to_config(shift_factor=factors.shift_factor, scaling_factor=factors.scaling_factor)
+        vae_curve = []
+        log(f"starting from the pipeline in {init}")
+    elif state is None:
         log(f"training the autoencoder ({vae_steps} steps)")
         vae_curve = train_vae(comps["vae"], images, steps=vae_steps, seed=seed, log=log)
     else:
@@ -83,11 +123,14 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
     txt_ids = torch.zeros(t2i.TEXT_TOKENS, 3)
     params = _parameters(comps)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    def factor(s: int) -> float:
+        decay = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        return min(1.0, (s + 1) / warmup) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     ema_comps = {k: copy.deepcopy(comps[k]) for k in ("transformer", "text_encoder", "text_encoder_2")}
     g = torch.Generator().manual_seed(seed + 1)
-    start, curve, elapsed = 0, [], 0.0
+    start, curve, checks, elapsed = 0, [], [], 0.0
     if state is not None:
         for k in ema_comps:
             comps[k].load_state_dict(state["model"][k])
@@ -96,6 +139,7 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
         sched.load_state_dict(state["sched"])
         g.set_state(state["rng"])
         start, curve, elapsed = state["step"], state["curve"], state["seconds"]
+        checks = state.get("checks", [])
         log(f"resumed at step {start}/{steps} ({elapsed:.0f} s of training so far)")
     for k in ema_comps:
         comps[k].train()
@@ -103,7 +147,7 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
 
     def save_state(step):
         with replacing(state_path) as f:
-            torch.save(dict(step=step, curve=curve, seconds=time.perf_counter() - t0, rng=g.get_state(),
+            torch.save(dict(step=step, curve=curve, checks=checks, seconds=time.perf_counter() - t0, rng=g.get_state(),
                             model={k: comps[k].state_dict() for k in ema_comps},
                             ema={k: ema_comps[k].state_dict() for k in ema_comps},
                             opt=opt.state_dict(), sched=sched.state_dict(), vae=vae.state_dict(),
@@ -114,7 +158,7 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0, y = latents[idx], labels[idx].clone()
         y[torch.rand(batch, generator=g) < caption_dropout] = len(captions) - 1
-        t = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal: more weight mid-trajectory
+        t = torch.sigmoid(torch.randn(batch, generator=g) + t_mean)  # logit-normal: more weight mid-trajectory
         noise = torch.randn(x0.shape, generator=g)
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
         prompt_embeds, pooled = t2i.encode(pipe, clip_ids[y], t5_ids[y])
@@ -137,10 +181,17 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
             curve.append((step + 1, running / 100))
             log(f"step {step + 1}/{steps}: loss {running / 100:.4f}, {time.perf_counter() - t0:.0f} s")
             running = 0.0
+        if check_every and ((step + 1) % check_every == 0 or step + 1 == steps):
+            for k in ema_comps:
+                ema_comps[k].eval()
+            result = check_prompts({**comps, **ema_comps})
+            checks.append((step + 1, result))
+            log(f"step {step + 1}: prompt checks (EMA, 20 prompts) " +
+                ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
         if (step + 1) % save_every == 0 or step + 1 == steps:
             save_state(step + 1)
     write_json(os.path.join(out, "curve.json"),
-               dict(vae=vae_curve, transformer=curve, seconds=round(time.perf_counter() - t0, 1)))
+               dict(vae=vae_curve, transformer=curve, checks=checks, seconds=round(time.perf_counter() - t0, 1)))
     result = dict(comps)
     for k, m in ema_comps.items():
         result[k] = m.eval()

@@ -54,7 +54,9 @@ class DuCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     #: mixed 2, conservative 22, aggressive 8 of 50 steps: docs/authors/dit-schedules.md section 3).
     #: PixArt (DuCa-PixArt README: N=3, r=0.75, cross-attention entropy, lambda3 0.25, bonus 4x4 / 0.4, the
     #: PixArt ratio schedule for 20 steps; its interval is constant: FULL iff s % 3 == 0, conservative at s % 3 == 1,
-    #: aggressive at s % 3 == 2, the counter schedule with W=1).
+    #: aggressive at s % 3 == 2, the counter schedule with W=1). The dit and pixart presets' plans are checked
+    #: against tables read from the authors' code (tests/authors/); flux and video carry the published settings,
+    #: and nothing checks them against the authors' FLUX or video code.
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=5, ratio=0.9, warmup_steps=3, ratio_schedule="flux"),
         "video": dict(interval=5, ratio=0.9, warmup_steps=1, ratio_schedule="flux"),

@@ -78,9 +78,11 @@ class ToCaConfig(TokenSelection, Cyclic, SeededDraws, CacheConfig):
     #: N=3, W=3, r=0.1, cross-attention entropy, lambda3 0.25, OpenSora schedule. DiT and PixArt use their
     #: references' per-block, progress-dependent intervals (schedule="dit" / "pixart"): DiT 18 FULL steps, mixed
     #: steps (block 0 FULL, the rest PARTIAL) at s=4 and 17, k = 0 on every PARTIAL step s <= 11 and up to 156 of
-    #: 256 tokens at s=48; PixArt (20 steps) FULL at s = 0, 6, 9, 12, 15, 18, mixed at s=4. Every preset reproduces
-    #: its authors' code: scores and top-k per batch row, k per step, layer and unit (no buckets; each k table is
-    #: one more compiled variant, about 30 on the DiT preset: pass step_buckets to bound them).
+    #: 256 tokens at s=48; PixArt (20 steps) FULL at s = 0, 6, 9, 12, 15, 18, mixed at s=4. The flux, dit and
+    #: pixart presets reproduce their authors' code (plans checked against tables read from it, tests/authors/):
+    #: scores and top-k per batch row, k per step, layer and unit (no buckets; each k table is one more compiled
+    #: variant, about 30 on the DiT preset: pass step_buckets to bound them). The video preset carries the
+    #: published OpenSora settings only: its plans are not checked against the authors' video code.
     PRESETS: ClassVar[dict] = {
         "flux": dict(interval=4, warmup_steps=3, fresh_ratio=0.1, score="attention", staleness_weight=0.25,
                      ratio_schedule="flux", rows="each"),

@@ -104,12 +104,14 @@ def train_scenes_cmd(args) -> None:
         with open(log_path, "a") as f:
             f.write(message + "\n")
 
-    previous = None
+    previous, chain = None, os.path.join(args.work, "meta.json")  # how the run's starting point was trained
     if args.init and not os.path.exists(os.path.join(args.work, "train_state.pt")):
         with open(os.path.join(args.init, "reference.json")) as f:
             previous = json.load(f)
-    elif os.path.exists(os.path.join(args.work, "meta.json")):
-        with open(os.path.join(args.work, "meta.json")) as f:
+        with open(chain, "w") as f:
+            json.dump(dict(previous=previous), f)
+    elif os.path.exists(chain):
+        with open(chain) as f:
             previous = json.load(f).get("previous")
     log(f"$ python benchmarks/train_reference.py {' '.join(sys.argv[1:])}")
     steps = args.steps
@@ -126,8 +128,6 @@ def train_scenes_cmd(args) -> None:
                 schedule=args.schedule, t_mean=args.t_mean, init=args.init, previous=previous,
                 train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
                 call_args=t2i.CALL_ARGS)
-    with open(os.path.join(args.work, "meta.json"), "w") as f:
-        json.dump(dict(previous=previous), f)
     t2i.save_pipeline(comps, out, meta)
     with open(os.path.join(out, "curve.json"), "w") as f:
         json.dump(curve, f)

@@ -5,7 +5,7 @@
     python benchmarks/train_reference.py classifier                   # the digit classifier for FD / accuracy
     python benchmarks/train_reference.py scenes --steps 2800 --batch 32   # the text-to-image FluxPipeline, ~55 min
     python benchmarks/train_reference.py scenes --init fxcache/quality/checkpoints/scenes --schedule constant \
-        --steps 12000 --lr 6e-4 --t-mean 0.5 --check-every 500 --work .train/scenes   # continue it (resumable)
+        --steps 30000 --lr 6e-4 --t-layout 0.3 --check-every 500 --work .train/scenes   # continue it (resumable)
     python benchmarks/train_reference.py scene-classifier             # its classifier, for FD, ~2 min
 
 `scenes` trains the text-to-image reference (`fxcache.quality.t2i`): autoencoder, then transformer and text
@@ -54,6 +54,8 @@ def main(argv=None) -> None:
                    help="scenes: learning rate after warmup (constant: stop and continue at any step)")
     p.add_argument("--t-mean", type=float, default=0.0,
                    help="scenes: location of the logit-normal timestep density (>0: more weight on noisy steps)")
+    p.add_argument("--t-layout", type=float, default=0.0,
+                   help="scenes: fraction of samples with t uniform in [0.8, 1], where the prompt decides the layout")
     p.add_argument("--check-every", type=int, default=0,
                    help="scenes: draw the 20 benchmark prompts and log the exact prompt checks every N steps")
     p.add_argument("--save-only", action="store_true",
@@ -119,13 +121,15 @@ def train_scenes_cmd(args) -> None:
         state = torch.load(os.path.join(args.work, "train_state.pt"), weights_only=False)
         steps = state["step"]
     comps = train_scenes(args.work, steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
-                         ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean, init=args.init,
+                         ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout,
+                         init=args.init,
                          check_every=0 if args.save_only else args.check_every, log=log)
     with open(os.path.join(args.work, "curve.json")) as f:
         curve = json.load(f)
     meta = dict(family="scenes", steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
                 ema=args.ema, seed=args.seed, threads=args.threads, torch=torch.__version__,
-                schedule=args.schedule, t_mean=args.t_mean, init=args.init, previous=previous,
+                schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout,
+                         init=args.init, previous=previous,
                 train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
                 call_args=t2i.CALL_ARGS)
     t2i.save_pipeline(comps, out, meta)

@@ -55,6 +55,9 @@ def _parameters(c: dict) -> list[torch.nn.Parameter]:
     return [p for k in ("transformer", "text_encoder", "text_encoder_2") for p in c[k].parameters()]
 
 
+LAYOUT_RANGE = 0.2  # t in [0.8, 1]: the noise levels at which a shape is not yet visible in the noisy latents
+
+
 def check_prompts(components: dict, n: int = 20, steps: int = 50) -> dict[str, float]:
     """The exact prompt checks (`scenes.adherence`) and the blank-image fraction of `n` benchmark prompts
     (`scene_eval.eval_labels`, seeds 0..n-1) drawn by a `FluxPipeline` of `components` at `t2i.CALL_ARGS`."""
@@ -77,14 +80,17 @@ def check_prompts(components: dict, n: int = 20, steps: int = 50) -> dict[str, f
 def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32, lr: float = 5e-4,
                  warmup: int = 200, ema: float = 0.999, caption_dropout: float = 0.1, data: int = 30000,
                  seed: int = 0, save_every: int = 100, schedule: str = "cosine", t_mean: float = 0.0,
-                 init: str | None = None, check_every: int = 0,
+                 t_layout: float = 0.0, init: str | None = None, check_every: int = 0,
                  log: Callable[[str], None] = print) -> dict:
     """Train (or resume) the reference in `out`; returns the EMA components. The loss curve goes to
     <out>/curve.json ([step, loss] pairs, 100-step means), the prompt checks to its "checks" list.
 
     `schedule`: "cosine" (warmup, then down to 0 at `steps`) or "constant" (warmup, then `lr`: a run that may be
     stopped and continued at any step, the EMA weights its result). `t_mean`: location of the logit-normal
-    timestep density (positive: more weight on noisy steps, where the layout is decided). `init`: a pipeline
+    timestep density (positive: more weight on noisy steps). `t_layout`: the fraction of samples whose t is drawn
+    uniformly from the top LAYOUT_RANGE of noise levels, the only ones where the prompt alone decides the layout
+    (count and position): at t below about 0.9 the noisy image already shows where the shapes are, so the
+    logit-normal density alone gives the position words almost no gradient. `init`: a pipeline
     folder to start from instead of fresh weights (its autoencoder is kept; ignored when resuming)."""
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
@@ -159,6 +165,9 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
         x0, y = latents[idx], labels[idx].clone()
         y[torch.rand(batch, generator=g) < caption_dropout] = len(captions) - 1
         t = torch.sigmoid(torch.randn(batch, generator=g) + t_mean)  # logit-normal: more weight mid-trajectory
+        if t_layout:  # the prompt decides where shapes go only near pure noise: the noisy image shows it later
+            layout = torch.rand(batch, generator=g) < t_layout
+            t = torch.where(layout, 1.0 - LAYOUT_RANGE * torch.rand(batch, generator=g), t)
         noise = torch.randn(x0.shape, generator=g)
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
         prompt_embeds, pooled = t2i.encode(pipe, clip_ids[y], t5_ids[y])

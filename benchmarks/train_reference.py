@@ -121,8 +121,8 @@ def train_scenes_cmd(args) -> None:
         state = torch.load(os.path.join(args.work, "train_state.pt"), weights_only=False)
         steps = state["step"]
     comps = train_scenes(args.work, steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
-                         ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout,
-                         init=args.init,
+                         ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean,
+                         t_layout=args.t_layout, init=args.init,
                          check_every=0 if args.save_only else args.check_every, log=log)
     with open(os.path.join(args.work, "curve.json")) as f:
         curve = json.load(f)

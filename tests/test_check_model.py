@@ -10,9 +10,12 @@ from safetensors.torch import save_file
 
 from fxcache.cli import main
 from fxcache.errors import ConfigError
+from fxcache.runtime.taylor import TaylorState
 from fxcache.testing import check_model
 from fxcache.testing.models import make_inputs, make_model
 from families import FAMILIES
+
+METHODS = ["fora", "duca", "taylorseer"]
 
 
 def line_of(obj, text: str) -> str:
@@ -60,6 +63,64 @@ def test_a_graph_break_in_a_cached_model_warns_where_and_strict_fails_it():
     assert "strict" in strict.failures[0].detail and strict.summary().startswith("FAILED: 1 check(s) failed")
     with pytest.raises(ConfigError, match="strict must be True or False, got 'yes'"):
         check_model(Breaking(), make_inputs("dit"), [], strict="yes")
+
+
+def scale_blocks(model, graph_break: bool):
+    """A user's forward hook on every transformer block that scales its output (reading a value back to Python
+    first, a graph break inside the hook, when `graph_break`)."""
+    def hook(module, args, out):
+        if graph_break and out.abs().max().item() > 1e9:
+            return out
+        return out * 1.5
+
+    for block in model.transformer_blocks:
+        block.register_forward_hook(hook)
+    return hook
+
+
+@pytest.mark.parametrize("graph_break", [False, True], ids=["inlined", "graph-breaking"])
+def test_a_block_hook_is_no_false_fail(graph_break):
+    """Dynamo inlines a traceable hook into the block's graph; a hook that graph-breaks leaves each block's forward
+    compiled on its own and the hook eager. Either way fxcache computes what the hooked model computes, and the
+    hooked reference (built from every graph's blocks, the hooks running as the model runs them) agrees."""
+    model, inputs = make_model("dit"), make_inputs("dit")
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        hook = scale_blocks(model, graph_break)
+        assert not torch.allclose(model(**inputs)[0], plain)  # the hook changes what the model computes
+    report = check_model(model, inputs, METHODS, steps=5)
+    assert report.ok and not report.failures, str(report)
+    for method in METHODS:
+        line = next(c for c in report.checks if c.name == f"{method}: variants equal the hooked reference")
+        assert line.status == "PASS", str(report)
+    breaks = next(c for c in report.checks if c.name == "graph breaks")
+    if graph_break:
+        assert breaks.status == "WARN" and line_of(hook, ".item()") in breaks.detail, breaks.detail
+        assert "2 of 2 block(s) cached" in breaks.detail
+    else:
+        assert breaks.status == "PASS", breaks.detail
+
+
+def test_a_wrong_cached_step_still_fails_the_reference_check_on_a_hooked_model(monkeypatch):
+    """The reference follows the model, not fxcache: TaylorSeer forecasting one step too far (FULL steps stay
+    right) fails the reference check of a model with a graph-breaking block hook."""
+    forecast = TaylorState.forecast_inputs
+    monkeypatch.setattr(TaylorState, "forecast_inputs", lambda self, step, device: forecast(self, step + 1, device))
+    model, inputs = make_model("dit"), make_inputs("dit")
+    scale_blocks(model, graph_break=True)
+    report = check_model(model, inputs, ["taylorseer"], steps=5)
+    status = {c.name: c.status for c in report.checks}
+    assert status["taylorseer: FULL equals uncached"] == "PASS"
+    assert status["taylorseer: variants equal the hooked reference"] == "FAIL", str(report)
+    assert not report.ok and report.summary().startswith("FAILED")
+
+
+def test_a_method_without_a_reference_says_so_in_a_skip_line():
+    """ToCa's maths is not in the hooked reference: its reference check is a SKIP line with why, not left out."""
+    report = check_model(make_model("dit"), make_inputs("dit"), ["toca"], steps=3)
+    skip = next(c for c in report.checks if c.name == "toca: variants equal the hooked reference")
+    assert skip.status == "SKIP" and "fora, duca, taylorseer only" in skip.detail
+    assert report.ok and report.skipped == [skip], str(report)
 
 
 def test_the_cli_exits_zero_on_a_good_model_and_prints_a_line_per_check(tmp_path, capsys):

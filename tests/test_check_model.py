@@ -24,17 +24,6 @@ def line_of(obj, text: str) -> str:
     return f"{inspect.getsourcefile(obj)}:{start + next(i for i, t in enumerate(lines) if text in t)}"
 
 
-def test_a_diffusers_transformer_passes_every_check():
-    report = check_model(make_model("flux"), make_inputs("flux"), ["fora", "duca", "taylorseer"], steps=5)
-    assert report.ok, str(report)
-    names = [c.name for c in report.checks]
-    assert names[:2] == ["analysis", "graph breaks"]
-    for method in ("fora", "duca", "taylorseer"):
-        assert f"{method}: FULL equals uncached" in names
-        assert f"{method}: variants equal the hooked reference" in names
-        assert f"{method}: two generations, no recompile" in names
-
-
 class Breaking(torch.nn.Module):
     """A DiT whose forward reads a value back to Python between its blocks (`.item()`): a graph break."""
 

@@ -463,11 +463,14 @@ class Explanation:
     graphs: bool = False  # print each variant's graph code
     method: str = ""  # the method whose variants were built (method=)
     schedules: list[str] = dataclasses.field(default_factory=list)  # per graph: the method's plans, summarised
+    #: per break reason: "file:line in function" of the user's code that broke the graph ("" when unknown)
+    break_locations: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"Graph count: {self.graph_count}", f"Graph break count: {self.graph_break_count}"]
-        for r in self.break_reasons:
-            lines.append(f"  break: {r}")
+        for i, r in enumerate(self.break_reasons):
+            where = self.break_locations[i] if i < len(self.break_locations) else ""
+            lines.append(f"  break{' at ' + where if where else ''}: {r}")
         for i, (plan, err) in enumerate(zip(self.plans, self.errors)):
             lines.append(f"Graph {i}:")
             lines.append("  " + (plan.summary().replace("\n", "\n  ") if plan else f"not cacheable: {err}"))
@@ -518,6 +521,57 @@ REQUEST_BOUNDARIES = (
 )
 
 
+def break_location(reason) -> str:
+    """`file:line in function` of a Dynamo graph-break reason's innermost frame outside torch (the model's own
+    code, or a hook of the user's: where to look), else its innermost frame; "" when it carries no stack."""
+    import os
+
+    stack = list(getattr(reason, "user_stack", None) or [])
+    if not stack:
+        return ""
+    inside = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    frame = next((f for f in reversed(stack) if not os.path.abspath(f.filename).startswith(inside)), stack[-1])
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _trace_aside(module, backend, args, kwargs) -> None:
+    """Run `module(*args, **kwargs)` once under Dynamo with `backend`, leaving other compiled models alone: no
+    `torch._dynamo.reset()` (it would make every compiled model recompile and free fxcache's caches), the
+    trace's cache entries kept apart from theirs (`isolate_recompiles`, where torch has it: they count against
+    no one's recompile limit) and emptied afterwards (the traced graphs are not kept alive). The entries Dynamo
+    keeps count towards its per-function limit of `accumulated_recompile_limit` compiles (256), as any compile's
+    do."""
+    import inspect
+
+    options = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(
+        torch.compile).parameters else {}
+    try:
+        with torch.no_grad():
+            torch.compile(module, backend=backend, dynamic=False, **options)(*args, **kwargs)
+    finally:
+        _drop_entries(backend)
+
+
+def _drop_entries(backend) -> None:
+    """Invalidate the Dynamo cache entries compiled by `backend` (torch internals: best effort, a torch without
+    them keeps the entries, which only hold the traced graphs)."""
+    try:
+        from torch._dynamo import convert_frame, eval_frame
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+        eval_frame.cached_backends.pop(id(backend), None)
+        for ref in list(convert_frame.input_codes.seen):
+            code = ref()
+            if code is None:
+                continue
+            for entry in eval_frame._debug_get_cache_entry_list(code):
+                if getattr(entry.backend, "compiler_fn", entry.backend) is backend:
+                    manager = entry.guard_manager
+                    manager.extra_state.invalidate(entry, DeletedGuardManagerWrapper("fxcache.explain is done"))
+    except Exception as exc:  # another torch version's internals
+        log.debug("fxcache.explain: its Dynamo cache entries are kept (%s)", exc)
+
+
 def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
             timestep_input: int | str | None = None, method: str | CacheConfig | None = None,
             preset: str | None = None, graphs: bool = False, **kwargs) -> Explanation:
@@ -538,12 +592,13 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
     if method is not None:
         config = method if isinstance(method, CacheConfig) else make_config(method, preset=preset)
     module = getattr(model, "_orig_mod", model)
-    with torch.no_grad():
-        out = torch._dynamo.explain(module)(*args, **kwargs)
-    plans, errors, traced = [], [], []
+    plans, errors, traced, reasons = [], [], [], []
 
     def capture(gm, example_inputs, **kw):  # the analysis the backend makes, where it makes it (pieces too)
         frame_module, code = traced_frame()
+        why = getattr(gm, "compile_subgraph_reason", None)
+        if why is not None and getattr(why, "graph_break", False):
+            reasons.append(why)
         try:
             plan, _ = analyse_traced(gm, frame_module, code, block_lists=block_lists, timestep_input=timestep_input)
             traced.append((gm, plan, ""))
@@ -552,12 +607,7 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
                            if _is_glue(exc, frame_module, code) else str(exc)))
         return gm.forward
 
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(module, backend=capture, dynamic=False)(*args, **kwargs)
-    finally:
-        torch._dynamo.reset()
+    _trace_aside(module, capture, args, kwargs)
     graphs_seen = [gm for gm, _, _ in traced]
     for gm, plan, error in traced:
         plans.append(plan)
@@ -573,8 +623,8 @@ def explain(model, *args, block_lists: tuple[str, ...] = DEFAULT_BLOCK_LISTS,
                     errors[len(variants)] = f"{config.method} cannot cache it: {exc}"
             variants.append(built)
             schedules.append(schedule_summary(config, plan) if built else "")
-    reasons = [str(getattr(b, "reason", b)) for b in out.break_reasons]
-    result = Explanation(len(graphs_seen), out.graph_break_count, reasons, plans, errors, variants, graphs,
-                         config.method if config is not None else "", schedules)
+    result = Explanation(len(graphs_seen), max(0, len(graphs_seen) - 1),
+                         [str(getattr(r, "reason", r)) for r in reasons], plans, errors, variants, graphs,
+                         config.method if config is not None else "", schedules, [break_location(r) for r in reasons])
     print(result)
     return result

@@ -25,6 +25,7 @@ from .runtime.attach import attach, backends_of, calling_module, code_label, tra
 from .runtime.calls import CallKeeper, timestep_parameter
 from .runtime.outside import watch_calls
 from .runtime.recompiles import watch
+from .runtime.records import Record, records
 from .runtime.requests import Request, RequestScope
 from .runtime.signature import graph_signature, same_constants
 from .step_plan import GraphView
@@ -216,7 +217,7 @@ class CacheBackend:
         return self.scope.step(index, branch)
 
     def stats(self) -> list[dict]:
-        return [dict(r) for r in self.scope.records]
+        return records(self.scope.records)
 
     def cache_bytes(self) -> int:
         """Bytes of caches held now, over every request."""
@@ -403,7 +404,7 @@ def stats(model) -> list[dict]:
     if len(backends) == 1:
         return backends[0].stats()
     names = list(state["originals"])
-    return [dict(r, component=name) for name, b in zip(names, backends) for r in b.stats()]
+    return [Record(r, component=name) for name, b in zip(names, backends) for r in b.stats()]
 
 
 def reset(model) -> None:

@@ -255,7 +255,9 @@ class RequestScope:
         return None
 
     def record(self, **record) -> None:
-        self.records.append(record)
+        from .records import Record
+
+        self.records.append(Record(record))
 
     def serve(self) -> None:
         """A runner of this scope serves a call now: the calling thread gets the recompile limits, and the

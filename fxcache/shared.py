@@ -72,6 +72,10 @@ def lookup(pipe, modules: dict) -> Compiled | None:
     for name, module in modules.items():
         entry = _REGISTRY.get(module)
         if entry is not None and entry.alive():
+            if name not in entry.backends:
+                raise ConfigError(
+                    f"{type(pipe).__name__}.{name} is the transformer an enabled {entry.owner or 'pipeline'} holds "
+                    f"as {', '.join(entry.backends)}: enable a pipeline that holds it under the same name")
             found[name] = entry
             continue
         if entry is not None:  # its compiled module is gone (no pipeline holds it): this module is plain again

@@ -10,6 +10,7 @@ from .api import (CacheBackend, Explanation, FxCacheWarning, cache_backend, cach
 from .config import CacheConfig, StepKind, get_method, method_names, register_method
 from .errors import (ConfigError, ExportError, FxCacheError, MissingDependencyError, UnknownOptionError,
                      UnsupportedGraphError)
+from . import deploy  # noqa: F401  (fxcache.deploy.CachedSession after `import fxcache`)
 from .export import export
 from .methods import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig
 from .pipelines import disable, enable

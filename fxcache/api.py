@@ -25,6 +25,7 @@ from .runtime.attach import attach, backends_of, calling_module, code_label, tra
 from .runtime.calls import CallKeeper, timestep_parameter
 from .runtime.outside import watch_calls
 from .runtime.recompiles import watch
+from .runtime.records import Record, records
 from .runtime.requests import Request, RequestScope
 from .runtime.signature import graph_signature, same_constants
 from .step_plan import GraphView
@@ -216,7 +217,7 @@ class CacheBackend:
         return self.scope.step(index, branch)
 
     def stats(self) -> list[dict]:
-        return [dict(r) for r in self.scope.records]
+        return records(self.scope.records)
 
     def cache_bytes(self) -> int:
         """Bytes of caches held now, over every request."""
@@ -335,6 +336,12 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
             )
         config = method_or_config
     elif isinstance(method_or_config, str):
+        for key in ("mode", "options"):
+            if key in options:
+                raise UnknownOptionError(
+                    f"{key}= is torch.compile's, not a cache option: torch.compile(model, backend="
+                    f"fxcache.cache_backend({method_or_config!r}), dynamic=False, {key}=...) passes it to the "
+                    f"lowering (fxcache.enable(pipe, ..., {key}=...) does so too)")
         config = make_config(method_or_config, **options)
     else:
         raise ConfigError(
@@ -397,13 +404,20 @@ def stats(model) -> list[dict]:
     """One record per call of the compiled model: graph, request, step, branch, kind, plan (the `StepPlan` that
     ran: each block's kind and the tokens each partial unit recomputed; None uncached), tokens, flops, t,
     cache_bytes (held by that graph in that request after the call). For a pipeline with two transformers
-    (Wan 2.2), the records of both, each with the `component` it came from."""
+    (Wan 2.2), the records of both, each with the `component` it came from. Of pipelines enabled on one shared
+    transformer, each has the records of its own calls (and of `fxcache.request(pipe)` blocks); the transformer
+    has them all."""
     state = getattr(model, "__dict__", {}).get("_fxcache")
     backends = _served(model)
     if len(backends) == 1:
-        return backends[0].stats()
-    names = list(state["originals"])
-    return [dict(r, component=name) for name, b in zip(names, backends) for r in b.stats()]
+        found = backends[0].stats()
+    else:
+        names = list(state["originals"])
+        found = [Record(r, component=name) for name, b in zip(names, backends) for r in b.stats()]
+    if isinstance(state, dict) and getattr(state.get("entry"), "shared", False):
+        own = set(state["requests"])  # pipelines enabled on one transformer: each its own calls
+        found = [r for r in found if r["request"] in own]
+    return found
 
 
 def reset(model) -> None:
@@ -449,7 +463,12 @@ def request(*models) -> Request:
         for backend in _served(m):
             if backend.scope not in scopes:
                 scopes.append(backend.scope)
-    return Request(tuple(scopes))
+    request = Request(tuple(scopes))
+    for m in models:  # an enabled pipeline's stats have the calls of requests opened on it
+        state = getattr(m, "__dict__", {}).get("_fxcache")
+        if isinstance(state, dict) and "requests" in state:
+            state["requests"].append(request.id)
+    return request
 
 
 @dataclasses.dataclass

@@ -4,21 +4,34 @@ Each transformer component (`transformer`, and `transformer_2` of two-expert pip
 backend of its own, compiled with `dynamic=False`. Every call of the pipeline is one fxcache request, from its
 first step to its return or its exception, so nothing of one call is ever read by the next. The branch names the
 pipeline gives its `cache_context`s set the number of CFG branches a request keeps caches for.
+
+Nothing quietly runs uncached: a pipeline sharing an enabled pipeline's transformer gets the compiled one
+(`shared.py`), Dynamo's recompile limits are raised to `max_shapes` (past them new shapes would run in eager), and
+a call whose step count is not the one the schedule is written for says so before its first step.
 """
 
 from __future__ import annotations
 
+import collections
+import difflib
 import functools
 import inspect
+import logging
 import re
 
 import torch
 
+from . import shared
 from .api import CacheBackend, cache_backend
 from .config import CacheConfig
 from .errors import ConfigError
 from .runtime.attach import attach, detach
 from .runtime.requests import Request
+from .runtime.step_count import check_steps
+
+log = logging.getLogger("fxcache")
+DEFAULT_MAX_SHAPES = 64
+_LIMITS = ("recompile_limit", "accumulated_recompile_limit")
 
 _CONTEXT_NAMES = re.compile(r"""cache_context\(\s*(?:name\s*=\s*)?["']([^"']+)["']""")
 _SUBCLASSES: dict[type, type] = {}
@@ -43,19 +56,28 @@ def context_names(pipe) -> list[str]:
     return sorted(set(_CONTEXT_NAMES.findall(source)))
 
 
-def enable(pipe, method_or_config: str | CacheConfig = "duca", *, components: tuple[str, ...] | None = None,
-           lowering: str = "inductor", mode: str | None = None, max_branches: int | None = None,
-           **options) -> CacheBackend | tuple[CacheBackend, ...]:
+def enable(pipe, method_or_config: str | CacheConfig | None = None, *, components: tuple[str, ...] | None = None,
+           lowering: str | None = None, mode: str | None = None, options: dict | None = None,
+           max_branches: int | None = None, max_shapes: int = DEFAULT_MAX_SHAPES,
+           **settings) -> CacheBackend | tuple[CacheBackend, ...]:
     """Compile the pipeline's transformer(s) with an fxcache backend each and make every pipeline call a request.
 
     Args:
         pipe: a diffusers pipeline.
-        method_or_config, **options: as for `fxcache.cache_backend` (method options and backend options).
+        method_or_config, **settings: as for `fxcache.cache_backend` (method options and backend options);
+            the method defaults to "duca".
         components: the components to cache (default: every `transformer*` component).
-        lowering, mode: the backend's lowering and torch.compile's mode (e.g. "reduce-overhead" for CUDA graphs).
+        lowering: the backend's lowering (default "inductor"); mode, options: torch.compile's (e.g.
+            mode="reduce-overhead" for CUDA graphs, options={...} Inductor settings), passed to the lowering.
         max_branches: CFG branches per request (default: the pipeline's cache-context names, else 3).
+        max_shapes: input shapes (resolution x batch size) Dynamo may compile per transformer: its recompile limit
+            is raised to it (and the accumulated limit to 8x), in every thread that calls the pipeline.
+    A pipeline whose transformer another enabled pipeline shares (`from_pipe`, or made from its `components`,
+    before or after that pipeline was enabled) gets that compiled transformer: one compile and backend, each
+    call a request of its own; settings other than those it was compiled with are refused.
     Returns the backend, or a tuple of backends in component order for two-transformer pipelines.
     """
+    _check_pipeline(pipe)
     if "_fxcache" in pipe.__dict__:
         raise ConfigError(f"fxcache is already enabled on this {type(pipe).__name__}; call fxcache.disable(pipe) "
                           "first to change the method or its options")
@@ -63,76 +85,138 @@ def enable(pipe, method_or_config: str | CacheConfig = "duca", *, components: tu
     if not names:
         raise ConfigError(f"{type(pipe).__name__} has no transformer component (components: "
                           f"{', '.join(getattr(pipe, 'components', {}))}); pass components=(...) naming it")
-    if max_branches is None:
-        found = context_names(pipe)
-        max_branches = max(len(found), 1) if found else 3
-    originals, backends, shared = {}, [], _shared_backends(pipe, names, method_or_config, options)
+    _check_compile_options(lowering, mode, options)
+    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+        raise ConfigError(f"max_shapes must be an int >= 1 (the input shapes each transformer may compile), "
+                          f"got {max_shapes!r}")
+    modules = {}
     for name in names:
         module = getattr(pipe, name, None)
         if not isinstance(module, torch.nn.Module):
             raise ConfigError(f"pipeline component {name!r} is {type(module).__name__}, not a torch module")
-        if shared:
-            backends.append(shared[name])
-            originals[name] = module
-            continue
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or "_compiled_call_impl" in module.__dict__ \
-                and module.__dict__["_compiled_call_impl"] is not None:
-            raise ConfigError(f"pipeline component {name!r} is already compiled; pass the plain module (fxcache.enable "
-                              "compiles it)")
-        backends.append(cache_backend(method_or_config, lowering=lowering, max_branches=max_branches, **options))
-        originals[name] = module
-    if not shared:
-        for name, backend in zip(names, backends):
-            module = originals[name]
-            attach(module, backend)  # the pipeline's signals count from the first call
-            setattr(pipe, name, torch.compile(module, backend=backend, dynamic=False, mode=mode))
+        modules[name] = module
+    entry = shared.lookup(pipe, modules)
+    if entry is not None:
+        explicit = dict(settings, **{k: v for k, v in (("lowering", lowering), ("max_branches", max_branches))
+                                      if v is not None})
+        shared.check_settings(pipe, entry, modules, method_or_config, explicit, mode=mode, options=options)
+        wrappers = {name: entry.wrapper(name) for name in names}
+    else:
+        entry, wrappers = _compile(pipe, modules, method_or_config, settings, lowering=lowering or "inductor",
+                                   mode=mode, options=options, max_branches=max_branches)
+    backends = [entry.backends[name] for name in names]
+    originals = {name: modules[name] for name in names}  # what the pipeline held: `disable` gives it back
+    for name in names:
+        if modules[name] is not wrappers[name]:
+            setattr(pipe, name, wrappers[name])
+    if entry.users:
+        entry.shared = True
+    entry.users.add(pipe)
+    _raise_limits(backends, max_shapes)
     cls = type(pipe)
-    pipe.__dict__["_fxcache"] = {"backends": tuple(backends), "originals": originals, "class": cls,
-                                 "shared": bool(shared)}
+    pipe.__dict__["_fxcache"] = {"backends": tuple(backends), "originals": originals, "class": cls, "entry": entry,
+                                 "requests": collections.deque(maxlen=max(b.scope.records.maxlen for b in backends))}
     pipe.__class__ = _request_subclass(cls)
     return backends[0] if len(backends) == 1 else tuple(backends)
 
 
-def _shared_backends(pipe, names, method_or_config, options) -> dict:
-    """{component: backend} when the components are already compiled with fxcache backends (a pipeline made with
-    `from_pipe` from an enabled one shares its compiled transformer): `enable` then only adds request boundaries.
-    Empty when none is; an error when only some are, or the method asked for is not theirs."""
-    from .api import _find_backend
+def _compile(pipe, modules: dict, method_or_config, settings: dict, *, lowering: str, mode, options,
+             max_branches) -> tuple[shared.Compiled, dict]:
+    """A backend per transformer, each compiled with `dynamic=False` and hearing its module's pipeline signals;
+    the `Compiled` and the compiled modules (it holds them weakly: the pipelines hold them)."""
+    if max_branches is None:
+        found = context_names(pipe)
+        max_branches = max(len(found), 1) if found else 3
+    for name, module in modules.items():
+        if shared._is_compiled(module):
+            raise ConfigError(f"pipeline component {name!r} is already compiled; pass the plain module (fxcache.enable "
+                              "compiles it)")
+    method = "duca" if method_or_config is None else method_or_config
+    backends = {name: cache_backend(method, lowering=lowering, max_branches=max_branches, **settings)
+                for name in modules}
+    wrappers = {}
+    for name, module in modules.items():
+        attach(module, backends[name])  # the pipeline's signals count from the first call
+        wrappers[name] = torch.compile(module, backend=backends[name], dynamic=False, mode=mode, options=options)
+    entry = shared.Compiled(type(pipe).__name__, backends, wrappers, mode=mode, options=options)
+    shared.register(entry, modules)
+    return entry, wrappers
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = _find_backend(getattr(pipe, name, None))
-        except ConfigError:
-            pass
-    if not found:
-        return {}
-    if len(found) != len(names) or not all(isinstance(b, CacheBackend) for b in found.values()):
-        raise ConfigError(f"only some of {names} are compiled with fxcache; pass a pipeline with plain transformers")
-    configs = [b.config for b in found.values()]
-    wanted = method_or_config if isinstance(method_or_config, CacheConfig) else None
-    if options or (wanted is not None and wanted not in configs) or (
-            wanted is None and any(c.method != method_or_config for c in configs)):
-        raise ConfigError(f"the transformer of this {type(pipe).__name__} is already compiled with fxcache "
-                          f"({', '.join(sorted(c.method for c in configs))}), shared with another pipeline "
-                          "(from_pipe); call fxcache.enable(pipe) without other options to add request boundaries, "
-                          "or fxcache.disable() the pipeline it came from to change the method")
-    return found
+
+def _check_pipeline(pipe) -> None:
+    if not isinstance(getattr(pipe, "components", None), dict) or isinstance(pipe, torch.nn.Module):
+        hint = ("; for a transformer (or any model) use torch.compile(model, backend=fxcache.cache_backend(...), "
+                "dynamic=False)" if isinstance(pipe, torch.nn.Module) else "")
+        raise ConfigError(f"fxcache.enable takes a diffusers pipeline (an object with `components`, such as "
+                          f"FluxPipeline or a pipeline made with from_pipe), got {_what(pipe)}{hint}")
+
+
+def _what(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _check_compile_options(lowering, mode, options) -> None:
+    """torch.compile's `mode` and `options` as torch.compile itself checks them, before anything is compiled."""
+    if mode is not None and options is not None:
+        raise ConfigError("pass either mode= or options= (torch.compile takes one of them), not both")
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(f"options must be a dict of torch.compile options (setting name -> value), got "
+                          f"{options!r}")
+    if (lowering or "inductor") == "inductor":
+        known = torch._inductor.config.get_config_copy()
+        for key in options:
+            if key.replace("-", "_") not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown Inductor option {key!r} in options={{...}}{hint}: options are "
+                                  f"torch.compile's, passed to the Inductor lowering (torch._inductor.list_options() "
+                                  f"lists them); method options go as keywords, e.g. enable(pipe, 'duca', "
+                                  f"interval=4)")
+
+
+_SAID: set[str] = set()
+
+
+def _raise_limits(backends, max_shapes: int) -> None:
+    """Dynamo's recompile limits fit for `max_shapes` shapes per transformer, now in this thread and in every
+    thread that calls the pipeline (a request applies them before Dynamo looks a call up)."""
+    config = torch._dynamo.config
+    before = {name: getattr(config, name) for name in _LIMITS}
+    for backend in backends:
+        backend.scope.limits.require(recompile_limit=max_shapes, accumulated_recompile_limit=8 * max_shapes)
+        backend.scope.limits.apply()
+    raised = {name: getattr(config, name) for name in _LIMITS if getattr(config, name) > before[name]}
+    if raised and "limits" not in _SAID:
+        _SAID.add("limits")
+        log.warning("fxcache.enable raised %s for the threads that call the pipeline (max_shapes=%d: each input "
+                    "shape, resolution x batch size, is a graph of its own, and past the limit Dynamo runs new "
+                    "shapes uncached in eager); pass max_shapes= to change it",
+                    " and ".join(f"torch._dynamo.config.{n} from {before[n]} to {v}" for n, v in raised.items()),
+                    max_shapes)
 
 
 def disable(pipe) -> None:
-    """Undo `enable`: the original transformer modules, the pipeline's own class, caches freed. A pipeline that
-    shares another's compiled transformer (`from_pipe`) keeps it; only its request boundaries go."""
-    state = pipe.__dict__.pop("_fxcache", None)
+    """Undo `enable`: the modules the pipeline held before, the pipeline's own class, caches freed. A transformer
+    another enabled pipeline still shares stays compiled for it."""
+    state = pipe.__dict__.pop("_fxcache", None) if isinstance(getattr(pipe, "__dict__", None), dict) else None
     if state is None:
         raise ConfigError(f"fxcache is not enabled on this {type(pipe).__name__}")
     pipe.__class__ = state["class"]
-    if state.get("shared"):
-        return
-    for (name, module), backend in zip(state["originals"].items(), state["backends"]):
-        backend.reset()
-        detach(module, backend)
+    for name, module in state["originals"].items():
         setattr(pipe, name, module)
+    entry = state["entry"]
+    entry.users.discard(pipe)
+    if len(entry.users) or not entry.ours:
+        return
+    shared.unregister(entry)
+    for name, backend in entry.backends.items():
+        backend.reset()
+        wrapper = entry.wrapper(name)
+        plain = getattr(wrapper, "_orig_mod", None) if wrapper is not None else state["originals"].get(name)
+        if isinstance(plain, torch.nn.Module):
+            detach(plain, backend)
 
 
 def backends(pipe) -> tuple[CacheBackend, ...]:
@@ -151,7 +235,10 @@ def _request_subclass(cls: type) -> type:
             state = self.__dict__.get("_fxcache")
             if state is None:
                 return base_call(self, *args, **kwargs)
-            with Request(tuple(b.scope for b in state["backends"])):
+            check_steps(self, base_call, args, kwargs, state["backends"])
+            request = Request(tuple(b.scope for b in state["backends"]))
+            state["requests"].append(request.id)
+            with request:
                 return base_call(self, *args, **kwargs)
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,

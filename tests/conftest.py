@@ -31,7 +31,8 @@ def _fresh_dynamo():
 #: files in collection order, so a long file collected last would leave one worker running it alone
 LONGEST_FIRST = ("reliability/test_requests.py", "export/test_onnx_loop.py", "test_end_to_end.py",
                  "test_more_models.py", "reliability/test_artifacts.py", "reliability/test_serving.py",
-                 "methods/test_toca.py", "quality/test_peers.py", "test_check_families.py", "test_check_model.py")
+                 "methods/test_toca.py", "quality/test_peers.py", "test_check_families.py", "test_check_model.py",
+                 "docs/test_readme.py")
 
 
 def pytest_collection_modifyitems(config, items):

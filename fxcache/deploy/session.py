@@ -23,6 +23,7 @@ from ..graph_io import GraphValue, dtype_from_name, dtype_name
 from ..runtime.attach import CONTEXT_NAME
 from ..runtime.dispatch import Dispatcher
 from ..runtime.fingerprint import conditioning_inputs, latent_input
+from ..runtime.records import records
 from ..runtime.requests import Request, RequestScope
 from ..runtime.runner import Runner, VariantSource
 from ..step_plan import StepPlan
@@ -236,7 +237,7 @@ class CachedSession:
         return Request((self.scope,))
 
     def stats(self) -> list[dict]:
-        return [dict(r) for r in self.scope.records]
+        return records(self.scope.records)
 
     def cache_bytes(self) -> int:
         return self.scope.cache_bytes()

@@ -53,6 +53,17 @@ class Limits:
                     self.values[name] = value
                     self._version = next(_VERSIONS)
 
+    def require(self, **values: int) -> None:
+        """Raise the limits to at least `values` (`fxcache.enable`'s `max_shapes`), for every thread that calls
+        the models from now on."""
+        with self._lock:
+            for name, value in values.items():
+                if name not in _NAMES:
+                    raise ValueError(f"unknown Dynamo limit {name!r}; known: {', '.join(_NAMES)}")
+                if value > self.values.get(name, 0):
+                    self.values[name] = value
+                    self._version = next(_VERSIONS)
+
     def grow(self) -> None:
         """Dynamo traced a graph it already had (a duplicate): it takes a slot of the limits, so the limits of
         every thread grow by one, and duplicates never use up the shapes the user sized them for."""

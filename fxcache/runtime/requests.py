@@ -177,6 +177,9 @@ class RequestScope:
             self._warned.add(key)
             warnings.warn(message, FxCacheWarning, stacklevel=4)
 
+    def has_warned(self, key: str) -> bool:
+        return key in self._warned
+
     def current(self) -> Request:
         """The request a call made now belongs to: the innermost active one whose `with` block the call is in.
 
@@ -255,7 +258,9 @@ class RequestScope:
         return None
 
     def record(self, **record) -> None:
-        self.records.append(record)
+        from .records import Record
+
+        self.records.append(Record(record))
 
     def serve(self) -> None:
         """A runner of this scope serves a call now: the calling thread gets the recompile limits, and the

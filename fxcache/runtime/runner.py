@@ -24,6 +24,7 @@ from .attach import CONTEXT_NAME
 from .dispatch import Dispatcher
 from .fingerprint import latent_sample, summaries
 from .state import GraphState
+from .step_count import KEY as STEPS_KEY
 from .store import nbytes
 
 if TYPE_CHECKING:
@@ -341,7 +342,7 @@ class Runner:
     def _run(self, state: GraphState, args, step: int, branch: int, t: float):
         state.steps_run = max(state.steps_run, step + 1)
         planned = self._planned_steps
-        if planned is not None and step >= planned:
+        if planned is not None and step >= planned and not self.scope.has_warned(STEPS_KEY):
             self.backend._warn_once(
                 f"fxcache: graph {self.graph_id}: step {step} is past num_steps={planned}, the step count the "
                 f"config's schedule is written for (presets assume one): pass your "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 
+from .step_count import KEY as STEPS_KEY
 from .step import StepTracker, TimeDirection
 from .store import CacheStore, FunctionalStore, InplaceStore
 from .taylor import TaylorState
@@ -62,8 +63,8 @@ class GraphState:
         short (no final FULL step; partial steps meant for another progress), so say so once per graph."""
         planned = getattr(self.runner, "_planned_steps", None)
         ran, self.steps_run = self.steps_run, 0
-        if planned is None or not 0 < ran < planned:
-            return
+        if planned is None or not 0 < ran < planned or self.runner.scope.has_warned(STEPS_KEY):
+            return  # an enabled pipeline said so before the first step
         self.runner.backend._warn_once(
             f"fxcache: graph {self.runner.graph_id}: a request ended after {ran} steps, but the config's schedule "
             f"is written for num_steps={planned} (presets assume one): it ran the first {ran} steps of that "

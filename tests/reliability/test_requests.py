@@ -559,7 +559,7 @@ def test_a_pipeline_made_from_an_enabled_one_can_be_enabled_and_marked():
     pipe = flux_pipeline()
     backend = cached(pipe, "fora", "enable", interval=3)
     i2i = FluxImg2ImgPipeline.from_pipe(pipe)
-    with pytest.raises(ConfigError, match="already compiled with fxcache"):
+    with pytest.raises(ConfigError, match="made with from_pipe"):
         fxcache.enable(i2i, "duca")
     assert fxcache.enable(i2i, "fora") is backend  # shares the compiled transformer: adds request boundaries
     with fxcache.request(i2i) as req:

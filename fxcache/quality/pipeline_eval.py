@@ -290,7 +290,7 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
     t_rounds = time.perf_counter()
     for r in range(repeats):
         for i, (seed, chunk) in enumerate(items):
-            k = (r + i) % len(runs)
+            k = (r * len(items) + i) % len(runs)  # each call starts one setting later than the one before
             for row, label, s in runs[k:] + runs[:k]:
                 say(f"round {r + 1}/{repeats}, call {i + 1}/{len(items)}: {row}")
                 counter.key = row

@@ -273,8 +273,9 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
             t_call = time.perf_counter() - t0
             rest = len(methods) * t_compile + repeats * len(items) * t_call * (1 + 2 * len(methods)) \
                 + (len(items) * t_call if noise_floor else 0)
-            tell(f"estimate: roughly {_duration(rest)} more, likely less (each method's compile taken as long as "
-                 f"uncached's {t_compile:.0f} s, every timed call as long as an eager uncached one, {t_call:.1f} s)")
+            tell(f"estimate: up to about {_duration(rest)} more (each method's compile taken as long as uncached's "
+                 f"{t_compile:.0f} s, every timed call as long as an eager uncached one, {t_call:.1f} s; a closer "
+                 "estimate follows the compiles)")
         else:
             warm_flops[label] = method_flops(label, since)
     base_warm = warm_flops["uncached"]

@@ -82,7 +82,7 @@ def test_eval_writes_the_table_grid_plot_and_json(pipeline_folder, clip_folder, 
     for line in results["verdicts"]:  # one per method, in the table file and printed
         assert f"- {line}" in table and f"  {line}" in printed
     assert [v.split(":")[0] for v in results["verdicts"]] == ["duca", "toca (flux preset)"]
-    assert printed.index("estimate: roughly") < printed.index("estimate: about") < printed.index("| setting |")
+    assert printed.index("estimate: up to about") < printed.index("estimate: about") < printed.index("| setting |")
     from PIL import Image
 
     grid = Image.open(out / "grid.png")

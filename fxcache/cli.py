@@ -200,6 +200,7 @@ def demo(argv=None) -> int:
                                        "(default: the embedded one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    _warn_if_busy()
     torch._dynamo.config.cache_size_limit = 64
     _output_folder(args.out)  # before the minutes of sampling: an output folder that cannot be made fails now
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on this machine, before ours
@@ -278,6 +279,17 @@ def demo(argv=None) -> int:
     print(f"\nwrote {args.out}/grid.png (rows: {', '.join(label for label, _ in rows)}; one prompt per column, "
           f"same noise), {args.out}/pareto.png and {args.out}/table.md")
     return 0
+
+
+def _warn_if_busy() -> None:
+    """Say so when other work already loads this machine and torch runs several threads: the threads then wait on
+    each other and every run can be many times slower (a generation at 2 threads beside a busy process took more than 40x its
+    1-thread time on a 2-core machine)."""
+    load, cpus, threads = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1, \
+        torch.get_num_threads()
+    if threads > 1 and load >= 0.5 * cpus:
+        print(f"note: this machine is busy (load average {load:.1f} on {cpus} CPUs): {threads} torch threads "
+              "competing with that work can make every run many times slower; --threads 1 avoids it", flush=True)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -454,6 +466,7 @@ def eval_cmd(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _warn_if_busy()
     try:
         prompts = read_prompts(args.prompts)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -130,6 +130,21 @@ def test_eval_bad_input_is_one_clear_line(pipeline_folder, prompts, tmp_path, ca
     assert rc == 1 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("threads, warned", [("2", True), ("1", False)])
+def test_eval_warns_of_torch_threads_on_a_busy_machine(prompts, tmp_path, capsys, monkeypatch, threads, warned):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        rc = main(["eval", "--pipeline", "/nonexistent/pipe", "--prompts", prompts, "--threads", threads,
+                   "--out", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr()
+    assert rc == 1 and "cannot be loaded offline" in printed.err  # the note comes before the pipeline loads
+    assert ("load average 1.5 on 2 CPUs" in printed.out and "--threads 1" in printed.out) is warned
+
+
 def test_eval_refuses_an_empty_prompt_file(pipeline_folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")

@@ -1,6 +1,6 @@
 """At equal FLOPs, which caching wins? Each fxcache method swept over its interval (and ToCa / DuCa over their token
-ratio) on a reference model, next to the uncached sampler with fewer steps; PSNR against the uncached images (pooled over the
-images: from the mean per-image MSE), interpolated at common FLOPs speedups.
+ratio) on a reference model, next to the uncached sampler with fewer steps; PSNR against the uncached images
+(pooled over the images: from the mean per-image MSE), interpolated at common FLOPs speedups.
 
     python benchmarks/equal_flops.py --family scenes --per-class 2 --guidance 4     # ~15 min on 2 CPU threads
 
@@ -80,7 +80,8 @@ def main(argv=None) -> None:
     head = (f"{args.family}: {report.images} images, {args.steps} steps, guidance {args.guidance} (batched CFG), "
             f"eager, {args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
             f"{datetime.date.today().isoformat()}; noise floor {db(floor)} dB (pooled PSNR)")
-    lines = [head, "", "Pooled PSNR (dB) against uncached at equal FLOPs (interpolated; '-' outside a method's range):", "",
+    lines = [head, "",
+             "Pooled PSNR (dB) against uncached at equal FLOPs (interpolated; '-' outside a method's range):", "",
              "| method | " + " | ".join(f"{x:g}x fewer FLOPs" for x in TARGETS) + " |",
              "|---|" + "---:|" * len(TARGETS)]
     for m, pts in curves.items():

@@ -283,8 +283,8 @@ def demo(argv=None) -> int:
 
 def _warn_if_busy() -> None:
     """Say so when other work already loads this machine and torch runs several threads: the threads then wait on
-    each other and every run can be many times slower (a generation at 2 threads beside a busy process took more than 40x its
-    1-thread time on a 2-core machine)."""
+    each other and every run can be many times slower (a generation at 2 threads beside a busy process took more
+    than 40x its 1-thread time on a 2-core machine)."""
     load, cpus, threads = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1, \
         torch.get_num_threads()
     if threads > 1 and load >= 0.5 * cpus:

@@ -5,9 +5,9 @@ Every setting runs on its own view of one loaded pipeline (a shallow copy: the s
 of the weights copied, so a 12B transformer is loaded once) whose transformer is compiled for it: with an fxcache
 backend per method (which hears the pipeline's cond / uncond contexts, as with `fxcache.enable`; every pipeline
 call is one request), with plain `torch.compile` for the uncached rows (under `lowering="eager"`: the
-eager transformer in a wrapper of its own). Each setting is compiled on one call per distinct batch size; then every setting, the
-fewer-steps rows included, runs every prompt x seed `repeats` times, interleaved call by call (round-robin, the
-order rotated every round), and the first round's images are the ones compared.
+eager transformer in a wrapper of its own). Each setting is compiled on one call per distinct batch size; then
+every setting, the fewer-steps rows included, runs every prompt x seed `repeats` times, interleaved call by call
+(round-robin, each call starting one setting later), and the first round's images are the ones compared.
 
 FLOPs: a method's from fxcache's per-call records; the uncached rows' counted on the pipeline's own eager
 transformers once per distinct call signature (`CallFlops`) and multiplied by the calls of that signature. Quality:
@@ -223,7 +223,8 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
         view.set_progress_bar_config(disable=True)
         for n, module in modules.items():
             if config is None:  # a wrapper of its own even when eager (Dynamo disabled): the FLOP counter hooks it
-                compiled = torch._dynamo.disable(module) if lowering == "eager" else torch.compile(module, dynamic=False)
+                compiled = (torch._dynamo.disable(module) if lowering == "eager"
+                            else torch.compile(module, dynamic=False))
             else:
                 backend = fxcache.cache_backend(config, lowering=lowering, max_branches=branches)
                 backends.setdefault(label, []).append(backend)

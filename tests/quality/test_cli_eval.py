@@ -217,7 +217,8 @@ def _every_call_flops(modules, run) -> tuple[int, int]:
         calls[0] += 1
 
     for m in modules:
-        hooks += [m.register_forward_pre_hook(enter, with_kwargs=True), m.register_forward_hook(leave, with_kwargs=True)]
+        hooks += [m.register_forward_pre_hook(enter, with_kwargs=True),
+                  m.register_forward_hook(leave, with_kwargs=True)]
     try:
         with torch.no_grad():
             run()
@@ -334,7 +335,8 @@ def test_the_table_puts_each_fewer_steps_row_under_its_method_in_a_unit_that_fit
     from fxcache.quality.evaluate import common_columns, flops_unit, markdown_table, three_digits
 
     rows = [_row("uncached", "uncached", 50, flops=100e6, base=100e6, lat=1.0, runs=[2.0, 2.1, 2.4]),
-            _row("A", "method", 50, psnr=30.0, per=(28.0, 35.0), flops=20e6, base=100e6, equal=10, lat=4.0, runs=[0.5, 0.5, 0.6]),
+            _row("A", "method", 50, psnr=30.0, per=(28.0, 35.0), flops=20e6, base=100e6, equal=10, lat=4.0,
+                 runs=[0.5, 0.5, 0.6]),
             _row("B", "method", 50, psnr=math.inf, per=(math.inf, math.inf), flops=90e6, base=100e6, equal=45),
             _row("C", "method", 50, psnr=25.0, per=(25.0, 25.0), flops=21e6, base=100e6, equal=10),
             _row("uncached, 10 steps (equal compute)", "fewer steps", 10, psnr=29.0, per=(27.0, 33.0), flops=20e6),

@@ -197,14 +197,20 @@ class Verdict:
 
 
 def tie_tolerance(a: Row, b: Row) -> float:
-    """|pooled PSNR gap| up to which two rows tie: `TIE_DB`, or twice the standard error of their paired per-image
-    PSNR differences when that is larger (images where either is identical to uncached left out)."""
-    if not a.psnr_images or not b.psnr_images or len(a.psnr_images) != len(b.psnr_images):
+    """|pooled PSNR gap| up to which two rows tie: `TIE_DB`, or twice the standard error of the gap when that is
+    larger. The gap is 10 log10(mean MSE_b / mean MSE_a) over the same images; its standard error is the
+    delta-method one of paired images, (10 / ln 10) * stdev(MSE_b,i / mean MSE_b - MSE_a,i / mean MSE_a) / sqrt(n),
+    which stays bounded when one image is near-identical (a per-image PSNR difference would then swing by tens of
+    dB). `TIE_DB` alone without per-image PSNRs, for fewer than two images, or when a row is identical throughout."""
+    if not a.psnr_images or not b.psnr_images or len(a.psnr_images) != len(b.psnr_images) or len(a.psnr_images) < 2:
         return TIE_DB
-    d = [x - y for x, y in zip(a.psnr_images, b.psnr_images) if math.isfinite(x) and math.isfinite(y)]
-    if len(d) < 2:
+    mse_a = [10 ** (-p / 10) for p in a.psnr_images]  # in units of range^2; +inf dB -> 0
+    mse_b = [10 ** (-p / 10) for p in b.psnr_images]
+    mean_a, mean_b = statistics.fmean(mse_a), statistics.fmean(mse_b)
+    if mean_a == 0 or mean_b == 0:
         return TIE_DB
-    return max(TIE_DB, 2 * statistics.stdev(d) / math.sqrt(len(d)))
+    u = [y / mean_b - x / mean_a for x, y in zip(mse_a, mse_b)]
+    return max(TIE_DB, 2 * 10 / math.log(10) * statistics.stdev(u) / math.sqrt(len(u)))
 
 
 def verdicts(rows: list[Row]) -> list[Verdict]:

@@ -326,6 +326,8 @@ def test_eval_interleaves_every_setting_call_by_call_and_keeps_every_round(pipel
 def _row(label, kind, steps, *, psnr=None, per=None, lat=None, flops=None, equal=None, runs=None, base=100.0):
     from fxcache.quality.evaluate import Row
 
+    if psnr is None and per is not None:  # pooled from the per-image values (range^2 = 1 unit)
+        psnr = 10 * math.log10(len(per) / sum(10 ** (-p / 10) for p in per))
     return Row(label, kind, steps, seconds=None if runs is None else sorted(runs)[len(runs) // 2], flops=flops,
                latency_speedup=lat, flops_speedup=None if flops is None else base / flops, psnr=psnr,
                psnr_images=per, equal_steps=equal, seconds_runs=runs)
@@ -357,27 +359,33 @@ def test_the_table_puts_each_fewer_steps_row_under_its_method_in_a_unit_that_fit
 def test_each_method_gets_a_verdict_against_its_fewer_steps_row_with_a_tie_within_the_noise():
     from fxcache.quality.evaluate import TIE_DB, verdicts
 
-    fewer = _row("uncached, 10 steps (equal compute)", "fewer steps", 10, psnr=29.0, per=(27.0, 29.0, 31.0, 33.0),
-                 lat=5.0, flops=20.0)
+    fewer = _row("uncached, 10 steps (equal compute)", "fewer steps", 10, per=(29.0,) * 4, lat=5.0, flops=20.0)
     rows = [_row("uncached", "uncached", 50, lat=1.0, flops=100.0), fewer,
-            # a steady 1 dB better on every image: beats
-            _row("A", "method", 50, psnr=30.0, per=(28.0, 30.0, 32.0, 34.0), equal=10, lat=4.0, flops=20.0),
-            # 1 dB better pooled, but the per-image differences swing by +-4 dB: within the noise
-            _row("B", "method", 50, psnr=30.0, per=(31.0, 25.0, 35.0, 29.0), equal=10, lat=4.0, flops=20.0),
+            # 1 dB better on every image: beats
+            _row("A", "method", 50, per=(30.0,) * 4, equal=10, lat=4.0, flops=20.0),
+            # 0.4 dB worse pooled, but the per-image PSNRs swing by +-5 dB around it: within the noise
+            _row("B", "method", 50, per=(31.0, 25.0, 35.0, 29.0), equal=10, lat=4.0, flops=20.0),
             _row("C", "method", 50, psnr=28.9, per=None, equal=10, lat=4.0, flops=20.0),  # no spread: TIE_DB
-            _row("D", "method", 50, psnr=27.0, per=(25.0, 27.0, 29.0, 31.0), equal=10, lat=4.0, flops=20.0),
+            _row("D", "method", 50, per=(27.0,) * 4, equal=10, lat=4.0, flops=20.0),
             _row("E", "method", 50, psnr=math.inf, per=(math.inf,) * 4, equal=10, lat=4.0, flops=20.0),
             _row("F", "method", 50, psnr=60.0, per=(60.0,) * 4, equal=50, lat=1.0, flops=99.0)]
     found = {v.row.label: v for v in verdicts(rows)}
     assert [found[k].outcome for k in "ABCDEF"] == ["beats", "ties", "ties", "loses", "beats",
                                                     "saves less than a step"]
-    assert found["A"].tolerance == TIE_DB and found["B"].tolerance > 1.0 and found["C"].tolerance == TIE_DB
+    assert found["B"].gap == pytest.approx(-0.41, abs=0.01) and found["B"].tolerance > 1.0
+    assert found["A"].tolerance == found["C"].tolerance == found["D"].tolerance == TIE_DB
     assert found["A"].line() == ("A: beats fewer steps at equal FLOPs: PSNR 30.00 dB vs 29.00 dB with 10 steps "
                                  "(pooled; a tie is within 0.25 dB); latency 4.00x vs 5.00x faster, 5.00x vs 5.00x "
                                  "fewer FLOPs")
     assert found["D"].line().startswith("D: loses to fewer steps at equal FLOPs: PSNR 27.00 dB vs 29.00 dB")
     assert found["E"].line().startswith("E: beats fewer steps at equal FLOPs: PSNR inf dB vs 29.00 dB")
     assert "no fewer-steps row" in found["F"].line()
+    # one image near-identical in the fewer-steps run (a per-image PSNR gap of 40 dB) does not make the tolerance
+    # tens of dB: a 5 dB pooled gap over three images is no tie
+    near = _row("uncached, 3 steps (equal compute)", "fewer steps", 3, per=(23.0, 24.0, 62.0), flops=20.0)
+    worse = _row("G", "method", 50, per=(19.0, 21.0, 23.5), equal=3, flops=20.0)
+    (v,) = verdicts([near, worse])
+    assert v.outcome == "loses" and v.gap < -3.5 and v.tolerance < 3.0
 
 
 def test_the_latency_note_says_when_the_timings_are_not_worth_quoting():

@@ -200,9 +200,9 @@ def demo(argv=None) -> int:
                                        "(default: the embedded one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _warn_if_busy()
     torch._dynamo.config.cache_size_limit = 64
     _output_folder(args.out)  # before the minutes of sampling: an output folder that cannot be made fails now
+    _warn_if_busy()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on this machine, before ours
 
     try:
@@ -436,7 +436,7 @@ def eval_cmd(argv=None) -> int:
     local cache; never a download): same prompts and seeds, interleaved timed runs; writes table.md,
     results.json, grid.png and pareto.png."""
     import fxcache
-    from fxcache.quality.evaluate import paired_order, pareto_plot
+    from fxcache.quality.evaluate import TIE_DB, paired_order, pareto_plot
     from fxcache.quality.files import write_json, write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.pipeline_eval import check_call_args, evaluate_pipeline, load_pipeline, read_prompts
@@ -466,7 +466,6 @@ def eval_cmd(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _warn_if_busy()
     try:
         prompts = read_prompts(args.prompts)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -476,6 +475,7 @@ def eval_cmd(argv=None) -> int:
     if not [m for m in args.methods.split(",") if m.strip()]:
         raise CommandError("--methods names no method")
     _output_folder(args.out)
+    _warn_if_busy()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -522,7 +522,8 @@ def eval_cmd(argv=None) -> int:
     notes = (f"PSNR dB (pooled): 10 log10(range^2 / the mean of the per-image MSEs) against the uncached images of "
              f"the same prompt and seed (inf: identical), with the per-image PSNR range beside it; the noise floor "
              f"row is the uncached pipeline on other seeds (unrelated images of the same prompts). Each method's "
-             f"uncached fewer-steps row at its FLOPs is right under it (↳). s per run: whole pipeline calls "
+             f"uncached fewer-steps row at its FLOPs is right under it (↳); a tie is a pooled PSNR gap within "
+             f"{TIE_DB} dB or two standard errors over these images (more prompts or --seeds narrow it). s per run: whole pipeline calls "
              f"({len(prompts)} prompts x {args.seeds} seeds, {args.batch_size} per call), median and range of "
              f"{args.repeats} rounds interleaved call by call. Uncached FLOPs: counted on the eager transformer(s), "
              f"once per distinct call signature ({report.flops_passes} counted call"

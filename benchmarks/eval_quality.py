@@ -10,8 +10,10 @@ Peers: diffusers' cache hooks (FirstBlockCache, TaylorSeer, PAB, FasterCache, Ma
 its TaylorSeer calibrator) at two to four settings each, each on its own copy of the same model, same sampler and
 same noise (`fxcache.quality.peers`); compiled with plain torch.compile, as their users would.
 
-Writes <out>/quality_<family>.md (the table) and <out>/quality_<family>.png (latency speedup vs. PSNR, with the
-noise floor and the equal-compute fewer-steps rows), and prints the table.
+Writes <out>/quality_<family>.md (the table: pooled PSNR with the per-image range, each method followed by the
+uncached sampler with fewer steps at its FLOPs; and a verdict per method against that row) and
+<out>/quality_<family>.png (latency speedup vs. PSNR, with the noise floor and the fewer-steps curve), and prints
+both.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ except ImportError:  # running from a checkout without the package installed
     import fxcache
 
 from fxcache.config import make_config
-from fxcache.quality.evaluate import evaluate, pareto_plot
+from fxcache.quality.evaluate import evaluate, latency_note, pareto_plot, verdicts
 from fxcache.quality.peers import all_peers, cachedit_available
 from fxcache.quality.reference import ALL_FAMILIES, load_family
 
@@ -92,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on this machine, before ours
     # twenty compiled copies of one model class in one process: room for all their graphs
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
@@ -112,12 +115,17 @@ def main(argv=None) -> None:
     head = (f"{args.family}: {report.images} images, {args.steps} steps, guidance {args.guidance}, "
             f"lowering {args.lowering}, {args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
             f"{datetime.date.today().isoformat()}")
+    text = report.table() + "\n\nAgainst fewer steps at equal FLOPs (pooled PSNR):\n\n" + "".join(
+        f"- {v.line()}\n" for v in verdicts(report.rows))
+    caution = latency_note(report.rows, load, os.cpu_count())
+    if caution:
+        text += f"\nNote: {caution}.\n"
     print(head)
-    print(report.table())
+    print(text)
     os.makedirs(args.out, exist_ok=True)
     stem = f"quality_{args.family}" + ("_faithful" if args.faithful else "_all" if args.all else "")
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(head + "\n\n" + report.table() + "\n")
+        f.write(head + "\n\n" + text)
     pareto_plot(report, os.path.join(args.out, stem + ".png"))
 
 

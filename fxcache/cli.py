@@ -142,27 +142,28 @@ def _output_folder(path: str) -> None:
 
 DEMO_METHODS = (("DuCa N=5 R=0.9", "duca", {}), ("TaylorSeer N=6 O=2", "taylorseer", {"preset": "flux"}),
                 ("FORA N=3", "fora", {}))
-#: PSNR gaps within this many dB count as a tie in the demo's verdict (the spread between prompts is larger)
-TIE_DB = 0.25
 
 
 def verdict(report) -> str:
     """One line: each method against the uncached sampler with fewer steps at the same FLOPs (the cheapest way to
-    go faster, which caching has to beat): PSNR against the full-step images and wall-clock speedup of both."""
-    fewer = {r.steps: r for r in report.rows if r.kind == "fewer steps"}
-    wins, losses, ties, parts = [], [], [], []
-    for r in report.rows:
-        if r.kind != "method":
-            continue
-        other = fewer.get(r.equal_steps)
-        if other is None:  # it saved under half a step's FLOPs
+    go faster, which caching has to beat): pooled PSNR against the full-step images and wall-clock speedup of both
+    (`fxcache.quality.evaluate.verdicts`, where a tie is within the noise of the per-image differences)."""
+    from fxcache.quality.evaluate import verdicts
+
+    found = verdicts(report.rows)
+    said = {k: [v.row.label for v in found if v.outcome == k] for k in ("beats", "loses", "ties")}
+    parts = []
+    for v in found:
+        r, other = v.row, v.fewer
+        if other is None:
             parts.append(f"{r.label} saves less than a step")
             continue
-        gap = r.psnr - other.psnr
-        (ties if abs(gap) <= TIE_DB else wins if gap > 0 else losses).append(r.label)
-        speed = "" if r.latency_speedup is None else (f", {r.latency_speedup:.1f}x vs {other.latency_speedup:.1f}x "
-                                                       "faster")
+        if v.outcome == "no PSNR":
+            continue
+        speed = "" if r.latency_speedup is None or other.latency_speedup is None else (
+            f", {r.latency_speedup:.1f}x vs {other.latency_speedup:.1f}x faster")
         parts.append(f"{r.label} {r.psnr:.1f} dB vs {other.steps} steps {other.psnr:.1f} dB{speed}")
+    wins, losses, ties = said["beats"], said["loses"], said["ties"]
     if not wins and not losses and not ties:
         head = "no method saved a whole step's FLOPs"
     elif not losses and not ties:
@@ -172,9 +173,9 @@ def verdict(report) -> str:
     else:
         said = [f"{', '.join(wins)} beat fewer steps" if wins else "",
                 f"fewer steps beat {', '.join(losses)}" if losses else "",
-                f"{', '.join(ties)} tie with fewer steps (within {TIE_DB} dB)" if ties else ""]
+                f"{', '.join(ties)} tie with fewer steps (within the noise)" if ties else ""]
         head = "at equal FLOPs " + "; ".join(x for x in said if x)
-    return f"{head}: " + "; ".join(parts)
+    return f"{head}: " + "; ".join(parts) + " (PSNR pooled over the images)"
 
 
 def demo(argv=None) -> int:
@@ -182,7 +183,7 @@ def demo(argv=None) -> int:
     image tokens, trained on drawn scenes by benchmarks/train_reference.py), against fewer steps at equal FLOPs."""
     import fxcache
     from fxcache.config import make_config
-    from fxcache.quality.evaluate import evaluate, pareto_plot
+    from fxcache.quality.evaluate import evaluate, latency_note, pareto_plot, verdicts
     from fxcache.quality.files import write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.scene_eval import load_reference
@@ -201,6 +202,8 @@ def demo(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
     _output_folder(args.out)  # before the minutes of sampling: an output folder that cannot be made fails now
+    _warn_if_busy()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on this machine, before ours
 
     try:
         ref = load_reference(args.reference)
@@ -238,11 +241,15 @@ def demo(argv=None) -> int:
     table = report.table()
     print()
     print(table)
-    print("\nPSNR / SSIM / rel. L2: the same prompts and noise, against the uncached images. FD: Frechet distance "
+    print("\nPSNR dB (pooled): 10 log10(range^2 / the mean of the per-image MSEs), with the per-image PSNR range "
+          "beside it; PSNR / SSIM / rel. L2: the same prompts and noise, against the uncached images. Each method's "
+          "uncached fewer-steps row at its FLOPs is right under it (↳). FD: Frechet distance "
           "(torchmetrics) of a scene classifier's features to drawn scenes of the same prompts (lower is better). "
           "adherence: the images whose count, colour, shape and position all match the prompt (exact checks). "
           "The noise floor row is the uncached model on other noise: unrelated images of the same prompts.")
     summary = verdict(report)
+    lines = [v.line() for v in verdicts(report.rows)]
+    caution = latency_note(report.rows, load, os.cpu_count())
     rows = [("uncached", report.samples["uncached"])]
     for label in methods:
         rows.append((label, report.samples[label]))
@@ -259,13 +266,30 @@ def demo(argv=None) -> int:
     try:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=columns, tile=96)
         pareto_plot(report, os.path.join(args.out, "pareto.png"))
-        write_text(os.path.join(args.out, "table.md"), table + "\n\n" + summary + "\n")
+        write_text(os.path.join(args.out, "table.md"), table + "\n\n" + summary + "\n\n"
+                   + "".join(f"- {line}\n" for line in lines) + (f"\nNote: {caution}.\n" if caution else ""))
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
+    print("\nAgainst fewer steps at equal FLOPs:")
+    for line in lines:
+        print("  " + line)
+    if caution:
+        print(f"\nNote: {caution}.")
     print(f"\nIn one line: {summary}.")
     print(f"\nwrote {args.out}/grid.png (rows: {', '.join(label for label, _ in rows)}; one prompt per column, "
           f"same noise), {args.out}/pareto.png and {args.out}/table.md")
     return 0
+
+
+def _warn_if_busy() -> None:
+    """Say so when other work already loads this machine and torch runs several threads: the threads then wait on
+    each other and every run can be many times slower (a generation at 2 threads beside a busy process took more
+    than 40x its 1-thread time on a 2-core machine)."""
+    load, cpus, threads = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1, \
+        torch.get_num_threads()
+    if threads > 1 and load >= 0.5 * cpus:
+        print(f"note: this machine is busy (load average {load:.1f} on {cpus} CPUs): {threads} torch threads "
+              "competing with that work can make every run many times slower; --threads 1 avoids it", flush=True)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -418,7 +442,7 @@ def eval_cmd(argv=None) -> int:
     local cache; never a download): same prompts and seeds, interleaved timed runs; writes table.md,
     results.json, grid.png and pareto.png."""
     import fxcache
-    from fxcache.quality.evaluate import pareto_plot
+    from fxcache.quality.evaluate import TIE_DB, paired_order, pareto_plot
     from fxcache.quality.files import write_json, write_text
     from fxcache.quality.grids import save_labelled_grid
     from fxcache.quality.pipeline_eval import check_call_args, evaluate_pipeline, load_pipeline, read_prompts
@@ -431,7 +455,9 @@ def eval_cmd(argv=None) -> int:
     p.add_argument("--steps", type=_steps, help="inference steps (default: the pipeline's own default)")
     p.add_argument("--seeds", type=_positive, default=1, help="images per prompt, seeds 0..N-1 (default 1)")
     p.add_argument("--batch-size", type=_positive, default=1, help="prompts per pipeline call (default 1)")
-    p.add_argument("--repeats", type=_positive, default=2, help="timed runs per setting, interleaved (default 2)")
+    p.add_argument("--repeats", type=_positive, default=3,
+                   help="rounds of every prompt x seed per setting, interleaved call by call; the first gives the "
+                        "images, all are timed (default 3)")
     p.add_argument("--lowering", default="inductor", choices=fxcache.lowering_names())
     p.add_argument("--arg", "-a", action="append", type=_option, default=[], metavar="NAME=VALUE",
                    help="a pipeline call argument, e.g. -a guidance_scale=3.5 -a height=512 (repeatable)")
@@ -455,6 +481,7 @@ def eval_cmd(argv=None) -> int:
     if not [m for m in args.methods.split(",") if m.strip()]:
         raise CommandError("--methods names no method")
     _output_folder(args.out)
+    _warn_if_busy()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -480,8 +507,9 @@ def eval_cmd(argv=None) -> int:
     from tqdm.auto import tqdm
 
     m = 0 if args.no_fewer_steps else len(methods)
-    total = 2 + len(methods) + m + args.repeats * (1 + len(methods) + m)  # at most
-    with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stdout) as bar:  # stderr: errors only
+    calls = args.seeds * -(-len(prompts) // args.batch_size)
+    total = (1 + len(methods)) + 1 + args.repeats * calls * (1 + len(methods) + m) + 2  # at most
+    with tqdm(total=total, unit="call", dynamic_ncols=True, file=sys.stdout) as bar:  # stderr: errors only
         def progress(message: str) -> None:
             bar.set_description(message[:50])
             bar.update(1)
@@ -491,31 +519,50 @@ def eval_cmd(argv=None) -> int:
                                        batch_size=args.batch_size,
                                        call_args=dict(args.arg), repeats=args.repeats, lowering=args.lowering,
                                        fewer_steps=not args.no_fewer_steps, clip_model=args.clip_model,
-                                       name=args.pipeline, progress=progress)
+                                       name=args.pipeline, progress=progress, note=bar.write)
             bar.update(bar.total - bar.n)
         except (ValueError, TypeError) as exc:
             raise CommandError(_first_line(exc)) from None
     table = report.table()
-    print("\n" + table)
-    print("\nPSNR / SSIM: against the uncached images of the same prompt and seed. s per run: whole pipeline "
-          f"calls ({len(prompts)} prompts x {args.seeds} seeds, {args.batch_size} per call), median of "
-          f"{args.repeats} interleaved runs. Uncached FLOPs: counted on one eager run of the transformer(s); the "
-          f"compiled uncached images differ from that run's by at most {report.compile_gap:.1e} (the lowering's "
-          "own rounding).")
+    lines = report.verdict_lines()
+    notes = (f"PSNR dB (pooled): 10 log10(range^2 / the mean of the per-image MSEs) against the uncached images of "
+             f"the same prompt and seed (inf: identical), with the per-image PSNR range beside it; the noise floor "
+             f"row is the uncached pipeline on other seeds (unrelated images of the same prompts). Each method's "
+             f"uncached fewer-steps row at its FLOPs is right under it (↳); a tie is a pooled PSNR gap within "
+             f"{TIE_DB} dB or two standard errors over these images (more prompts or --seeds narrow it). s per run: whole pipeline calls "
+             f"({len(prompts)} prompts x {args.seeds} seeds, {args.batch_size} per call), median and range of "
+             f"{args.repeats} rounds interleaved call by call. Uncached FLOPs: counted on the eager transformer(s), "
+             f"once per distinct call signature ({report.flops_passes} counted call"
+             f"{'s' if report.flops_passes != 1 else ''}), times the calls; the compiled uncached images differ from "
+             f"the eager pipeline's by at most {report.compile_gap:.1e} on the first call (the lowering's own "
+             "rounding).")
+    print("\n" + table + "\n")
+    if lines:
+        print("Against fewer steps at equal FLOPs:")
+        for line in lines:
+            print("  " + line)
+    print("\n" + notes)
+    if report.latency_note:
+        print("\nNote: " + report.latency_note + ".")
     cols = [f"{p_} (seed {s})" for s in report.seeds for p_ in report.prompts]
     mid = report.frames // 2  # a video shows its middle frame
-    rows = [(label, imgs[mid::report.frames]) for label, imgs in report.images.items()]
+    order = list(dict.fromkeys(r.label for r, _ in paired_order(report.rows) if r.kind != "noise floor"))
+    order += [r.label for r in report.rows if r.kind == "noise floor"]
+    rows = [(label, report.images[label][mid::report.frames]) for label in order]
+    md = table + "\n\n" + "".join(f"- {line}\n" for line in lines) + "\n" + notes + "\n"
+    if report.latency_note:
+        md += "\nNote: " + report.latency_note + ".\n"
     try:
         save_labelled_grid(rows, os.path.join(args.out, "grid.png"), columns=cols, tile=160)
         pareto_plot(report, os.path.join(args.out, "pareto.png"),
                     title=f"{args.pipeline}: {len(cols)} images, {steps} steps")
-        write_text(os.path.join(args.out, "table.md"), table + "\n")
+        write_text(os.path.join(args.out, "table.md"), md)
         write_json(os.path.join(args.out, "results.json"),
                    dict(report.as_json(), device=device, torch=torch.__version__, call_args=dict(args.arg)),
                    indent=2, default=str)
     except OSError as exc:
         raise CommandError(f"cannot write the results to {args.out!r}: {exc.strerror or exc}") from None
-    print(f"\nwrote {args.out}/table.md, results.json, grid.png (rows: {', '.join(report.images)}) and pareto.png")
+    print(f"\nwrote {args.out}/table.md, results.json, grid.png (rows: {', '.join(order)}) and pareto.png")
     return 0
 
 

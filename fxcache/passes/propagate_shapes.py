@@ -57,6 +57,77 @@ def eager_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """What a call's FLOPs can depend on besides tensor values: every tensor argument's shape, dtype and device,
+    every other argument's value (None, bool, int, float, str; lists, tuples and dicts element by element) and,
+    for anything else, the object itself (by identity: two calls are merged only when nothing can tell them
+    apart)."""
+
+    def sig(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.dtype, str(v.device))
+        if isinstance(v, (list, tuple)):
+            return (type(v).__name__, tuple(sig(x) for x in v))
+        if isinstance(v, dict):
+            return ("dict", tuple((k, sig(x)) for k, x in v.items()))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return (type(v).__name__, v)
+        return ("object", id(v))
+
+    return tuple(sig(a) for a in args), tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+
+
+class CallFlops:
+    """FLOPs of every call of some modules, counted once per distinct call signature (`call_signature`).
+
+    `watch(callee, module)` puts a forward pre-hook on `callee` (what the caller calls: `module` itself or its
+    `torch.compile` wrapper). Each call is tallied under the current `key` and its signature; the first call of a
+    signature is also run once more on `module`, eagerly, under torch's FLOP counter (`eager_flops`: CPU attention
+    counted). `flops(key)` is the sum over the signatures seen under `key` of calls x FLOPs per call; `passes` is
+    the number of counted runs. Exact when a call's FLOPs follow from its signature, as for a transformer without
+    data-dependent control flow; a generation of S steps is then counted in one call per distinct shape (CFG
+    batched or not, each transformer of a pipeline) instead of S or 2 S. Remove the hooks with `close()`.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.calls: dict = {}  # key -> {(module index, signature): calls}
+        self.per_call: dict = {}  # (module index, signature) -> FLOPs of one call
+        self.passes = 0
+        self._hooks = []
+        self._modules: list[torch.nn.Module] = []
+
+    def watch(self, callee: torch.nn.Module, module: torch.nn.Module | None = None) -> None:
+        module = callee if module is None else module
+        index = len(self._modules)
+        self._modules.append(module)
+        busy = [False]  # `callee is module`: the counted run must not count itself
+
+        def hook(_, args, kwargs):
+            if busy[0]:
+                return
+            sig = (index, call_signature(args, kwargs))
+            tally = self.calls.setdefault(self.key, {})
+            tally[sig] = tally.get(sig, 0) + 1
+            if sig not in self.per_call:
+                busy[0] = True
+                try:
+                    self.per_call[sig] = eager_flops(lambda: module(*args, **kwargs))
+                finally:
+                    busy[0] = False
+                self.passes += 1
+
+        self._hooks.append(callee.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def flops(self, key=None) -> int:
+        return sum(n * self.per_call[sig] for sig, n in self.calls.get(key, {}).items())
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
 class _Prop(fx.Interpreter):
     def run_node(self, n):
         result = super().run_node(n)

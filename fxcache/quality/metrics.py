@@ -1,8 +1,14 @@
 """Paired image metrics against the uncached output (PSNR, SSIM, relative L2) and set metrics (Frechet distance of
 classifier features, class accuracy). Images are (N, C, H, W) in [-1, 1] (data range 2). PSNR and SSIM are
-torchmetrics'; the Frechet distance here compares against stored (mean, covariance) of the real digits."""
+torchmetrics'; the Frechet distance here compares against stored (mean, covariance) of the real digits.
+
+A set of images is summed up by its **pooled** PSNR, 10 log10(range^2 / the mean of the per-image MSEs) -- the mean
+of per-image PSNRs would let one near-identical image (tens of dB) hide several bad ones -- next to the spread of
+the per-image PSNRs (`PsnrSummary`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -15,6 +21,36 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     a, b = a.clamp(-1, 1).double(), b.clamp(-1, 1).double()
     return peak_signal_noise_ratio(a, b, data_range=RANGE, reduction="none", dim=tuple(range(1, a.dim())))
+
+
+def pooled_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """One PSNR over the whole set, dB: from the MSE over every pixel of every image (torchmetrics, `dim=None`),
+    which for images of one size is the mean of the per-image MSEs; +inf when every image is identical."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = a.clamp(-1, 1).double(), b.clamp(-1, 1).double()
+    return float(peak_signal_noise_ratio(a, b, data_range=RANGE))
+
+
+@dataclasses.dataclass(frozen=True)
+class PsnrSummary:
+    """A set's pooled PSNR and its per-image PSNRs (dB; +inf for an image identical to its reference)."""
+
+    pooled: float
+    per_image: tuple[float, ...]
+
+    @property
+    def low(self) -> float:
+        return min(self.per_image)
+
+    @property
+    def high(self) -> float:
+        return max(self.per_image)
+
+
+def psnr_summary(a: torch.Tensor, b: torch.Tensor) -> PsnrSummary:
+    """`pooled_psnr(a, b)` with the per-image PSNRs of the same pairs."""
+    return PsnrSummary(pooled_psnr(a, b), tuple(float(v) for v in psnr(a, b)))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

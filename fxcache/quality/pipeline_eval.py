@@ -1,14 +1,20 @@
 """`fxcache eval`: the uncached pipeline and each fxcache method on a user's own diffusers pipeline, same prompts,
-same seeds, side by side.
+same seeds, side by side, each method beside the uncached sampler with fewer steps at its FLOPs.
 
 Every setting runs on its own view of one loaded pipeline (a shallow copy: the same components and config, nothing
 of the weights copied, so a 12B transformer is loaded once) whose transformer is compiled for it: with an fxcache
 backend per method (which hears the pipeline's cond / uncond contexts, as with `fxcache.enable`; every pipeline
-call is one request), with plain `torch.compile` for the uncached row. Timed runs are interleaved over the
-settings. FLOPs come from fxcache's per-call records (the uncached row: the FULL variant's FLOPs times its calls).
-Paired PSNR / SSIM (torchmetrics) are against the uncached images of the same prompt and seed; the CLIP score
-when a local CLIP model folder is given. Uncached with fewer steps at each method's FLOPs is a row too: caching has to
-beat it to be worth it.
+call is one request), with plain `torch.compile` for the uncached rows (under `lowering="eager"`: the
+eager transformer in a wrapper of its own). Each setting is compiled on one call per distinct batch size; then
+every setting, the fewer-steps rows included, runs every prompt x seed `repeats` times, interleaved call by call
+(round-robin, each call starting one setting later), and the first round's images are the ones compared.
+
+FLOPs: a method's from fxcache's per-call records; the uncached rows' counted on the pipeline's own eager
+transformers once per distinct call signature (`CallFlops`) and multiplied by the calls of that signature. Quality:
+the PSNR pooled over the images (`metrics.pooled_psnr`) with the per-image spread, and SSIM, against the uncached
+images of the same prompt and seed; a noise floor (the uncached pipeline on other seeds: what a PSNR between two
+unrelated images of the same prompts is); the CLIP score when a local CLIP model folder is given. Caching has to
+beat taking fewer steps at the same FLOPs to be worth it: `evaluate.verdicts` says, per method, whether it does.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import os
 import statistics
 import time
 import types
@@ -27,8 +34,10 @@ from typing import Callable
 
 import torch
 
-from .evaluate import Row
-from .metrics import psnr, ssim
+from .evaluate import Row, _opt, common_columns, latency_note, markdown_table, paired_fewer_steps, verdicts
+from .metrics import psnr_summary, ssim
+
+NOISE_FLOOR = "uncached, other seeds (noise floor)"
 
 
 @dataclasses.dataclass
@@ -40,28 +49,43 @@ class EvalReport:
     rows: list[Row]
     images: dict[str, torch.Tensor]  # label -> (N, 3, H, W) in [-1, 1]: seed-major, then prompt (then frame)
     frames: int = 1  # frames per video (1: images)
-    compile_gap: float = 0.0  # max |compiled uncached - eager pipeline| over the images: the lowering's own noise
+    compile_gap: float = 0.0  # max |compiled uncached - eager pipeline| on the first call's images
+    flops_passes: int = 0  # FLOP-counter runs the uncached FLOPs took (one per distinct call signature)
+    latency_note: str | None = None  # why the latencies may not be worth quoting (a loaded machine), if they may not
 
     def table(self) -> str:
-        lines = ["| setting | steps | s per run | latency speedup | TFLOPs | FLOPs speedup | PSNR dB | SSIM | CLIP |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        return markdown_table(self.rows, common_columns(self.rows) + [
+            ("SSIM", lambda r: _opt(r.ssim, ".4f")), ("CLIP", lambda r: _opt(r.clip, ".2f"))])
 
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-
-        for r in self.rows:
-            lines.append(f"| {r.label} | {r.steps} | {f(r.seconds, '.3f')} | {f(r.latency_speedup, '.2f')} | "
-                         f"{f(r.flops and r.flops / 1e12, '.3f')} | {f(r.flops_speedup, '.2f')} | "
-                         f"{f(r.psnr, '.2f')} | {f(r.ssim, '.4f')} | {f(r.clip, '.2f')} |")
-        return "\n".join(lines)
+    def verdict_lines(self) -> list[str]:
+        return [v.line() for v in verdicts(self.rows)]
 
     def as_json(self) -> dict:
-        fields = ("label", "kind", "steps", "seconds", "flops", "latency_speedup", "flops_speedup", "psnr", "ssim",
-                  "clip", "equal_steps")
+        fields = ("label", "kind", "steps", "seconds", "seconds_runs", "flops", "latency_speedup", "flops_speedup",
+                  "psnr", "psnr_images", "ssim", "clip", "equal_steps")
+
+        def row(r: Row) -> dict:
+            out = {k: _finite_or_text(getattr(r, k)) for k in fields}
+            paired = paired_fewer_steps(self.rows, r)
+            out["paired_with"] = paired.label if paired is not None else None
+            return out
+
         return dict(pipeline=self.pipeline, prompts=self.prompts, seeds=self.seeds, steps=self.steps,
-                    frames=self.frames, compile_gap=self.compile_gap,
+                    frames=self.frames, compile_gap=self.compile_gap, flops_passes=self.flops_passes,
                     image_order="for each seed, for each prompt: pipe(prompt, generator=manual_seed(seed))",
-                    rows=[{k: getattr(r, k) for k in fields} for r in self.rows])
+                    psnr="pooled over the images: 10 log10(range^2 / mean per-image MSE), range 2 ([-1, 1]); "
+                         "psnr_images per image; 'inf': identical images",
+                    verdicts=self.verdict_lines(), latency_note=self.latency_note,
+                    rows=[row(r) for r in self.rows])
+
+
+def _finite_or_text(v):
+    """JSON has no infinity: +-inf as the strings 'inf' / '-inf' (lists element by element)."""
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_text(x) for x in v]
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
 
 
 def read_prompts(path: str) -> list[str]:
@@ -161,23 +185,29 @@ def default_steps(pipe) -> int | None:
 
 
 def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 50, seeds: list[int] = (0,),
-                      call_args: dict | None = None, repeats: int = 2, lowering: str = "inductor",
-                      fewer_steps: bool = True, clip_model: str | None = None, name: str = "pipeline",
-                      batch_size: int = 1, progress: Callable[[str], None] | None = None) -> EvalReport:
+                      call_args: dict | None = None, repeats: int = 3, lowering: str = "inductor",
+                      fewer_steps: bool = True, noise_floor: bool = True, clip_model: str | None = None,
+                      name: str = "pipeline", batch_size: int = 1, progress: Callable[[str], None] | None = None,
+                      note: Callable[[str], None] | None = None) -> EvalReport:
     """Run the uncached pipeline and each config in `methods` ({label: CacheConfig}) on every prompt x seed.
 
     Image (prompt p, seed s) comes from `pipe(p, generator=torch.Generator().manual_seed(s))` -- a user's own call
     gives it back -- with `batch_size` prompts per pipeline call. A row's seconds are whole pipeline calls (text
-    encoding, denoising loop, decoding), summed over the run. Every transformer component (`transformer`,
-    `transformer_2`) is cached; the uncached FLOPs are counted on one eager run of the pipeline's own transformers.
+    encoding, denoising loop, decoding) summed over one round of every prompt x seed: the median and every round
+    are kept. Every transformer component (`transformer`, `transformer_2`) is cached. `progress(message)` is told
+    as each stage starts; `note(line)` hears the time estimates and what the user should know about the run.
     """
     import fxcache
 
-    from ..passes.propagate_shapes import ensure_cpu_attention_flops, flop_counter
+    from ..passes.propagate_shapes import CallFlops
     from ..pipelines import context_names, transformer_components
     from ..runtime.attach import attach, detach
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (the first round gives the images), got {repeats}")
     say = progress or (lambda m: None)
+    tell = note or (lambda m: None)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before our own work adds to it
     call_args = dict(call_args or {})
     check_call_args(pipe, call_args)
     scorer = _clip_scorer(clip_model) if clip_model else None  # a folder that is not CLIP fails before sampling
@@ -186,13 +216,15 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
         raise ValueError(f"{type(pipe).__name__} has no transformer component: fxcache caches diffusion transformers")
     modules = {n: getattr(pipe, n) for n in names}
     branches = len(context_names(pipe)) or 3  # as fxcache.enable counts them
+    seeds = list(seeds)
     settings, backends = {}, {}
     for label, config in {"uncached": None, **methods}.items():
         view = copy.copy(pipe)  # the same components and config; its own attributes (the transformers we set)
         view.set_progress_bar_config(disable=True)
         for n, module in modules.items():
-            if config is None:
-                compiled = torch.compile(module, dynamic=False) if lowering != "eager" else module
+            if config is None:  # a wrapper of its own even when eager (Dynamo disabled): the FLOP counter hooks it
+                compiled = (torch._dynamo.disable(module) if lowering == "eager"
+                            else torch.compile(module, dynamic=False))
             else:
                 backend = fxcache.cache_backend(config, lowering=lowering, max_branches=branches)
                 backends.setdefault(label, []).append(backend)
@@ -200,96 +232,137 @@ def evaluate_pipeline(pipe, prompts: list[str], methods: dict, *, steps: int = 5
                 compiled = torch.compile(module, backend=backend, dynamic=False)
             setattr(view, n, compiled)
         settings[label] = view
+    counter = CallFlops()
+    for n in names:
+        counter.watch(getattr(settings["uncached"], n), modules[n])
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    items = [(seed, chunk) for seed in seeds for chunk in chunks]  # the image order: seed-major, then prompt
 
-    def generate(label: str | None, n_steps: int) -> torch.Tensor:
-        """Every image of the run with setting `label` (None: the pipeline itself, eager and uncached)."""
+    def call(label: str | None, n_steps: int, seed: int, chunk: list[str]) -> torch.Tensor:
+        """The images of one pipeline call with setting `label` (None: the pipeline itself, eager, uncached)."""
         view = pipe if label is None else settings[label]
         cached = [getattr(view, n) for n in names] if label in backends else None
-        out = []
-        for seed in seeds:
-            for chunk in chunks:
-                gen = [torch.Generator().manual_seed(seed) for _ in chunk]
-                with fxcache.request(*cached) if cached else contextlib.nullcontext():
-                    result = view(list(chunk), num_inference_steps=n_steps, generator=gen, output_type="pt",
-                                  **call_args)
-                out.append(_as_images(result))
-        return torch.cat(out)
+        gen = [torch.Generator().manual_seed(seed) for _ in chunk]
+        with fxcache.request(*cached) if cached else contextlib.nullcontext():
+            result = view(list(chunk), num_inference_steps=n_steps, generator=gen, output_type="pt", **call_args)
+        return _as_images(result)
 
-    # the uncached FLOPs: the pipeline's own (eager) transformers, counted call by call on one run of every image
-    ensure_cpu_attention_flops()
-    counted = [0]
+    def records(label: str) -> int:
+        return sum(len(b.stats()) for b in backends.get(label, []))
 
-    def enter(module, args, kwargs):
-        module.__dict__["_fxcache_flops"] = flop_counter()
-        module.__dict__["_fxcache_flops"].__enter__()
+    def method_flops(label: str, since: list[int]) -> float | None:
+        recs = [r for b, k in zip(backends[label], since) for r in b.stats()[k:]]
+        return sum(r["flops"] for r in recs) if recs and all(r["flops"] is not None for r in recs) else None
 
-    def leave(module, args, kwargs, output):
-        counter = module.__dict__.pop("_fxcache_flops")
-        counter.__exit__(None, None, None)
-        counted[0] += counter.get_total_flops()
-
-    say("uncached FLOPs (one eager run)")
-    hooks = [h for m in modules.values() for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
-                                                   m.register_forward_hook(leave, with_kwargs=True))]
-    try:
-        eager_images = generate(None, steps)
-    finally:
-        for h in hooks:
-            h.remove()
-    images, flops = {}, {"uncached": counted[0] or None}
+    # 1. compile: every setting on one call per distinct batch size (a new shape is a new graph)
+    warm = list({len(chunk): (seeds[0], chunk) for chunk in reversed(chunks)}.values())[::-1]
+    warm_flops = {}
+    eager_first = None
     for label in settings:
-        say(f"warm-up {label} (compile + first run)")
-        before = [len(b.stats()) for b in backends.get(label, [])]
-        images[label] = generate(label, steps)
-        if label in backends:
-            recs = [r for b, k in zip(backends[label], before) for r in b.stats()[k:]]
-            flops[label] = sum(r["flops"] for r in recs) if recs and all(r["flops"] is not None for r in recs) \
-                else None
-    equal = {k: max(1, round(steps * f / flops["uncached"])) for k, f in flops.items()
-             if k != "uncached" and f and flops["uncached"]}
-    fewer = sorted({s for s in equal.values() if s < steps}) if fewer_steps else []
-    for s in fewer:
-        say(f"fewer steps: uncached with {s} steps")
-        images[f"uncached, {s} steps (equal compute)"] = generate("uncached", s)
-    runs = [(label, label, steps) for label in settings]
-    runs += [(f"uncached, {s} steps (equal compute)", "uncached", s) for s in fewer]
-    seconds = {row: [] for row, _, _ in runs}
-    for r in range(repeats):
-        for row, label, s in runs:
-            say(f"timed run {r + 1}/{repeats}: {row}")
+        say(f"compile {label} (first call{'s' if len(warm) > 1 else ''})")
+        counter.key = "warm-up"
+        since = [len(b.stats()) for b in backends.get(label, [])]
+        t0 = time.perf_counter()
+        for seed, chunk in warm:
+            call(label, steps, seed, chunk)
+        if label == "uncached":
+            t_compile = time.perf_counter() - t0
+            warm_flops[label] = counter.flops("warm-up")
+            say("the eager pipeline (first call, for the compile gap)")
             t0 = time.perf_counter()
-            generate(label, s)
-            seconds[row].append(time.perf_counter() - t0)
+            eager_first = call(None, steps, *items[0])
+            t_call = time.perf_counter() - t0
+            rest = len(methods) * t_compile + repeats * len(items) * t_call * (1 + 2 * len(methods)) \
+                + (len(items) * t_call if noise_floor else 0)
+            tell(f"estimate: up to about {_duration(rest)} more (each method's compile taken as long as uncached's "
+                 f"{t_compile:.0f} s, every timed call as long as an eager uncached one, {t_call:.1f} s; a closer "
+                 "estimate follows the compiles)")
+        else:
+            warm_flops[label] = method_flops(label, since)
+    base_warm = warm_flops["uncached"]
+    equal = {k: max(1, round(steps * f / base_warm)) for k, f in warm_flops.items()
+             if k != "uncached" and f and base_warm}
+    fewer = sorted({s for s in equal.values() if s < steps}) if fewer_steps else []
+
+    # 2. every setting on every prompt x seed, `repeats` rounds, interleaved call by call
+    runs = [(label, label, steps) for label in settings] + [(fewer_label(s), "uncached", s) for s in fewer]
+    images = {row: [] for row, _, _ in runs}
+    seconds = {row: [0.0] * repeats for row, _, _ in runs}
+    since = {label: [len(b.stats()) for b in bs] for label, bs in backends.items()}
+    t_rounds = time.perf_counter()
+    for r in range(repeats):
+        for i, (seed, chunk) in enumerate(items):
+            k = (r * len(items) + i) % len(runs)  # each call starts one setting later than the one before
+            for row, label, s in runs[k:] + runs[:k]:
+                say(f"round {r + 1}/{repeats}, call {i + 1}/{len(items)}: {row}")
+                counter.key = row
+                t0 = time.perf_counter()
+                out = call(label, s, seed, chunk)
+                seconds[row][r] += time.perf_counter() - t0
+                if r == 0:
+                    images[row].append(out)
+            if r == 0 and i == 0 and (repeats > 1 or len(items) > 1):
+                per_item = time.perf_counter() - t_rounds
+                left = per_item * (repeats * len(items) - 1) + (len(items) * seconds["uncached"][0]
+                                                               if noise_floor else 0)
+                tell(f"estimate: about {_duration(left)} more ({repeats} rounds of {len(items)} calls of "
+                     f"{len(runs)} settings; the first took {per_item:.1f} s)")
+        if r == 0:
+            counter.close()  # every row's calls are tallied; later rounds run without the hook
+            flops = {row: counter.flops(row) or None for row, label, _ in runs if label == "uncached"}
+            flops.update({label: method_flops(label, since[label]) for label in backends})
+    images = {row: torch.cat(v) for row, v in images.items()}
+
+    # 3. the noise floor: the uncached pipeline on other seeds
+    if noise_floor:
+        say("noise floor: uncached, other seeds")
+        offset = max(1000, max(seeds) + 1)
+        images[NOISE_FLOOR] = torch.cat([call("uncached", steps, seed + offset, chunk) for seed, chunk in items])
+
     base_s = statistics.median(seconds["uncached"])
     captions = [p for _ in seeds for p in prompts]
 
     def judge(row: Row, imgs: torch.Tensor) -> Row:
         if row.kind != "uncached":
-            base = images["uncached"]
-            row.psnr = float(psnr(imgs, base).clamp_max(100).mean())
-            row.ssim = float(ssim(imgs, base).mean())
+            summary = psnr_summary(imgs, images["uncached"])
+            row.psnr, row.psnr_images = summary.pooled, summary.per_image
+            row.ssim = float(ssim(imgs, images["uncached"]).mean())
         if scorer is not None:
             per = imgs.shape[0] // len(captions)  # frames per video (1 for images)
             row.clip = scorer(imgs, [c for c in captions for _ in range(per)])
         return row
 
+    say("metrics")
     rows = []
+    base_f = flops["uncached"]
     for row_name, label, s in runs:
         med = statistics.median(seconds[row_name])
         kind = "uncached" if row_name == "uncached" else "fewer steps" if label == "uncached" else "method"
-        f = flops.get(row_name) if kind == "method" else (flops["uncached"] * s / steps if flops["uncached"]
-                                                           else None)
-        row = Row(row_name, kind, s, med, f, base_s / med, flops["uncached"] / f if f and flops["uncached"] else None)
+        f = flops.get(row_name)
+        row = Row(row_name, kind, s, med, f, base_s / med, base_f / f if f and base_f else None,
+                  seconds_runs=list(seconds[row_name]))
         row.equal_steps = equal.get(row_name)
         rows.append(judge(row, images[row_name]))
+    if noise_floor:
+        rows.append(judge(Row(NOISE_FLOOR, "noise floor", steps), images[NOISE_FLOOR]))
     for label, bs in backends.items():
         for n, b in zip(names, bs):
             b.reset()
             detach(modules[n], b)
-    frames = eager_images.shape[0] // len(captions)
-    return EvalReport(name, list(prompts), list(seeds), steps, rows, images, frames=frames,
-                      compile_gap=float((images["uncached"] - eager_images).abs().max()))
+    frames = images["uncached"].shape[0] // len(captions)
+    first = images["uncached"][:eager_first.shape[0]]
+    return EvalReport(name, list(prompts), seeds, steps, rows, images, frames=frames,
+                      compile_gap=float((first - eager_first).abs().max()), flops_passes=counter.passes,
+                      latency_note=latency_note(rows, load, os.cpu_count()))
+
+
+def fewer_label(steps: int) -> str:
+    """The label of the uncached row with fewer steps."""
+    return f"uncached, {steps} steps (equal compute)"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _as_images(result) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcache.quality.metrics import feature_stats, frechet_distance, psnr, rel_l2, ssim
+from fxcache.quality.metrics import feature_stats, frechet_distance, pooled_psnr, psnr, psnr_summary, rel_l2, ssim
 from fxcache.quality.reference import build, load, pack, save, unpack
 from fxcache.quality.sampling import sample
 
@@ -23,6 +23,21 @@ def test_psnr_of_a_known_error():
     b = a + 0.2  # mse 0.04, data range 2: 10 log10(4 / 0.04) = 20 dB
     assert psnr(b, a).item() == pytest.approx(20.0)
     assert math.isinf(psnr(a, a).item())
+
+
+def test_pooled_psnr_is_from_the_mean_mse_not_the_mean_of_per_image_psnrs():
+    a = torch.zeros(3, 1, 8, 8)
+    b = a.clone()
+    b[0] += 0.2  # MSE 0.04: 20 dB
+    b[1] += 0.02  # MSE 0.0004: 40 dB; b[2] is identical (+inf)
+    pooled = 10 * math.log10(4 / ((0.04 + 0.0004 + 0.0) / 3))  # 24.73 dB
+    summary = psnr_summary(b, a)
+    assert summary.pooled == pytest.approx(pooled, abs=1e-4) and pooled_psnr(b, a) == summary.pooled
+    assert summary.per_image[:2] == pytest.approx((20.0, 40.0)) and math.isinf(summary.per_image[2])
+    assert (summary.low, summary.high) == (summary.per_image[0], math.inf)
+    assert math.isinf(pooled_psnr(a, a))
+    # one near-identical image does not hide a bad one: the mean of per-image PSNRs (clipped at 100) says 53 dB
+    assert float(psnr(b, a).clamp_max(100).mean()) > 50 > summary.pooled
 
 
 @settings(max_examples=15)

@@ -56,6 +56,8 @@ def main(argv=None) -> None:
                    help="scenes: location of the logit-normal timestep density (>0: more weight on noisy steps)")
     p.add_argument("--t-layout", type=float, default=0.0,
                    help="scenes: fraction of samples with t uniform in [0.8, 1], where the prompt decides the layout")
+    p.add_argument("--architecture", default="h32", choices=("h32", "h64"),
+                   help="scenes, fresh runs: the transformer's heads and rotary dimensions (fxcache.quality.t2i)")
     p.add_argument("--check-every", type=int, default=0,
                    help="scenes: draw the 20 benchmark prompts and log the exact prompt checks every N steps")
     p.add_argument("--save-only", action="store_true",
@@ -122,13 +124,13 @@ def train_scenes_cmd(args) -> None:
         steps = state["step"]
     comps = train_scenes(args.work, steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
                          ema=args.ema, seed=args.seed, schedule=args.schedule, t_mean=args.t_mean,
-                         t_layout=args.t_layout, init=args.init,
+                         t_layout=args.t_layout, init=args.init, architecture=args.architecture,
                          check_every=0 if args.save_only else args.check_every, log=log)
     with open(os.path.join(args.work, "curve.json")) as f:
         curve = json.load(f)
     meta = dict(family="scenes", steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
                 ema=args.ema, seed=args.seed, threads=args.threads, torch=torch.__version__,
-                schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout,
+                schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout, architecture=args.architecture,
                          init=args.init, previous=previous,
                 train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
                 call_args=t2i.CALL_ARGS)

@@ -34,6 +34,12 @@ CALL_ARGS = dict(height=scenes.SIZE, width=scenes.SIZE, max_sequence_length=TEXT
 TRANSFORMER = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=4,
                    attention_head_dim=32, num_attention_heads=4, joint_attention_dim=TEXT_DIM,
                    pooled_projection_dim=TEXT_DIM, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+#: Transformer shapes a training run can choose (same width, parameters and FLOPs). An image token learns where it
+#: is only from its rotary angles against the text tokens (all at position 0), so the rotary dimensions per image
+#: axis bound how well a prompt word can say "left" or "top": "h32" has 12 (6 frequencies, 2 of them useful over
+#: 16 positions), "h64" has 28 (14 frequencies, several slow enough to be monotone across the image, as FLUX's 56).
+ARCHITECTURES = {"h32": TRANSFORMER,
+                 "h64": dict(TRANSFORMER, attention_head_dim=64, num_attention_heads=2, axes_dims_rope=(8, 28, 28))}
 
 
 def _clip_tokenizer():
@@ -67,8 +73,10 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_TOKENS)
 
 
-def build_components(seed: int = 0) -> dict:
+def build_components(seed: int = 0, architecture: str = "h32") -> dict:
     """Fresh (untrained) components of the reference pipeline, keyed as `FluxPipeline` takes them."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -87,7 +95,7 @@ def build_components(seed: int = 0) -> dict:
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(16,), layers_per_block=1,
                         latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=scenes.SIZE,
                         mid_block_add_attention=False, scaling_factor=1.0, shift_factor=0.0)
-    transformer = FluxTransformer2DModel(**TRANSFORMER)
+    transformer = FluxTransformer2DModel(**ARCHITECTURES[architecture])
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return dict(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
                 tokenizer_2=tok2, transformer=transformer)

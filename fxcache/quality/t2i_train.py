@@ -51,6 +51,10 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch: int = 32, lr: flo
     return curve
 
 
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _parameters(c: dict) -> list[torch.nn.Parameter]:
     return [p for k in ("transformer", "text_encoder", "text_encoder_2") for p in c[k].parameters()]
 
@@ -74,13 +78,38 @@ def check_prompts(components: dict, n: int = 20, steps: int = 50) -> dict[str, f
     picked = [scenes.parse(c) for c in caps]
     result = scenes.adherence(images, picked)
     result["blank"] = sum(scenes.detect(im)["count"] == 0 for im in images) / n
+    result.update(word_effects(components))
     return result
+
+
+def word_effects(components: dict, samples: int = 8) -> dict[str, float]:
+    """How much the transformer's prediction from pure noise (t = 1, where the prompt alone decides the layout)
+    changes when one prompt word changes, relative to its size: "left" vs "right" (position) and "red" vs "blue"
+    (colour). A position effect far below the colour effect means the model ignores where it is asked to draw,
+    long before the prompt checks can show it."""
+    from diffusers import FluxPipeline
+
+    pipe = t2i.make_pipeline(components)
+    caps = [f"{scenes.PREFIX} one red square on the left", f"{scenes.PREFIX} one red square on the right",
+            f"{scenes.PREFIX} one blue square on the left"]
+    side = scenes.SIZE // 2
+    img_ids = FluxPipeline._prepare_latent_image_ids(None, side, side, "cpu", torch.float32)
+    noise = torch.randn(samples, side * side, 4 * t2i.LATENT_CHANNELS, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        seq, pooled = t2i.encode(pipe, *t2i.token_ids(pipe, caps))
+        out = [pipe.transformer(hidden_states=noise, timestep=torch.ones(samples), img_ids=img_ids,
+                                txt_ids=torch.zeros(t2i.TEXT_TOKENS, 3), return_dict=False,
+                                encoder_hidden_states=seq[i:i + 1].expand(samples, -1, -1),
+                                pooled_projections=pooled[i:i + 1].expand(samples, -1))[0] for i in range(3)]
+    size = float(out[0].norm())
+    return {"position effect": float((out[0] - out[1]).norm()) / size,
+            "colour effect": float((out[0] - out[2]).norm()) / size}
 
 
 def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32, lr: float = 5e-4,
                  warmup: int = 200, ema: float = 0.999, caption_dropout: float = 0.1, data: int = 30000,
                  seed: int = 0, save_every: int = 100, schedule: str = "cosine", t_mean: float = 0.0,
-                 t_layout: float = 0.0, init: str | None = None, check_every: int = 0,
+                 t_layout: float = 0.0, init: str | None = None, check_every: int = 0, architecture: str = "h32",
                  log: Callable[[str], None] = print) -> dict:
     """Train (or resume) the reference in `out`; returns the EMA components. The loss curve goes to
     <out>/curve.json ([step, loss] pairs, 100-step means), the prompt checks to its "checks" list.
@@ -91,29 +120,37 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
     uniformly from the top LAYOUT_RANGE of noise levels, the only ones where the prompt alone decides the layout
     (count and position): at t below about 0.9 the noisy image already shows where the shapes are, so the
     logit-normal density alone gives the position words almost no gradient. `init`: a pipeline
-    folder to start from instead of fresh weights (its autoencoder is kept; ignored when resuming)."""
+    folder to start from instead of fresh weights (its autoencoder is kept; ignored when resuming).
+    `architecture`: a key of `t2i.ARCHITECTURES` (fresh runs; from an `init` of another architecture only its
+    autoencoder and text encoders are taken)."""
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
     from diffusers import FluxPipeline
 
     os.makedirs(out, exist_ok=True)
     state_path = os.path.join(out, "train_state.pt")
-    comps = t2i.build_components(seed)
+    state = torch.load(state_path, weights_only=False) if os.path.exists(state_path) else None
+    if state is not None:
+        architecture = state.get("architecture", "h32")
+    comps = t2i.build_components(seed, architecture)
     pipe = t2i.make_pipeline(comps)
     images, picked = scenes.dataset(data, seed)
     captions = [s.caption() for s in scenes.all_scenes()] + [""]  # the last one: the empty (CFG) prompt
     index = {c: i for i, c in enumerate(captions)}
     labels = torch.tensor([index[s.caption()] for s in picked])
     clip_ids, t5_ids = t2i.token_ids(pipe, captions)
-    state = torch.load(state_path, weights_only=False) if os.path.exists(state_path) else None
     if state is None and init is not None:
         start_from = t2i.load_pipeline(init)
-        for k in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        mine, theirs = comps["transformer"].config, start_from.transformer.config
+        same = all(_plain(theirs.get(k)) == _plain(mine[k]) for k in t2i.TRANSFORMER)
+        taken = ("transformer", "text_encoder", "text_encoder_2", "vae") if same else ("text_encoder", "text_encoder_2",
+                                                                                      "vae")
+        for k in taken:
             comps[k].load_state_dict(getattr(start_from, k).float().state_dict())
         factors = start_from.vae.config
         comps["vae"].register_to_config(shift_factor=factors.shift_factor, scaling_factor=factors.scaling_factor)
         vae_curve = []
-        log(f"starting from the pipeline in {init}")
+        log(f"starting from the pipeline in {init}: its {', '.join(taken)}")
     elif state is None:
         log(f"training the autoencoder ({vae_steps} steps)")
         vae_curve = train_vae(comps["vae"], images, steps=vae_steps, seed=seed, log=log)
@@ -153,7 +190,8 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
 
     def save_state(step):
         with replacing(state_path) as f:
-            torch.save(dict(step=step, curve=curve, checks=checks, seconds=time.perf_counter() - t0, rng=g.get_state(),
+            torch.save(dict(step=step, architecture=architecture, curve=curve, checks=checks,
+                            seconds=time.perf_counter() - t0, rng=g.get_state(),
                             model={k: comps[k].state_dict() for k in ema_comps},
                             ema={k: ema_comps[k].state_dict() for k in ema_comps},
                             opt=opt.state_dict(), sched=sched.state_dict(), vae=vae.state_dict(),
@@ -196,7 +234,7 @@ def train_scenes(out: str, *, steps: int, vae_steps: int = 1500, batch: int = 32
             result = check_prompts({**comps, **ema_comps})
             checks.append((step + 1, result))
             log(f"step {step + 1}: prompt checks (EMA, 20 prompts) " +
-                ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+                ", ".join(f"{k} {v:.2f}" if "effect" not in k else f"{k} {v:.4f}" for k, v in result.items()))
         if (step + 1) % save_every == 0 or step + 1 == steps:
             save_state(step + 1)
     write_json(os.path.join(out, "curve.json"),

@@ -70,8 +70,9 @@ def enable(pipe, method_or_config: str | CacheConfig | None = None, *, component
         lowering: the backend's lowering (default "inductor"); mode, options: torch.compile's (e.g.
             mode="reduce-overhead" for CUDA graphs, options={...} Inductor settings), passed to the lowering.
         max_branches: CFG branches per request (default: the pipeline's cache-context names, else 3).
-        max_shapes: input shapes (resolution x batch size) Dynamo may compile per transformer: its recompile limit
-            is raised to it (and the accumulated limit to 8x), in every thread that calls the pipeline.
+        max_shapes: input shapes (resolution x batch size) Dynamo may compile at least, per transformer: its
+            recompile limit is raised to it (and the accumulated limit to 8x), in every thread that calls the
+            pipeline; a higher limit already set is kept (a minimum, not a cap).
     A pipeline whose transformer another enabled pipeline shares (`from_pipe`, or made from its `components`,
     before or after that pipeline was enabled) gets that compiled transformer: one compile and backend, each
     call a request of its own; settings other than those it was compiled with are refused.
@@ -198,15 +199,18 @@ def _raise_limits(backends, max_shapes: int) -> None:
 
 
 def disable(pipe) -> None:
-    """Undo `enable`: the modules the pipeline held before, the pipeline's own class, caches freed. A transformer
-    another enabled pipeline still shares stays compiled for it."""
+    """Undo `enable`: the modules the pipeline held before (the plain transformer also for a pipeline made after
+    another's `enable`, which held the compiled one), the pipeline's own class, caches freed. A transformer another
+    enabled pipeline still shares stays compiled for it."""
     state = pipe.__dict__.pop("_fxcache", None) if isinstance(getattr(pipe, "__dict__", None), dict) else None
     if state is None:
         raise ConfigError(f"fxcache is not enabled on this {type(pipe).__name__}")
     pipe.__class__ = state["class"]
-    for name, module in state["originals"].items():
-        setattr(pipe, name, module)
     entry = state["entry"]
+    for name, module in state["originals"].items():
+        if entry.ours and module is entry.wrapper(name):  # made after enable: it held enable's compiled module
+            module = getattr(module, "_orig_mod", module)
+        setattr(pipe, name, module)
     entry.users.discard(pipe)
     if len(entry.users) or not entry.ours:
         return

@@ -19,14 +19,29 @@ class Record(dict):
             where = f"{self['component']} {where}"
         what = [str(self.get("kind"))] if self.get("cached", True) else ["uncached"]
         if self.get("tokens") is not None:
-            what.append(f"{self['tokens']} tokens")
+            what.append(f"{self['tokens']} token{'' if self['tokens'] == 1 else 's'}")
         if self.get("flops") is not None:
-            what.append(f"{self['flops'] / 1e6:.3g} MFLOPs")
+            what.append(_flops(self["flops"]))
         if isinstance(self.get("t"), (int, float)):
             what.append(f"t={self['t']:.4g}")
         if self.get("cache_bytes"):
-            what.append(f"{self['cache_bytes'] / 2**10:.1f} KiB cached")
+            what.append(f"{_bytes(self['cache_bytes'])} cached")
         return f"<{where}, graph {self.get('graph')}: {', '.join(what)}>"
+
+
+def _flops(n: float) -> str:
+    """FLOPs in the unit that fits them (FLUX-size calls read in TFLOPs, tiny test models in MFLOPs)."""
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1e3:.3g} kFLOPs"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def records(source) -> list[Record]:

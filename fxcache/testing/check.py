@@ -75,7 +75,12 @@ class CheckReport:
         return f"OK ({counts})"
 
     def __str__(self) -> str:
-        return "\n".join([*map(str, self.checks), self.summary()])
+        return "\n".join([*map(str, self.checks), LOWERING_NOTE, self.summary()])
+
+
+#: what the checks run: the rewritten graphs themselves, which Inductor (or another lowering) then compiles
+LOWERING_NOTE = ("(the cached variants run with the eager lowering: the rewritten graphs fxcache hands to Inductor, "
+                 "checked before Inductor compiles them)")
 
 
 def _first_tensor(out) -> torch.Tensor:

@@ -104,7 +104,12 @@ def test_a_pipeline_made_after_enable_shares_it_until_the_last_is_disabled(made,
     if second is q:
         assert close(refined, fresh_img2img(image)[0])
     fxcache.disable(second)
-    assert pipe.transformer is plain and q.transformer is compiled and backends_of(plain) == []
+    assert compiled is not plain
+    assert pipe.transformer is plain and q.transformer is plain and backends_of(plain) == []
+    calls = len(fxcache.stats(compiled))
+    with torch.no_grad():
+        img2img(q, image)
+    assert len(fxcache.stats(compiled)) == calls, "a disabled pipeline runs the plain module: nothing cached"
 
 
 @pytest.mark.parametrize("made", ["before", "after"])
@@ -246,3 +251,14 @@ def test_stats_records_print_short_and_keep_their_fields():
                             "request", "cache_bytes"}
     assert isinstance(last[0], dict) and isinstance(last[0]["plan"], StepPlan) and last == backend.stats()[-3:]
     assert "StepPlan" not in text and "StepPlan" in repr(dict(last[0]))
+
+
+def test_a_record_prints_flops_and_bytes_in_units_that_fit():
+    from fxcache.runtime.records import Record
+
+    big = repr(Record(request=1, step=2, branch=0, graph=0, kind="partial", tokens=1, flops=2.3e13, t=0.5,
+                      cache_bytes=3 * 2**20))
+    small = repr(Record(request=1, step=2, branch=0, graph=0, kind="reuse", tokens=0, flops=2.3e5, t=0.5,
+                        cache_bytes=3000))
+    assert "1 token," in big and "23 TFLOPs" in big and "3.0 MiB cached" in big, big
+    assert "0 tokens" in small and "230 kFLOPs" in small and "2.9 KiB cached" in small, small

@@ -564,8 +564,9 @@ def test_a_pipeline_made_from_an_enabled_one_can_be_enabled_and_marked():
     assert fxcache.enable(i2i, "fora") is backend  # shares the compiled transformer: adds request boundaries
     with fxcache.request(i2i) as req:
         assert req.serves(backend.scope)
-    fxcache.disable(i2i)
-    assert fxcache.stats(pipe) == [] and pipe.transformer is i2i.transformer
+    fxcache.disable(i2i)  # i2i gets the plain transformer back; pipe, still enabled, keeps the compiled one
+    assert fxcache.stats(pipe) == [] and pipe.transformer._orig_mod is i2i.transformer
+    assert fxcache.pipelines.backends(pipe) == (backend,)
 
 
 def test_in_place_compile_has_stats_and_reset():

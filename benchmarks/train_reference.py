@@ -131,9 +131,14 @@ def train_scenes_cmd(args) -> None:
     meta = dict(family="scenes", steps=steps, vae_steps=args.vae_steps, batch=args.batch, lr=args.lr,
                 ema=args.ema, seed=args.seed, threads=args.threads, torch=torch.__version__,
                 schedule=args.schedule, t_mean=args.t_mean, t_layout=args.t_layout, architecture=args.architecture,
-                         init=args.init, previous=previous,
+                init=args.init, previous=previous,
                 train_seconds=curve["seconds"], objective="rectified flow (v = noise - x0)",
                 call_args=t2i.CALL_ARGS)
+    if args.save_only:  # the run's settings are its commands in train.log, not this command's defaults
+        meta = dict(family="scenes", steps=steps, architecture=comps["transformer"].config.attention_head_dim,
+                    previous=previous, train_seconds=curve["seconds"], objective=meta["objective"],
+                    call_args=t2i.CALL_ARGS, settings="the commands in train.log")
+        meta["architecture"] = {64: "h64", 32: "h32"}.get(meta["architecture"], meta["architecture"])
     t2i.save_pipeline(comps, out, meta)
     with open(os.path.join(out, "curve.json"), "w") as f:
         json.dump(curve, f)

@@ -16,13 +16,14 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from .. import cache_backend, stats
 from ..config import CacheConfig
 from ..passes.propagate_shapes import eager_flops
+from ..runtime.records import flops_unit
 from .files import save_figure
 from .metrics import psnr_summary, rel_l2, ssim
 from .peers import Peer, PeerModel
@@ -54,15 +55,6 @@ class Row:
 
 #: pooled PSNR gaps within this many dB always count as a tie (more when the per-image differences are noisier)
 TIE_DB = 0.25
-
-
-def flops_unit(values: Iterable[float | None]) -> tuple[float, str]:
-    """(scale, name) of the unit that shows the largest of `values` as 1 to 999: FLOPs, kFLOPs ... PFLOPs."""
-    top = max((v for v in values if v), default=0.0)
-    for scale, name in ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs")):
-        if top >= scale:
-            return scale, name
-    return 1.0, "FLOPs"
 
 
 def three_digits(v: float) -> str:

@@ -29,12 +29,19 @@ class Record(dict):
         return f"<{where}, graph {self.get('graph')}: {', '.join(what)}>"
 
 
+def flops_unit(values) -> tuple[float, str]:
+    """(scale, name) of the unit that shows the largest of `values` as 1 to 999: FLOPs, kFLOPs ... PFLOPs."""
+    top = max((v for v in values if v), default=0.0)
+    for scale, name in ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs")):
+        if top >= scale:
+            return scale, name
+    return 1.0, "FLOPs"
+
+
 def _flops(n: float) -> str:
     """FLOPs in the unit that fits them (FLUX-size calls read in TFLOPs, tiny test models in MFLOPs)."""
-    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n / 1e3:.3g} kFLOPs"
+    scale, unit = flops_unit([n])
+    return f"{n / scale:.3g} {unit}"
 
 
 def _bytes(n: float) -> str:

@@ -78,18 +78,17 @@ def check_prompts(components: dict, n: int = 20, steps: int = 50) -> dict[str, f
     picked = [scenes.parse(c) for c in caps]
     result = scenes.adherence(images, picked)
     result["blank"] = sum(scenes.detect(im)["count"] == 0 for im in images) / n
-    result.update(word_effects(components))
+    result.update(word_effects(pipe))
     return result
 
 
-def word_effects(components: dict, samples: int = 8) -> dict[str, float]:
+def word_effects(pipe, samples: int = 8) -> dict[str, float]:
     """How much the transformer's prediction from pure noise (t = 1, where the prompt alone decides the layout)
     changes when one prompt word changes, relative to its size: "left" vs "right" (position) and "red" vs "blue"
     (colour). A position effect far below the colour effect means the model ignores where it is asked to draw,
     long before the prompt checks can show it."""
     from diffusers import FluxPipeline
 
-    pipe = t2i.make_pipeline(components)
     caps = [f"{scenes.PREFIX} one red square on the left", f"{scenes.PREFIX} one red square on the right",
             f"{scenes.PREFIX} one blue square on the left"]
     side = scenes.SIZE // 2

@@ -25,6 +25,8 @@ class StepKind(str, enum.Enum):
     SKIP = "skip"  # no block: cached head input + current timestep (DuCa aggressive)
     FORECAST = "forecast"  # every unit from its Taylor expansion around the last FULL step (TaylorSeer)
     CLUSTER = "cluster"  # forecast, plus one token per cluster recomputed and propagated (ClusCa)
+    RESIDUAL = "residual"  # some blocks replaced by the residual they added at the last computed step (FBCache,
+    #                        DBCache, TeaCache, MagCache)
 
     def __str__(self) -> str:
         return self.value

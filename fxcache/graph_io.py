@@ -32,11 +32,18 @@ class Role(enum.Enum):
     WARM = "warm"  # per step: 1.0 when the branch has centroids for k-means to start from, (1,)
     TAYLOR_DIFF = "diff"  # FULL steps: 1/d per Taylor order, (m,)
     TAYLOR_COEF = "coef"  # forecast steps: delta^i / i!, (m + 1,)
+    CARRY = "carry"  # a value the probe of a run-time decision computed and its tail reads (one call)
+    SIGNAL = "signal"  # written by a probe: what the decision reads on the host (one call; never a tail input)
 
     @property
     def persistent(self) -> bool:
         """Kept per CFG branch from step to step (a cache entry), as opposed to made for one step."""
         return self.value in _PERSISTENT
+
+    @property
+    def passed(self) -> bool:
+        """A probe's output used within the call (carried to the tail, or read as the signal), never kept."""
+        return self.value in _PASSED
 
     @property
     def drawn(self) -> bool:
@@ -45,6 +52,8 @@ class Role(enum.Enum):
 
 
 _PERSISTENT = frozenset({"cache", "state", "buffer"})
+#: outputs a runner hands on within the call instead of keeping (a probe's)
+_PASSED = frozenset({"carry", "signal"})
 _DRAWN = frozenset({"idx", "rand"})
 
 
@@ -65,11 +74,16 @@ class Slot(enum.Enum):
     WARM = "warm"  # ClusCa: whether centroids exist
     TAYLOR_DIFF = "taylor_diff"
     TAYLOR_COEF = "taylor_coef"
+    RESIDUAL = "residual"  # stream `output` after blocks `unit` ("a:b") minus the stream before them
+    REFERENCE = "reference"  # what a run-time signal compares the call with (a residual, an indicator)
+    CARRY = "carry"  # value `output` a probe carries to its tail (`unit` names a special one)
+    SIGNAL = "signal"  # a probe's signal
 
 
 _BY_UNIT = (Slot.UNIT, Slot.TAYLOR, Slot.SCORE, Slot.STALE, Slot.SCORE_DRAW)
 _BY_STREAM = (Slot.INDICES, Slot.MEMBER_DRAW, Slot.KMEANS_INIT, Slot.LABELS, Slot.CENTROIDS)
-_OUTPUT = (Slot.UNIT, Slot.FINAL, Slot.TAYLOR)
+_OUTPUT = (Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.RESIDUAL, Slot.CARRY)
+_NAMED = (Slot.RESIDUAL, Slot.REFERENCE, Slot.CARRY)  # slots whose `unit` may hold a name that is not a module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +123,23 @@ class Key:
         return Key.unit_output(self.unit, self.output) if self.slot is Slot.TAYLOR else self
 
     @classmethod
+    def residual(cls, stream: int, start: int, end: int) -> "Key":
+        """Stream `stream` of the cut after blocks [start, end) minus its value before them."""
+        return cls(Slot.RESIDUAL, unit=f"{start}:{end}", output=stream)
+
+    @classmethod
+    def reference(cls, what: str) -> "Key":
+        return cls(Slot.REFERENCE, unit=what)
+
+    @classmethod
+    def carry(cls, index: int, what: str = "") -> "Key":
+        return cls(Slot.CARRY, unit=what, output=index)
+
+    @classmethod
+    def signal(cls) -> "Key":
+        return cls(Slot.SIGNAL)
+
+    @classmethod
     def score(cls, unit: str) -> "Key":
         return cls(Slot.SCORE, unit=unit)
 
@@ -142,6 +173,14 @@ class Key:
             return f"final:{self.output}"
         if s is Slot.TAYLOR:
             return f"taylor{self.order}:{self.unit}:{self.output}"
+        if s is Slot.RESIDUAL:
+            return f"residual{self.unit}:{self.output}"
+        if s is Slot.REFERENCE:
+            return f"reference:{self.unit}"
+        if s is Slot.CARRY:
+            return f"carry{self.unit}:{self.output}"
+        if s is Slot.SIGNAL:
+            return "signal"
         return {Slot.SCORE: "tocascore:{u}", Slot.STALE: "tocastale:{u}", Slot.SCORE_DRAW: "tocarand:{u}",
                 Slot.INDICES: "idx:{t}", Slot.MEMBER_DRAW: "rand:{t}", Slot.KMEANS_INIT: "kinit:{t}",
                 Slot.LABELS: "clusterlabels:{t}", Slot.CENTROIDS: "clustercentroids:{t}", Slot.WARM: "cluster_warm",
@@ -159,7 +198,7 @@ class Key:
     # -- (de)serialisation for manifests -------------------------------------------------------------------------
     def to_json(self) -> dict:
         out: dict = {"slot": self.slot.value}
-        if self.slot in _BY_UNIT:
+        if self.slot in _BY_UNIT or self.slot in _NAMED:
             out["unit"] = self.unit
         if self.slot in _OUTPUT:
             out["output"] = self.output
@@ -235,9 +274,13 @@ class GraphValue:
 
 #: which slots each role may carry (the pairs the builder makes)
 ROLE_SLOTS = {
-    Role.CACHE: {Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.SCORE, Slot.LABELS, Slot.CENTROIDS},
+    Role.CACHE: {Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.SCORE, Slot.LABELS, Slot.CENTROIDS, Slot.RESIDUAL,
+                 Slot.REFERENCE},
     Role.STATE: {Slot.STALE},
-    Role.BUFFER: {Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.SCORE, Slot.LABELS, Slot.CENTROIDS, Slot.STALE},
+    Role.BUFFER: {Slot.UNIT, Slot.FINAL, Slot.TAYLOR, Slot.SCORE, Slot.LABELS, Slot.CENTROIDS, Slot.STALE,
+                  Slot.RESIDUAL, Slot.REFERENCE},
+    Role.CARRY: {Slot.CARRY},
+    Role.SIGNAL: {Slot.SIGNAL},
     Role.INDICES: {Slot.INDICES},
     Role.UNIFORM: {Slot.SCORE_DRAW, Slot.MEMBER_DRAW, Slot.KMEANS_INIT},  # KMEANS_INIT: ClusCa kmeans="ref"
     Role.PERMUTATION: {Slot.KMEANS_INIT},

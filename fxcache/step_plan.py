@@ -24,6 +24,8 @@ class BlockKind(str, enum.Enum):
     FORECAST = "forecast"  # every unit from its Taylor factors
     CLUSTER = "cluster"  # forecast, plus one recomputed token per cluster, propagated
     SKIPPED = "skipped"  # does not run: the step reads the last block's cached output (DuCa's SKIP)
+    RESIDUAL = "residual"  # does not run: the streams after a run of such blocks are the streams before it plus
+    #                        the residual the run added at the last computed step (FBCache, DBCache, TeaCache, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +40,23 @@ class BlockStep:
         return {"kind": self.kind.value, "k": list(self.k)}
 
 
+#: what part of a call a plan's graph computes: all of it; the probe of a method that decides at run time
+#: (everything up to its signal, which it returns with the values the rest reads); the tail after a probe
+WHOLE, PROBE, TAIL = "whole", "probe", "tail"
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """`kind`: what the step is recorded as; `blocks`: one `BlockStep` per transformer block, in graph order."""
+    """`kind`: what the step is recorded as; `blocks`: one `BlockStep` per transformer block, in graph order.
+
+    `part`: WHOLE for a graph that computes the call; a method that decides from a value computed in the call
+    (a run-time signal) runs a PROBE graph, reads the signal, then one of its TAIL graphs, which take the values
+    the probe carried over. A probe plan gives FULL to the blocks it runs, and so does a tail plan to the blocks
+    its probe ran."""
 
     kind: StepKind
     blocks: tuple[BlockStep, ...]
+    part: str = WHOLE
 
     @classmethod
     def uniform(cls, kind: StepKind, blocks: int, block: BlockStep | None = None) -> "StepPlan":
@@ -62,9 +75,10 @@ class StepPlan:
     def label(self) -> str:
         """A short name: the kind, with the blocks' kinds when they differ (`partial[f p p p]`)."""
         kinds = {b.kind for b in self.blocks}
+        name = "probe" if self.part == PROBE else self.kind.value
         if len(kinds) <= 1:
-            return self.kind.value
-        return f"{self.kind.value}[{' '.join(b.kind.value[0] for b in self.blocks)}]"
+            return name
+        return f"{name}[{' '.join(b.kind.value[0] for b in self.blocks)}]"
 
     def describe(self) -> str:
         """The label, with the tokens each partial block's units recompute (`partial k=[16,2] [16,2]`)."""
@@ -74,7 +88,10 @@ class StepPlan:
         return f"{self.label} k=" + " ".join("[" + ",".join(map(str, k)) + "]" for k in ks)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind.value, "blocks": [b.to_json() for b in self.blocks]}
+        out = {"kind": self.kind.value, "blocks": [b.to_json() for b in self.blocks]}
+        if self.part != WHOLE:
+            out["part"] = self.part
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

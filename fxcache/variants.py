@@ -83,6 +83,8 @@ def first_plans(config: CacheConfig, view: GraphView) -> list[StepPlan]:
     """The FULL plan, then the first plan of each other step kind the schedule emits: what a graph builds at
     compile time, so that a graph the method cannot handle fails there and not in the middle of a generation."""
     recipe = recipe_for(config)
+    if getattr(recipe, "decides", False):  # decided per call: its probe, compute and cached plans
+        return list(recipe.plans(view).values())
     plans = {StepKind.FULL: recipe.full_plan(view)}
     for step in range(config.horizon):
         if len(plans) == len(config.kinds):

@@ -224,16 +224,18 @@ def test_invalid_duca_fields(field, value):
         DuCaConfig(**{field: value})
 
 
-def wrong_values(spec) -> st.SearchStrategy:
+def wrong_values(spec, off=None) -> st.SearchStrategy:
     """Values a field of `spec`'s annotated type must refuse: other types (None where it is not allowed, a bool for
     an int, a float for an int, a str for a number, containers), non-finite and negative numbers (no option of a
-    registered method takes a negative), and strs that are none of a field's choices."""
+    registered method takes a negative, but for the value `off` that a config's `OFF_VALUES` declares: cache-dit's
+    -1 for "no limit"), and strs that are none of a field's choices."""
     others = [st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
               st.tuples(st.integers()), st.binary(max_size=3), st.complex_numbers(allow_nan=False, max_magnitude=9)]
     if not spec.optional:
         others.append(st.none())
     if spec.type is int:
-        others += [st.booleans(), st.floats(), st.text(max_size=3), st.integers(max_value=-1)]
+        negative = st.integers(max_value=-1) if off is None else st.integers(max_value=-1).filter(lambda v: v != off)
+        others += [st.booleans(), st.floats(), st.text(max_size=3), negative]
     elif spec.type is float:
         others += [st.booleans(), st.text(max_size=3), st.sampled_from([math.nan, math.inf, -math.inf]),
                    st.floats(max_value=-1e-300), st.integers(max_value=-1), st.sampled_from([10**400, -10**400])]
@@ -258,8 +260,8 @@ def test_a_wrong_value_for_any_field_is_a_config_error_naming_it(method, spec, d
     """Any wrong-typed (or negative, non-finite, unknown) value of any option of any registered method is a
     ConfigError that names the option and the value, never another exception (a list for ratio_schedule was an
     unhashable TypeError)."""
-    value = data.draw(wrong_values(spec))
     cls = get_method(method)
+    value = data.draw(wrong_values(spec, getattr(cls, "OFF_VALUES", {}).get(spec.name)))
     with pytest.raises(ConfigError) as info:
         cls(**{spec.name: value})
     assert f"{cls.__name__}.{spec.name}" in str(info.value) and repr(value)[:20] in str(info.value)

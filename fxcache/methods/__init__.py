@@ -1,7 +1,9 @@
 """Cache methods, one module each: config, schedule, presets and recipe. Importing this package registers them."""
 
 from .clusca import ClusCaConfig
+from .dbcache import DBCacheConfig
 from .duca import DuCaConfig
+from .fbcache import FBCacheConfig
 from .fora import FORAConfig
 from .recipe import Recipe, recipe_for, register_recipe
 from .schedule import cycle_position
@@ -9,6 +11,6 @@ from .taylorseer import TaylorSeerConfig
 from .toca import RATIO_SCHEDULES, ToCaConfig
 
 __all__ = [
-    "ClusCaConfig", "DuCaConfig", "FORAConfig", "RATIO_SCHEDULES", "Recipe", "TaylorSeerConfig", "ToCaConfig",
+    "ClusCaConfig", "DBCacheConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig", "RATIO_SCHEDULES", "Recipe", "TaylorSeerConfig", "ToCaConfig",
     "cycle_position", "recipe_for", "register_recipe",
 ]

@@ -75,6 +75,15 @@ class GraphBuilder:
         self.extra_outputs.append(node)
         self.written.append((role, key))
 
+    def inserting_at_end(self):
+        """Insertion point after every node of the model (before the outputs are gathered)."""
+        return self.graph.inserting_before(self._sink)
+
+    def drop_model_outputs(self) -> None:
+        """The variant returns none of the model's outputs (a probe: its outputs are the values it passes on)."""
+        self._sink.args = ()
+        self.single_output = False
+
     def inserting_after_placeholders(self):
         """Insertion point before the first computation (for values every later node may read)."""
         first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)

@@ -36,7 +36,7 @@ def make_inplace(variant):
     inputs = list(variant.inputs)
     added = []
     for written in variant.outputs:
-        if written.key in buffers:
+        if written.key in buffers or written.role.passed:
             continue
         with graph.inserting_after(phs[-1] if not added else added[-1]):
             ph = graph.placeholder(f"buf_{len(added)}")
@@ -48,11 +48,16 @@ def make_inplace(variant):
         ph.meta["tensor_dict"] = dict(STATIC)
     values = list(old_out) if isinstance(old_out, (tuple, list)) else [old_out]
     model_outputs, cache_values = values[:variant.num_outputs], values[variant.num_outputs:]
+    passed = []
     for written, value in zip(variant.outputs, cache_values):
+        if written.role.passed:  # a probe's carried values and signal stay outputs (read within the call)
+            passed.append(value)
+            continue
         graph.call_function(torch.ops.aten.copy_.default, (buffers[written.key], value))
-    graph.output(tuple(model_outputs))
+    graph.output(tuple(model_outputs) + tuple(passed))
     graph.lint()
     new = fx.GraphModule(gm, graph)
     copy_dynamo_meta(new, gm, env, added)
     new.recompile()
-    return dataclasses.replace(variant, gm=new, inputs=inputs, outputs=[], writes=list(variant.outputs))
+    return dataclasses.replace(variant, gm=new, inputs=inputs, outputs=[v for v in variant.outputs if v.role.passed],
+                               writes=[v for v in variant.outputs if not v.role.passed])

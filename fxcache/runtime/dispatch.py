@@ -24,7 +24,7 @@ from .taylor import TaylorState
 #: what the dispatcher supplies per role: 0 the store (cache entries), 1 a draw, 2 Taylor differences,
 #: 3 Taylor coefficients, 4 a k-means start, 5 the k-means warm flag
 _SUPPLY = {Role.CACHE: 0, Role.STATE: 0, Role.BUFFER: 0, Role.INDICES: 1, Role.UNIFORM: 1, Role.TAYLOR_DIFF: 2,
-           Role.TAYLOR_COEF: 3, Role.PERMUTATION: 4, Role.WARM: 5}
+           Role.TAYLOR_COEF: 3, Role.PERMUTATION: 4, Role.WARM: 5, Role.CARRY: 6}
 
 
 class Prepared:
@@ -54,6 +54,10 @@ class Dispatcher:
         self._blocks = {k: v for k, v in (blocks or {}).items() if k != v}
         self.recipe = recipe_for(config)
         self.full = self.recipe.full_plan(view)
+        # a method that decides each call from a signal: its probe, compute and cached plans, and its rule
+        self.decided = getattr(self.recipe, "decides", False)
+        self.decided_plans = self.recipe.plans(view) if self.decided else {}
+        self.rule = self.recipe.rule() if self.decided else None
         self.seed = config.draw_seed
         self.taylor_order = config.taylor_order
         self._plans: dict[int, StepPlan] = {}
@@ -81,8 +85,10 @@ class Dispatcher:
         return [self.scheduled(s) for s in range(num_steps)]
 
     # -- per-step inputs ---------------------------------------------------------------------------------------
-    def step_inputs(self, state, variant, plan: StepPlan, step: int, branch: int, device) -> list:
-        """The per-step values of the variant's inputs (None where the branch's store supplies a cache entry)."""
+    def step_inputs(self, state, variant, plan: StepPlan, step: int, branch: int, device,
+                    carried: dict | None = None) -> list:
+        """The per-step values of the variant's inputs (None where the branch's store supplies a cache entry;
+        `carried`: the values a probe passed to this tail, by key)."""
         taylor = None
         if self.taylor_order is not None:
             taylor = state.taylor.get(branch)
@@ -102,6 +108,8 @@ class Dispatcher:
                 out.append(diff)
             elif supply == 3:
                 out.append(taylor.forecast_inputs(step, device))
+            elif supply == 6:
+                out.append(carried[v.key])
             elif supply == 4:
                 out.append(draw_permutation(self.seed, step, v.key.name, v.key.tokens, v.shape[0], device))
             else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 class Record(dict):
     """One model call: `graph`, `request`, `step`, `branch`, `kind`, `plan`, `tokens`, `flops`, `t`, `cached`,
-    `cache_bytes` (and `component` for pipelines with several transformers)."""
+    `cache_bytes` (and `component` for pipelines with several transformers; `signal` and `accumulated` for the
+    methods that decide at run time: the value the call's rule read, and the value it compared with its
+    threshold, None when it compared none)."""
 
     __slots__ = ()
 
@@ -24,6 +26,10 @@ class Record(dict):
             what.append(_flops(self["flops"]))
         if isinstance(self.get("t"), (int, float)):
             what.append(f"t={self['t']:.4g}")
+        if isinstance(self.get("signal"), float):
+            what.append(f"signal {self['signal']:.4g}")
+        if isinstance(self.get("accumulated"), float) and self.get("accumulated") != self.get("signal"):
+            what.append(f"accumulated {self['accumulated']:.4g}")
         if self.get("cache_bytes"):
             what.append(f"{_bytes(self['cache_bytes'])} cached")
         return f"<{where}, graph {self.get('graph')}: {', '.join(what)}>"

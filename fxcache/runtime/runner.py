@@ -21,7 +21,7 @@ from ..config import StepKind
 from ..errors import ConfigError
 from ..step_plan import StepPlan
 from .attach import CONTEXT_NAME
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, prepared
 from .fingerprint import latent_sample, summaries
 from .state import GraphState
 from .step_count import KEY as STEPS_KEY
@@ -349,6 +349,8 @@ class Runner:
                 f"sampler's step count as num_steps, or the schedule does not end as the reference's does",
                 key=f"planned-steps-{self.graph_id}")
         dispatcher = self._dispatcher_of(state)
+        if dispatcher.decided:
+            return self._run_decided(state, dispatcher, args, step, branch, t)
         plan = dispatcher.choose(step, state.written(branch), self.source.variant)
         variant = self.source.variant(plan)
         device = self._device(args)
@@ -372,6 +374,55 @@ class Runner:
         )
         outs = result[:n]
         if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
+            outs = [o.clone() for o in outs]
+        return outs[0] if variant.single_output else tuple(outs)
+
+
+    def _call(self, state, dispatcher, plan, args, step: int, branch: int, device, carried=None):
+        """Run `plan`'s variant on `args` and the branch's caches; keep what it writes. Returns (variant, model
+        outputs, the outputs it passes on by key)."""
+        variant = self.source.variant(plan)
+        given = dispatcher.step_inputs(state, variant, plan, step, branch, device, carried)
+        full_args = list(args) + state.store.inputs(branch, variant.inputs, given, device)
+        fn = self.source.callable(plan, variant, full_args)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            result = fn(*full_args)
+        except BaseException:  # a failed call leaves this branch's caches unknown: it starts over next time
+            self._forget(state, branch)
+            state.drop(branch)
+            raise
+        n = variant.num_outputs
+        extra = list(result[n:])
+        state.store.keep(branch, variant, extra, full=plan.kind is StepKind.FULL)
+        passed = {v.key: value for v, value in zip(variant.outputs, extra) if v.role.passed}
+        return variant, list(result[:n]), passed
+
+    def _run_decided(self, state, dispatcher, args, step: int, branch: int, t: float):
+        """A method that decides each call at run time: the probe, one host read of its signal, the rule, then
+        the compute or the cached tail (`methods/adaptive.py`)."""
+        from ..graph_io import Key
+
+        plans = dispatcher.decided_plans
+        device = self._device(args)
+        reads = prepared(self.source.variant(plans["cached"])).reads | prepared(self.source.variant(plans["probe"])).reads
+        can_reuse = state.written(branch) >= reads
+        probe, _, passed = self._call(state, dispatcher, plans["probe"], args, step, branch, device)
+        signal = passed.pop(Key.signal(), None)
+        values = signal.tolist() if signal is not None else None  # the call's second host read
+        rules = state.rules
+        if branch not in rules:
+            rules[branch] = dispatcher.rule.new_state()
+        decision = dispatcher.rule.decide(rules[branch], step, values, can_reuse)
+        plan = plans["compute"] if decision.compute else plans["cached"]
+        variant, outs, _ = self._call(state, dispatcher, plan, args, step, branch, device, passed)
+        self.scope.record(
+            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label, plan=plan,
+            tokens=variant.tokens, flops=probe.flops + variant.flops, t=t, cached=True, request=state.request_id,
+            cache_bytes=state.held, signal=decision.signal, accumulated=decision.accumulated,
+        )
+        if self.cudagraphs:
             outs = [o.clone() for o in outs]
         return outs[0] if variant.single_output else tuple(outs)
 

@@ -23,6 +23,7 @@ class GraphState:
                                    continue_unmatched=explicit)
         self.store: CacheStore = InplaceStore(runner) if runner.inplace else FunctionalStore()
         self.taylor: dict[int, TaylorState] = {}
+        self.rules: dict = {}  # per branch: the state of a run-time rule (methods that decide per call)
         self.draws: dict = {}  # the current step's random inputs, shared by the branches
         self.draws_step = -1
         self.unmatched = 0  # calls that continued no branch
@@ -43,6 +44,7 @@ class GraphState:
         """The branch starts a new generation: nothing it wrote may be read again."""
         self.store.restart(branch)
         self.taylor.pop(branch, None)
+        self.rules.pop(branch, None)
 
     def drop(self, branch: int) -> None:
         """The branch is gone: free its caches too."""
@@ -54,6 +56,7 @@ class GraphState:
         self._check_length()
         self.store.release()
         self.taylor.clear()
+        self.rules.clear()
         self.draws.clear()
         self.draws_step = -1
         self.tracker.reset()

@@ -28,7 +28,7 @@ from .runtime.recompiles import watch
 from .runtime.records import Record, records
 from .runtime.requests import Request, RequestScope
 from .runtime.signature import graph_signature, same_constants
-from .step_plan import GraphView
+from .step_plan import BlockKind, GraphView
 from .variants import build_variants
 
 log = logging.getLogger("fxcache")
@@ -515,8 +515,10 @@ class Explanation:
 def schedule_summary(config: CacheConfig, plan: GraphPlan) -> str:
     """One line on the plans `config`'s schedule gives a graph: steps by kind, mixed steps, distinct plans (each
     is one variant, built and lowered on first use)."""
-    steps = config.planned_steps or min(config.horizon, 50)
     recipe, view = recipe_for(config), GraphView.of(plan)
+    if getattr(recipe, "decides", False):
+        return decided_summary(recipe, view, plan)
+    steps = config.planned_steps or min(config.horizon, 50)
     plans = [recipe.plan(s, view) for s in range(steps)]
     kinds: dict[str, int] = {}
     for p in plans:
@@ -527,6 +529,21 @@ def schedule_summary(config: CacheConfig, plan: GraphPlan) -> str:
     if mixed:
         line += f"; mixed steps (blocks of different kinds) at s = {', '.join(map(str, mixed))}"
     return line
+
+
+def decided_summary(recipe, view: GraphView, graph: GraphPlan) -> str:
+    """What each call of a method that decides at run time runs: the probe's blocks, then the blocks a cached call
+    replaces by their residual (the compute tail runs every block the probe did not)."""
+    plans = recipe.plans(view)
+    names = [b.name for b in graph.blocks]
+    probe = [n for n, b in zip(names, plans["probe"].blocks) if b.kind is BlockKind.FULL]
+    reused = [n for n, b in zip(names, plans["cached"].blocks) if b.kind is BlockKind.RESIDUAL]
+    after = [n for n, b, p in zip(names, plans["cached"].blocks, plans["probe"].blocks)
+             if b.kind is BlockKind.FULL and p.kind is not BlockKind.FULL]
+    span = (lambda ns: f"{ns[0]}..{ns[-1]}" if len(ns) > 1 else ns[0] if ns else "none")
+    return (f"decided per call: a probe runs {span(probe) if probe else 'what precedes the blocks'} and returns "
+            f"its signal (one host read), then a compute tail runs the rest, or a cached tail adds the residual of "
+            f"{span(reused)} from the branch's last computed call" + (f" and runs {span(after)}" if after else ""))
 
 
 REQUEST_BOUNDARIES = (

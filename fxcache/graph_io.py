@@ -174,11 +174,11 @@ class Key:
         if s is Slot.TAYLOR:
             return f"taylor{self.order}:{self.unit}:{self.output}"
         if s is Slot.RESIDUAL:
-            return f"residual{self.unit}:{self.output}"
+            return f"residual[{self.unit}]:{self.output}"
         if s is Slot.REFERENCE:
             return f"reference:{self.unit}"
         if s is Slot.CARRY:
-            return f"carry{self.unit}:{self.output}"
+            return f"carry:{self.unit}" if self.unit else f"carry:{self.output}"
         if s is Slot.SIGNAL:
             return "signal"
         return {Slot.SCORE: "tocascore:{u}", Slot.STALE: "tocastale:{u}", Slot.SCORE_DRAW: "tocarand:{u}",

@@ -27,6 +27,7 @@ from ..config import CacheConfig, StepKind, make_config
 from ..errors import ConfigError, ExportError, UnsupportedGraphError
 from ..graph_io import dtype_name
 from ..variants import first_plans
+from ..step_plan import PROBE
 from .graph import example_extra
 from .manifest import (
     FORMATS,
@@ -141,8 +142,9 @@ def _export(writer, runner, eager_out, transformer, example_inputs, config, form
     plans = list(dict.fromkeys(first_plans(config, runner.dispatcher.view) + schedule))
     artifacts, names = [], {}
     for plan in plans:
-        count = names[plan.kind] = names.get(plan.kind, 0) + 1
-        name = plan.kind.value if count == 1 else f"{plan.kind.value}_{count}"
+        base = "probe" if plan.part == PROBE else plan.kind.value
+        count = names[base] = names.get(base, 0) + 1
+        name = base if count == 1 else f"{base}_{count}"
         artifacts.append(_export_variant(writer, runner.source.variant(plan), name, args, keep, user_inputs,
                                          staging, check, tolerance, eager_tensors))
     return Manifest(
@@ -468,7 +470,7 @@ def _export_variant(writer, variant, name, args, keep, user_inputs, out_dir, che
     if len(expected) != variant.num_outputs + len(variant.outputs):
         raise ExportError(f"{name} variant returned {len(expected)} outputs, expected "
                           f"{variant.num_outputs} + {len(variant.outputs)} caches")
-    if kind is StepKind.FULL and len(eager_tensors) != variant.num_outputs:
+    if kind is StepKind.FULL and variant.plan.part != PROBE and len(eager_tensors) != variant.num_outputs:
         raise ExportError(f"the graph has {variant.num_outputs} outputs but the transformer returns "
                           f"{len(eager_tensors)} tensors; export handles models whose outputs are graph outputs")
     in_specs = list(user_inputs) + [Tensor.typed(v) for v in variant.inputs]

@@ -22,7 +22,7 @@ import torch
 from ..config import MAX_STEPS, StepKind
 from ..errors import ExportError
 from ..graph_io import ROLE_SLOTS, GraphValue, Key, Role
-from ..step_plan import BlockKind, BlockStep, GraphView, StepPlan, UnitView
+from ..step_plan import PROBE, TAIL, WHOLE, BlockKind, BlockStep, GraphView, StepPlan, UnitView
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: artifact digests
@@ -87,7 +87,8 @@ class Manifest:
     config: dict
     num_steps: int
     view: list  # `GraphView.to_json()`: the blocks as the schedule sees them
-    schedule: list[int]  # per step: the index of the artifact it runs when its caches are all present
+    schedule: list[int]  # per step: the index of the artifact it runs when its caches are all present ([] for a
+    #                      method that decides each call at run time: its probe, compute and cached artifacts)
     user_inputs: list[Tensor]  # in the order every artifact takes them first
     timestep_input: int  # index into user_inputs
     output_structure: str  # "tuple" | "tensor" | "model_output"
@@ -127,8 +128,6 @@ class Manifest:
         num_steps = _int(data["num_steps"], "num_steps", minimum=1, maximum=MAX_NUM_STEPS)
         view = _view(data["view"])
         schedule = _list(data["schedule"], "schedule")
-        if len(schedule) != num_steps:
-            raise _fail("schedule", f"a list of num_steps={num_steps} entries", f"{len(schedule)} entries")
         user_inputs = [_tensor(t, f"user_inputs[{i}]") for i, t in enumerate(_list(data["user_inputs"], "user_inputs"))]
         if not user_inputs:
             raise ExportError("manifest field user_inputs is empty")
@@ -146,6 +145,12 @@ class Manifest:
             raise ExportError("manifest field artifacts is empty")
         if not any(a.kind == "full" for a in artifacts):
             raise ExportError("manifest field artifacts has no full variant (every schedule starts with one)")
+        if any(a.step_plan().part == PROBE for a in artifacts):  # decided per call: no schedule to write out
+            if schedule:
+                raise _fail("schedule", "an empty list (the method decides each call at run time: its artifacts "
+                            "hold a probe)", f"{len(schedule)} entries")
+        elif len(schedule) != num_steps:
+            raise _fail("schedule", f"a list of num_steps={num_steps} entries", f"{len(schedule)} entries")
         for i, j in enumerate(schedule):
             _int(j, f"schedule[{i}]", maximum=len(artifacts) - 1)
         out = dict(data, user_inputs=user_inputs, artifacts=artifacts)
@@ -300,6 +305,10 @@ def _step_plan(value, where: str, view: GraphView | None = None) -> StepPlan:
     _dict(value, where, keys=("kind", "blocks"))
     kind = StepKind(_one_of(value["kind"], f"{where}.kind", KINDS))
     blocks = _list(value["blocks"], f"{where}.blocks")
+    part = _one_of(value.get("part", WHOLE), f"{where}.part", (WHOLE, PROBE, TAIL))
+    extra = sorted(set(value) - {"kind", "blocks", "part"})
+    if extra:
+        raise ExportError(f"manifest field {where} has unknown fields {', '.join(map(str, extra))}")
     if view is not None and len(blocks) != len(view.blocks):
         raise _fail(f"{where}.blocks", f"one entry per block of the view ({len(view.blocks)})", f"{len(blocks)}")
     steps = []
@@ -316,7 +325,7 @@ def _step_plan(value, where: str, view: GraphView | None = None) -> StepPlan:
             if block_kind is not BlockKind.PARTIAL and ks:
                 raise _fail(f"{w}.k", "empty (only partial blocks recompute k tokens)", list(ks))
         steps.append(BlockStep(block_kind, ks))
-    return StepPlan(kind, tuple(steps))
+    return StepPlan(kind, tuple(steps), part=part)
 
 
 def _artifact(value, where: str, user_inputs: list[Tensor], view: GraphView) -> Artifact:
@@ -336,17 +345,19 @@ def _artifact(value, where: str, user_inputs: list[Tensor], view: GraphView) -> 
         raise _fail(f"{where}.single_output", "true or false", value["single_output"])
     inputs = [_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_list(value["inputs"], f"{where}.inputs"))]
     outputs = [_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_list(value["outputs"], f"{where}.outputs"))]
-    n = _int(value["num_outputs"], f"{where}.num_outputs", minimum=1, maximum=len(outputs))
+    probe = plan.part == PROBE  # a probe returns no model output, only what it passes to its tail
+    n = _int(value["num_outputs"], f"{where}.num_outputs", minimum=0 if probe else 1, maximum=len(outputs))
     if inputs[:len(user_inputs)] != user_inputs:
         raise ExportError(f"manifest field {where}.inputs must start with user_inputs, in order")
     for i, t in enumerate(inputs[len(user_inputs):], start=len(user_inputs)):
         if t.role in ("user", "output"):
             raise _fail(f"{where}.inputs[{i}].role", "a runtime-made role after the user inputs", t.role)
+    written = (Role.CACHE.value, Role.STATE.value) + ((Role.CARRY.value, Role.SIGNAL.value) if probe else ())
     for i, t in enumerate(outputs):
-        ok = t.role == "output" if i < n else t.role in (Role.CACHE.value, Role.STATE.value)
+        ok = t.role == "output" if i < n else t.role in written
         if not ok:
-            raise _fail(f"{where}.outputs[{i}].role", "output" if i < n else "cache or state (a written entry)",
-                        t.role)
+            raise _fail(f"{where}.outputs[{i}].role", "output" if i < n else " or ".join(written) +
+                        " (a written entry)", t.role)
     err = value.get("max_abs_error")
     if err is not None and (isinstance(err, bool) or not isinstance(err, (int, float))):
         raise _fail(f"{where}.max_abs_error", "a number or null", err)

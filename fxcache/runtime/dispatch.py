@@ -81,7 +81,10 @@ class Dispatcher:
         return self.full
 
     def schedule(self, num_steps: int) -> list[StepPlan]:
-        """The plan of every step of a `num_steps` loop whose caches are all present (what an export writes)."""
+        """The plan of every step of a `num_steps` loop whose caches are all present (what an export writes); none
+        for a method that decides each call at run time."""
+        if self.decided:
+            return []
         return [self.scheduled(s) for s in range(num_steps)]
 
     # -- per-step inputs ---------------------------------------------------------------------------------------

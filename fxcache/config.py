@@ -52,6 +52,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         for spec in field_specs(type(self)):  # types and choices first: `_validate` compares and looks values up
             spec.check(type(self).__name__, getattr(self, spec.name))
+            if spec.type is tuple and isinstance(getattr(self, spec.name), list):  # a list of numbers is taken
+                object.__setattr__(self, spec.name, tuple(getattr(self, spec.name)))
         self._validate()
 
     def _validate(self) -> None:  # pragma: no cover - overridden
@@ -128,6 +130,8 @@ _TYPES = {
     float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)),
     str: ("a str", lambda v: isinstance(v, str)),
     bool: ("True or False", lambda v: isinstance(v, bool)),
+    tuple: ("a non-empty list of finite numbers",
+            lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_TYPES[float][1](x) for x in v)),
 }
 
 
@@ -178,7 +182,7 @@ def field_specs(cls: type) -> tuple[FieldSpec, ...]:
     for f in dataclasses.fields(cls):
         hint = hints.get(f.name)
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        kinds = [a for a in args if a is not type(None)]
+        kinds = [tuple if typing.get_origin(a) is tuple else a for a in args if a is not type(None)]
         kind = kinds[0] if len(kinds) == 1 and kinds[0] in _TYPES else None
         specs.append(FieldSpec(f.name, kind, type(None) in args, tuple(choices.get(f.name, ()))))
     return tuple(specs)

@@ -239,6 +239,10 @@ def wrong_values(spec, off=None) -> st.SearchStrategy:
     elif spec.type is float:
         others += [st.booleans(), st.text(max_size=3), st.sampled_from([math.nan, math.inf, -math.inf]),
                    st.floats(max_value=-1e-300), st.integers(max_value=-1), st.sampled_from([10**400, -10**400])]
+    elif spec.type is tuple:  # a list of finite numbers
+        others = [o for o in others if o is not others[0] and o is not others[2]]
+        others += [st.booleans(), st.integers(), st.text(max_size=3), st.just([]), st.just(()),
+                   st.lists(st.sampled_from([math.nan, math.inf, "a", None]), min_size=1, max_size=3)]
     elif spec.type is str:
         others += [st.booleans(), st.integers(), st.floats(),
                    st.text(max_size=6).filter(lambda v: v not in spec.choices)]
@@ -250,7 +254,7 @@ FIELDS = [(name, spec) for name in method_names() for spec in config_module.fiel
 
 def test_every_field_of_every_method_has_a_checked_type_and_every_str_field_its_choices():
     for name, spec in FIELDS:
-        assert spec.type in (int, float, str), (name, spec)
+        assert spec.type in (int, float, str, tuple), (name, spec)
         assert spec.type is not str or spec.choices, (name, spec)
 
 

@@ -130,3 +130,29 @@ def probe_of(gm: fx.GraphModule, targets: list[fx.Node]) -> Probe:
         raise UnsupportedGraphError(f"the probe would carry {bad[0].name}, which is not a tensor "
                                     f"({type(_value(bad[0])).__name__})", node=bad[0])
     return Probe(order, carried)
+
+
+def attention_input(graph) -> fx.Node:
+    """The main stream as block 0's first attention reads it (normalised and modulated by the timestep): TeaCache's
+    indicator for the families whose authors read `blocks[0].norm1(H_0, temb)[0]` (FLUX, HunyuanVideo, LTX-Video,
+    Mochi, Lumina). Of the attention's inputs that depend on the main stream before block 0, the largest."""
+    from .module_stack import is_param_placeholder, stack_entries
+
+    block = graph.blocks[0]
+    attention = next((u for u in block.units if u.kind == "attn"), None)
+    if attention is None:
+        raise UnsupportedGraphError("block 0 has no self-attention unit whose input could be the indicator",
+                                    block=block.name)
+    inside = [n for n in block.nodes
+              if any(p == attention.name or p.startswith(attention.name + ".") for p, _ in stack_entries(n))]
+    members = set(inside)
+    reads = dict.fromkeys(a for n in inside for a in n.all_input_nodes
+                          if a not in members and not is_param_placeholder(a))
+    stream = signal_stream(graph, len(graph.blocks))[1]
+    downstream = set(walk([stream], lambda x: x.users))
+    candidates = [a for a in reads if a in downstream and isinstance(_value(a), torch.Tensor)
+                  and _value(a).dim() >= 3 and _value(a).shape[0] == graph.batch]
+    if not candidates:
+        raise UnsupportedGraphError(f"no input of {attention.name} depends on the main stream before block 0",
+                                    block=block.name)
+    return max(candidates, key=lambda n: _value(n).numel())

@@ -8,9 +8,11 @@ from .fora import FORAConfig
 from .recipe import Recipe, recipe_for, register_recipe
 from .schedule import cycle_position
 from .taylorseer import TaylorSeerConfig
+from .teacache import TeaCacheConfig
 from .toca import RATIO_SCHEDULES, ToCaConfig
 
 __all__ = [
-    "ClusCaConfig", "DBCacheConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig", "RATIO_SCHEDULES", "Recipe", "TaylorSeerConfig", "ToCaConfig",
+    "ClusCaConfig", "DBCacheConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig", "RATIO_SCHEDULES", "Recipe",
+    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
     "cycle_position", "recipe_for", "register_recipe",
 ]

@@ -100,6 +100,15 @@ class CacheConfig:
         """W: leading FULL steps (every method here has `warmup_steps`)."""
         return int(getattr(self, "warmup_steps", 1))
 
+    def every_call_computed(self) -> "CacheConfig":
+        """This config with every call computed (what `fxcache check` compares with the uncached model)."""
+        return dataclasses.replace(self, interval=1)
+
+    def every_call_reused(self) -> "CacheConfig":
+        """This config caching as much as it can (what `fxcache check` runs to see the cached path run): itself
+        for a fixed schedule."""
+        return self
+
     def tokens_for(self, tokens: int) -> int:
         """k: how many of `tokens` rows a PARTIAL step recomputes (static per compiled variant)."""
         r = self.fresh_ratio

@@ -42,6 +42,14 @@ class ResidualDiffConfig(CacheConfig):
     def horizon(self) -> int:
         return 1
 
+    def every_call_computed(self) -> "ResidualDiffConfig":
+        return dataclasses.replace(self, threshold=0.0)
+
+    def every_call_reused(self) -> "ResidualDiffConfig":
+        """A threshold no change reaches, and no warm-up beyond the first call."""
+        more = {"warmup_steps": min(self.warmup_steps, 1)} if hasattr(self, "warmup_steps") else {}
+        return dataclasses.replace(self, threshold=1e6, **more)
+
 
 @register_method
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..config import MAX_STEPS, STEPS_WHY, ConfigError, check_int, register_method
+from ..config import MAX_STEPS, STEPS_WHY, check_int, register_method
 from .adaptive import DecidedRecipe, Decision, Rule
 from .dbcache import ResidualDiffConfig, check_threshold
 from .recipe import register_recipe
@@ -47,9 +47,9 @@ class TeaCacheConfig(ResidualDiffConfig):
     Args:
         threshold: reuse while the accumulated rescaled change stays below it.
         coefficients: the rescale polynomial, highest degree first (the authors fit degree 4; any degree is
-            accepted). Required: take a family's with `preset=` (flux, hunyuanvideo, ltx, mochi, lumina), or fit
-            one for a new model. The authors' Wan, CogVideoX and HiDream polynomials rescale a time-embedding
-            indicator, not this one, and do not apply.
+            accepted). A family's with `preset=` (flux, hunyuanvideo, ltx, mochi, lumina); None accumulates the
+            relative change itself (no rescaling), until one is fitted for the model. The authors' Wan,
+            CogVideoX and HiDream polynomials rescale a time-embedding indicator, not this one, and do not apply.
         num_steps: T, the sampler's steps (calls per branch): the first and the last compute.
         warmup_steps: leading calls of each branch that compute (the authors: 1; their HiDream script: 10%).
         final_steps: trailing calls of each branch that compute (the authors: 1).
@@ -72,9 +72,6 @@ class TeaCacheConfig(ResidualDiffConfig):
         check_int("TeaCacheConfig", "warmup_steps", self.warmup_steps, minimum=0, maximum=MAX_STEPS,
                   why=STEPS_WHY)
         check_int("TeaCacheConfig", "final_steps", self.final_steps, minimum=0, maximum=MAX_STEPS, why=STEPS_WHY)
-        if self.coefficients is None:
-            raise ConfigError("TeaCacheConfig.coefficients is required: the rescale polynomial, highest degree "
-                              "first; take a family's with preset= (" + ", ".join(PRESETS) + ") or fit one")
 
     @property
     def warmup(self) -> int:
@@ -93,7 +90,7 @@ class Accumulated:
 class TeaCacheRule(Rule):
     def __init__(self, config: TeaCacheConfig):
         self.config = config
-        self.rescale = np.poly1d(np.asarray(config.coefficients, dtype=np.float64))
+        self.rescale = np.poly1d(np.asarray(config.coefficients or (1.0, 0.0), dtype=np.float64))
 
     def new_state(self) -> Accumulated:
         return Accumulated()

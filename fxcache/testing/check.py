@@ -278,13 +278,15 @@ def _check_method(checks, model, config, loop, uncached, units, block_lists, tim
     err = _rel(first, uncached[0])
     checks.append(Check(f"{label}: FULL equals uncached", _verdict(err <= tolerance), f"relative error {err:.1e}"))
     torch._dynamo.reset()
-    every, _ = _compile(model, dataclasses.replace(config, interval=1), block_lists, timestep_input)
+    every_config = config.every_call_computed()
+    every, _ = _compile(model, every_config, block_lists, timestep_input)
     with fxcache.request(every):
         errs = [_rel(_first_tensor(every(**kw)), u) for kw, u in zip(loop, uncached)]
-    checks.append(Check(f"{label}: interval=1 equals uncached over {steps} steps", _verdict(max(errs) <= tolerance),
+    how = "interval=1" if getattr(every_config, "interval", None) == 1 else f"threshold={every_config.threshold}"
+    checks.append(Check(f"{label}: {how} equals uncached over {steps} steps", _verdict(max(errs) <= tolerance),
                         f"largest relative error {max(errs):.1e}"))
     torch._dynamo.reset()
-    compiled, backend = _compile(model, config, block_lists, timestep_input)
+    compiled, backend = _compile(model, config.every_call_reused(), block_lists, timestep_input)
     runs, graphs = [], []
     for _ in range(2):
         with fxcache.request(compiled):

@@ -5,6 +5,7 @@ to ONNX / TensorRT artifacts and a manifest) and `fxcache check`."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -416,13 +417,15 @@ def check_cmd(argv=None) -> int:
 
 
 def _method_spec(text: str, steps: int):
-    """`name` or `name:preset` (e.g. `toca:flux`) -> (label, CacheConfig) for a `steps`-step sampler."""
+    """`NAME[:PRESET][@OPTION=VALUE...]` (e.g. `toca:flux`, `fbcache@threshold=0.1`,
+    `dbcache@first_blocks=1@threshold=0.12`) -> (label, CacheConfig) for a `steps`-step sampler."""
     import fxcache
 
-    name, _, preset = text.strip().partition(":")
+    head, *settings = text.strip().split("@")
+    name, _, preset = head.partition(":")
     if name not in fxcache.method_names():
         raise CommandError(f"--methods: unknown method {name!r}; known: {', '.join(fxcache.method_names())} "
-                           "(optionally NAME:PRESET, e.g. toca:flux)")
+                           "(optionally NAME:PRESET and @OPTION=VALUE, e.g. toca:flux, fbcache@threshold=0.1)")
     options = {}
     if preset:
         presets = fxcache.config.get_method(name).PRESETS
@@ -430,11 +433,28 @@ def _method_spec(text: str, steps: int):
             raise CommandError(f"--methods {text!r}: {name} has no preset {preset!r}; its presets: "
                                f"{', '.join(presets) or 'none'}")
         options = dict(fxcache.config.preset_options(name, preset, steps), preset=preset)
+    if getattr(fxcache.config.get_method(name), "STEPS_FROM_SAMPLER", False):
+        options.setdefault("num_steps", steps)  # its rule counts the sampler's steps (TeaCache's last step)
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        if not eq or not key:
+            raise CommandError(f"--methods {text!r}: {setting!r} is not OPTION=VALUE (e.g. threshold=0.1)")
+        options[key.strip()] = _option_value(value.strip())
     try:
         config = fxcache.config.make_config(name, **options)
     except fxcache_errors() as exc:
         raise CommandError(f"--methods {text!r}: {exc}") from None
-    return (f"{name} ({preset} preset)" if preset else name), config
+    label = f"{name} ({preset} preset)" if preset else name
+    return label + "".join(f" {s}" for s in settings), config
+
+
+def _option_value(text: str):
+    """A method option's value from the command line: a JSON value (number, true/false, null, a list), else the
+    text itself (a name)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def eval_cmd(argv=None) -> int:
@@ -451,7 +471,8 @@ def eval_cmd(argv=None) -> int:
     p.add_argument("--pipeline", required=True, help="a diffusers pipeline folder (model_index.json) or a cached id")
     p.add_argument("--prompts", type=_file, required=True, help="a text file, one prompt per line ('#' comments)")
     p.add_argument("--methods", default="duca,taylorseer,fora",
-                   help="comma-separated fxcache methods, each NAME or NAME:PRESET (default duca,taylorseer,fora)")
+                   help="comma-separated fxcache methods, each NAME[:PRESET][@OPTION=VALUE...], e.g. toca:flux or "
+                        "fbcache@threshold=0.1 (default duca,taylorseer,fora)")
     p.add_argument("--steps", type=_steps, help="inference steps (default: the pipeline's own default)")
     p.add_argument("--seeds", type=_positive, default=1, help="images per prompt, seeds 0..N-1 (default 1)")
     p.add_argument("--batch-size", type=_positive, default=1, help="prompts per pipeline call (default 1)")

@@ -226,3 +226,17 @@ def test_demo_replaces_links_planted_in_its_out_folder(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert_replaced(out, victims)
     assert "(equal compute)" in (out / "table.md").read_text()
+
+
+def test_eval_method_specs_take_options_and_give_the_sampler_steps_to_step_counting_rules():
+    from fxcache.cli import CommandError, _method_spec
+
+    label, config = _method_spec("dbcache@first_blocks=1@threshold=0.12", 20)
+    assert (config.first_blocks, config.threshold, config.warmup_steps) == (1, 0.12, 8)
+    assert label == "dbcache first_blocks=1 threshold=0.12"
+    assert _method_spec("teacache:flux@threshold=0.4", 20)[1].num_steps == 20  # TeaCache's last step is the 20th
+    assert _method_spec("toca:flux", 20)[1].method == "toca"
+    with pytest.raises(CommandError, match="did you mean 'threshold'"):
+        _method_spec("fbcache@thresold=0.1", 20)
+    with pytest.raises(CommandError, match="is not OPTION=VALUE"):
+        _method_spec("fbcache@0.1", 20)

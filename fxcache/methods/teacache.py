@@ -58,6 +58,8 @@ class TeaCacheConfig(ResidualDiffConfig):
     """
 
     method = "teacache"
+    #: `fxcache eval` gives `num_steps` the sampler's step count
+    STEPS_FROM_SAMPLER: ClassVar[bool] = True
     PRESETS: ClassVar[dict] = PRESETS
     threshold: float = 0.25
     coefficients: tuple[float, ...] | None = None

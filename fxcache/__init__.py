@@ -7,7 +7,7 @@
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .api import (CacheBackend, Explanation, FxCacheWarning, cache_backend, cache_bytes, explain, request, reset, stats,
                   step)
-from .config import CacheConfig, StepKind, get_method, method_names, register_method
+from .config import CacheConfig, StepKind, get_method, load_config, method_names, register_method
 from .errors import (ConfigError, ExportError, FxCacheError, MissingDependencyError, UnknownOptionError,
                      UnsupportedGraphError)
 from . import deploy  # noqa: F401  (fxcache.deploy.CachedSession after `import fxcache`)
@@ -26,6 +26,18 @@ __all__ = [
     "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig", "TeaCacheConfig",
     "ToCaConfig",
     "UnknownOptionError", "UnsupportedGraphError", "cache_backend", "cache_bytes", "disable", "enable", "explain",
-    "export", "get_method", "lowering_names", "method_names", "register_lowering", "register_method", "request",
-    "reset", "stats", "step",
+    "export", "get_method", "load_config", "lowering_names", "method_names", "register_lowering", "register_method",
+    "request", "reset", "stats", "step", "calibrate", "Calibration", "magcache_ratios", "teacache_coefficients",
 ]
+
+#: found in `fxcache.quality.calibration` on first use: it samples pipelines and measures images (torchmetrics,
+#: numpy), which `import fxcache` alone does not need
+_CALIBRATION = ("calibrate", "Calibration", "magcache_ratios", "teacache_coefficients")
+
+
+def __getattr__(name: str):
+    if name in _CALIBRATION:
+        from .quality import calibration
+
+        return getattr(calibration, name)
+    raise AttributeError(f"module 'fxcache' has no attribute {name!r}")

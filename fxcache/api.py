@@ -15,7 +15,7 @@ from .analysis import DEFAULT_BLOCK_LISTS, GraphPlan, analyse
 from .analysis.plan import FROM_MODEL_CALL
 from .analysis.inputs import forward_parameters
 from .backends import check_lowering
-from .config import CacheConfig, make_config
+from .config import CacheConfig, config_path, load_config, make_config
 from .errors import ConfigError, FxCacheWarning, UnknownOptionError, UnsupportedGraphError  # noqa: F401
 from .methods import recipe_for
 from .analysis.pieces import block_entry_of, module_block_lists, module_calls, prefix_module_stack
@@ -124,8 +124,14 @@ class CacheBackend:
 
     # -- Dynamo entry --------------------------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        mode, options = kwargs.get("mode"), kwargs.get("options")
         module, code = traced_frame()
+        return self.compile_traced(gm, example_inputs, module=module, code=code, mode=kwargs.get("mode"),
+                                   options=kwargs.get("options"))
+
+    def compile_traced(self, gm: torch.fx.GraphModule, example_inputs, *, module, code, mode=None, options=None):
+        """The runner of a graph Dynamo traced from `module`'s `code` (what `__call__` does with the frame being
+        traced). Called later, outside Dynamo, it gives a graph traced once a runner of this backend's own:
+        `fxcache.calibrate` traces a model once and runs every setting it measures on that graph."""
         if module is not None:
             attach(module, self)
             watch_calls(module, self)  # a later call Dynamo runs in eager is seen (`runtime/outside.py`)
@@ -310,7 +316,9 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
     """The backend for `torch.compile(model, backend=fxcache.cache_backend("duca"), dynamic=False)`.
 
     Args:
-        method_or_config: a registered method name ("duca", "fora", ...) or a config instance.
+        method_or_config: a registered method name ("duca", "fora", ...), a config instance, or the path of a
+            JSON config file (a str ending in ".json" or a path object): one `fxcache.calibrate(...).save(path)`
+            wrote, or a config's `to_dict()` (`fxcache.load_config` reads it; options override its fields).
         lowering: "inductor" (default; honours torch.compile's mode= and options=), "eager", "onnx" (onnxruntime)
             or "tensorrt" (CUDA), or a name given to `fxcache.register_lowering`.
         strict: raise UnsupportedGraphError (at the first call) for a graph the analysis does not understand,
@@ -326,8 +334,9 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
             (None: only for in-place caches, whose addresses CUDA graphs record).
         time_direction: "auto" (falling, unless t is seen rising during sampling, as in Lumina), "falling" or
             "rising".
-        **options: fields of the method's config (only with a method name).
+        **options: fields of the method's config (only with a method name or a config file).
     """
+    path = config_path(method_or_config)
     if isinstance(method_or_config, CacheConfig):
         if options:
             raise UnknownOptionError(
@@ -335,17 +344,18 @@ def cache_backend(method_or_config: str | CacheConfig = "duca", *, lowering: str
                 f"dataclasses.replace(config, ...) instead"
             )
         config = method_or_config
-    elif isinstance(method_or_config, str):
+    elif isinstance(method_or_config, str) or path is not None:
         for key in ("mode", "options"):
             if key in options:
                 raise UnknownOptionError(
                     f"{key}= is torch.compile's, not a cache option: torch.compile(model, backend="
                     f"fxcache.cache_backend({method_or_config!r}), dynamic=False, {key}=...) passes it to the "
                     f"lowering (fxcache.enable(pipe, ..., {key}=...) does so too)")
-        config = make_config(method_or_config, **options)
+        config = load_config(path, **options) if path is not None else make_config(method_or_config, **options)
     else:
         raise ConfigError(
-            f"cache_backend takes a method name or a CacheConfig, got {type(method_or_config).__name__}"
+            f"cache_backend takes a method name, a CacheConfig or a config file path, got "
+            f"{type(method_or_config).__name__}"
         )
     return CacheBackend(config, lowering=lowering, strict=strict, block_lists=block_lists,
                         timestep_input=timestep_input, inplace=inplace, max_branches=max_branches,

@@ -1,6 +1,7 @@
 """Command line: `fxcache demo` (uncached vs. cached sampling on the embedded text-to-image reference: table, image
-grid, Pareto plot), `fxcache eval` (the same on your own diffusers pipeline), `fxcache export` (a cached transformer
-to ONNX / TensorRT artifacts and a manifest) and `fxcache check`."""
+grid, Pareto plot), `fxcache eval` (the same on your own diffusers pipeline), `fxcache calibrate` (a method's
+threshold or interval for a target PSNR on your pipeline, saved as a config file), `fxcache export` (a cached
+transformer to ONNX / TensorRT artifacts and a manifest) and `fxcache check`."""
 
 from __future__ import annotations
 
@@ -416,30 +417,41 @@ def check_cmd(argv=None) -> int:
     return rc
 
 
-def _method_spec(text: str, steps: int):
-    """`NAME[:PRESET][@OPTION=VALUE...]` (e.g. `toca:flux`, `fbcache@threshold=0.1`,
-    `dbcache@first_blocks=1@threshold=0.12`) -> (label, CacheConfig) for a `steps`-step sampler."""
+def _method_parts(text: str, flag: str = "--methods") -> tuple[str, str, dict]:
+    """`NAME[:PRESET][@OPTION=VALUE...]` -> (name, preset or "", the options given after @), name and preset
+    checked."""
     import fxcache
 
     head, *settings = text.strip().split("@")
     name, _, preset = head.partition(":")
     if name not in fxcache.method_names():
-        raise CommandError(f"--methods: unknown method {name!r}; known: {', '.join(fxcache.method_names())} "
+        raise CommandError(f"{flag}: unknown method {name!r}; known: {', '.join(fxcache.method_names())} "
                            "(optionally NAME:PRESET and @OPTION=VALUE, e.g. toca:flux, fbcache@threshold=0.1)")
-    options = {}
     if preset:
         presets = fxcache.config.get_method(name).PRESETS
         if preset not in presets:
-            raise CommandError(f"--methods {text!r}: {name} has no preset {preset!r}; its presets: "
+            raise CommandError(f"{flag} {text!r}: {name} has no preset {preset!r}; its presets: "
                                f"{', '.join(presets) or 'none'}")
-        options = dict(fxcache.config.preset_options(name, preset, steps), preset=preset)
-    if getattr(fxcache.config.get_method(name), "STEPS_FROM_SAMPLER", False):
-        options.setdefault("num_steps", steps)  # its rule counts the sampler's steps (TeaCache's last step)
+    options = {}
     for setting in settings:
         key, eq, value = setting.partition("=")
         if not eq or not key:
-            raise CommandError(f"--methods {text!r}: {setting!r} is not OPTION=VALUE (e.g. threshold=0.1)")
+            raise CommandError(f"{flag} {text!r}: {setting!r} is not OPTION=VALUE (e.g. threshold=0.1)")
         options[key.strip()] = _option_value(value.strip())
+    return name, preset, options
+
+
+def _method_spec(text: str, steps: int):
+    """`NAME[:PRESET][@OPTION=VALUE...]` (e.g. `toca:flux`, `fbcache@threshold=0.1`,
+    `dbcache@first_blocks=1@threshold=0.12`) -> (label, CacheConfig) for a `steps`-step sampler."""
+    import fxcache
+
+    name, preset, given = _method_parts(text)
+    settings = text.strip().split("@")[1:]
+    options = dict(fxcache.config.preset_options(name, preset, steps), preset=preset) if preset else {}
+    if getattr(fxcache.config.get_method(name), "STEPS_FROM_SAMPLER", False):
+        options.setdefault("num_steps", steps)  # its rule counts the sampler's steps (TeaCache's last step)
+    options.update(given)
     try:
         config = fxcache.config.make_config(name, **options)
     except fxcache_errors() as exc:
@@ -587,7 +599,93 @@ def eval_cmd(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo, "export": export_cmd, "check": check_cmd, "eval": eval_cmd}
+def _grid(text: str) -> list:
+    """argparse type: comma-separated thresholds or intervals (ints stay ints)."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(int(part) if part.isdigit() else float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def calibrate_cmd(argv=None) -> int:
+    """Search a method's threshold (or interval) for the least compute that keeps a target PSNR against the uncached
+    pipeline on your prompts; print the curve measured, each point beside the uncached sampler with fewer steps at
+    the same compute, and save the chosen config as JSON (fxcache.enable(pipe, FILE) and
+    fxcache.cache_backend(FILE) take it). TeaCache gets its polynomial and MagCache its ratios fitted first. Exits
+    0 when a setting reaches the target, 1 when none does (the file then holds the most accurate one)."""
+    import fxcache
+    from fxcache.quality.calibration import calibrate
+    from fxcache.quality.pipeline_eval import load_pipeline, read_prompts
+
+    p = _Parser(prog="fxcache calibrate", description=calibrate_cmd.__doc__)
+    p.add_argument("--pipeline", required=True, help="a diffusers pipeline folder (model_index.json) or a cached id")
+    p.add_argument("--prompts", type=_file, required=True,
+                   help="a text file, one calibration prompt per line ('#' comments): a few like those you serve")
+    p.add_argument("--method", required=True,
+                   help="NAME[:PRESET][@OPTION=VALUE...], e.g. fbcache, teacache@reduce=mean, "
+                        "dbcache@first_blocks=1 (the threshold or interval is what is searched)")
+    p.add_argument("--target", type=_finite, required=True, help="PSNR to keep, dB, pooled over the images")
+    p.add_argument("--steps", type=_steps, help="inference steps (default: the pipeline's own default)")
+    p.add_argument("--seeds", type=_positive, default=1, help="images per prompt, seeds 0..N-1 (default 1)")
+    p.add_argument("--grid", type=_grid,
+                   help="comma-separated values to measure (default: thresholds 0.01 doubling to 1.28, or intervals "
+                        "2..10)")
+    p.add_argument("--refine", type=lambda t: _at_least(0, t), default=2,
+                   help="bisections of the threshold at the target (default 2)")
+    p.add_argument("--lowering", default="eager", choices=fxcache.lowering_names(),
+                   help="lowering of the measured runs (default eager: no compile per point)")
+    p.add_argument("--arg", "-a", action="append", type=_option, default=[], metavar="NAME=VALUE",
+                   help="a pipeline call argument, e.g. -a guidance_scale=3.5 -a height=512 (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="load the pipeline in this dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", type=_device, help="where to run it (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=_positive, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", help="the JSON file to write (default ./METHOD-calibrated.json)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name, preset, options = _method_parts(args.method, "--method")
+    if preset:
+        options["preset"] = preset
+    out = args.out or f"{name}-calibrated.json"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):  # before the minutes of sampling
+        raise CommandError(f"--out {out!r}: no such folder {folder!r}")
+    try:
+        prompts = read_prompts(args.prompts)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--prompts: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"--prompts {args.prompts!r} cannot be read: {exc.strerror or exc}") from None
+    _warn_if_busy()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        pipe = load_pipeline(args.pipeline, getattr(torch, dtype), device)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CommandError(f"--pipeline {args.pipeline!r} cannot be loaded offline by diffusers: "
+                           f"{_first_line(exc)}") from None
+    try:
+        result = calibrate(pipe, name, target_psnr=args.target, prompts=prompts, steps=args.steps,
+                           seeds=list(range(args.seeds)), call_args=dict(args.arg), grid=args.grid,
+                           refine=args.refine, lowering=args.lowering, **options)
+    except (ValueError, TypeError) as exc:  # ConfigError among them: bad options, call arguments, grid
+        raise CommandError(_first_line(exc)) from None
+    try:
+        result.save(out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {out!r}: {exc.strerror or exc}") from None
+    print(f"\nwrote {out}: fxcache.enable(pipe, {out!r}) or fxcache.cache_backend({out!r}) runs the "
+          f"{'chosen' if result.reached else 'most accurate'} config")
+    return 0 if result.reached else 1
+
+
+COMMANDS = {"demo": demo, "export": export_cmd, "check": check_cmd, "eval": eval_cmd, "calibrate": calibrate_cmd}
 
 
 def main(argv=None) -> int:
@@ -601,6 +699,8 @@ def main(argv=None) -> int:
               "[--timestep-input NAME_OR_INDEX] [--strict]\n"
               "       fxcache eval --pipeline DIR_OR_ID --prompts FILE [--methods duca,taylorseer,fora] [--steps N] "
               "[-a NAME=VALUE] [--clip-model DIR] [--out DIR]\n"
+              "       fxcache calibrate --pipeline DIR_OR_ID --prompts FILE --method NAME --target DB [--steps N] "
+              "[--grid V,V,...] [-a NAME=VALUE] [--out FILE.json]\n"
               "       fxcache COMMAND --help")
         return 0 if argv else 2
     if argv[0] in COMMANDS:

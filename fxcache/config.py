@@ -284,3 +284,59 @@ def check_int(owner: str, name: str, value, *, minimum: int, maximum: int | None
 def check_fraction(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ConfigError(f"{owner}.{name} must be a number in [0, 1], got {value!r}")
+
+
+#: what a saved config file holds: a config as `CacheConfig.to_dict()` writes it, or a calibration file
+#: (`fxcache.calibrate(...).save(path)`) whose "config" entry is one
+CONFIG_FILE_SUFFIX = ".json"
+
+
+def config_path(value) -> str | None:
+    """The file `value` names when it names a config file (an `os.PathLike`, or a str ending in ".json"), else None:
+    a str that does not end so is a method name (no method name does)."""
+    import os
+
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str) and value.lower().endswith(CONFIG_FILE_SUFFIX):
+        return value
+    return None
+
+
+def load_config(path, **options) -> CacheConfig:
+    """The config saved in the JSON file `path`: one written by `fxcache.calibrate(...).save(path)` (its "config"
+    entry) or a config's `to_dict()` as JSON (`{"method": "fora", "interval": 3}`; fields left out take their
+    defaults). `options` override single fields, as with a preset. A missing or unreadable file, a file that is not
+    JSON, one without a "method", an unknown method or option, or a file written for a newer version of the method's
+    config is a `ConfigError` naming the file."""
+    import os
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path!r} (write one with fxcache.calibrate(...).save(path), or "
+                          f"json.dump(config.to_dict(), f))") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not JSON: {exc.msg} at line {exc.lineno} column "
+                          f"{exc.colno}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a calibration file
+    if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+        raise ConfigError(f"config file {path!r} names no method: it holds a config as CacheConfig.to_dict() writes "
+                          f"it ({{\"method\": \"fora\", \"interval\": 3, ...}}) or a calibration file with a "
+                          f"\"config\" entry")
+    fields = dict(data)
+    name, version = fields.pop("method"), fields.pop("version", None)
+    try:
+        cls = get_method(name)
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or version > cls.version):
+            raise ConfigError(f"version {version!r} of the {cls.method} config is not one this fxcache reads (it "
+                              f"reads up to {cls.version}): the file was written by a newer fxcache")
+        return make_config(name, **{**fields, **options})
+    except ConfigError as exc:
+        raise type(exc)(f"config file {path!r}: {exc}") from None

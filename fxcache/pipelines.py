@@ -23,7 +23,7 @@ import torch
 
 from . import shared
 from .api import CacheBackend, cache_backend
-from .config import CacheConfig
+from .config import CacheConfig, config_path, load_config
 from .errors import ConfigError
 from .runtime.attach import attach, detach
 from .runtime.requests import Request
@@ -65,7 +65,9 @@ def enable(pipe, method_or_config: str | CacheConfig | None = None, *, component
     Args:
         pipe: a diffusers pipeline.
         method_or_config, **settings: as for `fxcache.cache_backend` (method options and backend options);
-            the method defaults to "duca".
+            the method defaults to "duca". A config file path (a str ending in ".json", or a path object) loads
+            the config `fxcache.calibrate(...).save(path)` wrote (`fxcache.load_config`; method options override
+            its fields).
         components: the components to cache (default: every `transformer*` component).
         lowering: the backend's lowering (default "inductor"); mode, options: torch.compile's (e.g.
             mode="reduce-overhead" for CUDA graphs, options={...} Inductor settings), passed to the lowering.
@@ -87,6 +89,8 @@ def enable(pipe, method_or_config: str | CacheConfig | None = None, *, component
         raise ConfigError(f"{type(pipe).__name__} has no transformer component (components: "
                           f"{', '.join(getattr(pipe, 'components', {}))}); pass components=(...) naming it")
     _check_compile_options(lowering, mode, options)
+    if config_path(method_or_config) is not None:  # a file: the config it holds, as if passed as one
+        method_or_config, settings = _load_file(method_or_config, settings)
     if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
         raise ConfigError(f"max_shapes must be an int >= 1 (the input shapes each transformer may compile), "
                           f"got {max_shapes!r}")
@@ -142,6 +146,15 @@ def _compile(pipe, modules: dict, method_or_config, settings: dict, *, lowering:
     entry = shared.Compiled(type(pipe).__name__, backends, wrappers, mode=mode, options=options)
     shared.register(entry, modules)
     return entry, wrappers
+
+
+def _load_file(path, settings: dict) -> tuple[CacheConfig, dict]:
+    """(the config in the file at `path`, with the method options among `settings` applied; the backend
+    settings left), so that a pipeline enabled from a file is one enabled with that config."""
+    backend_keys = {name for name, p in inspect.signature(cache_backend).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    method_options = {k: v for k, v in settings.items() if k not in backend_keys}
+    return load_config(path, **method_options), {k: v for k, v in settings.items() if k in backend_keys}
 
 
 def _check_pipeline(pipe) -> None:

@@ -887,9 +887,13 @@ def _check_call_args(pipe, call_args: dict) -> dict:
                           f"fxcache.disable(pipe) (or give the pipeline the plain module) first")
     if "transformer_2" in getattr(pipe, "components", {}):
         raise ConfigError(f"{type(pipe).__name__} has two transformers; calibrate measures one (`transformer`)")
-    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
         raise ConfigError(f"{type(pipe).__name__} has no transformer component: fxcache caches diffusion "
                           "transformers")
+    if not isinstance(transformer, torch.nn.Module):
+        raise ConfigError(f"{type(pipe).__name__}.transformer is a {type(transformer).__name__}, not a torch module: "
+                          f"calibrate compiles the pipeline's transformer module for every setting it measures")
     return call_args
 
 

@@ -181,16 +181,17 @@ def test_teacache_gets_the_polyfit_of_changes_measured_on_the_plain_model(pipe, 
 
 
 def diffusers_magcache_ratios(pipe, steps=STEPS) -> dict[str, list[list[float]]]:
-    """The ratios diffusers' MagCache calibration mode prints at the end of each context's run."""
+    """The ratios diffusers' MagCache calibration mode prints at the end of each context's run, on a copy of the
+    transformer (hooks diffusers removes leave each block's `forward` an instance attribute, which changes what
+    Dynamo traces: the module-scoped pipeline stays as loaded)."""
     from diffusers import MagCacheConfig
 
+    pipe = copy.copy(pipe)
+    pipe.transformer = copy.deepcopy(pipe.transformer)
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            generate(pipe, steps=steps)
-    finally:
-        pipe.transformer.disable_cache()
+    with contextlib.redirect_stdout(printed):
+        generate(pipe, steps=steps)
     lines = printed.getvalue().splitlines()
     lists = [ast.literal_eval(lines[i + 1]) for i, line in enumerate(lines) if "Calibration Complete" in line]
     assert len(lists) == 2 * len(PROMPTS), printed.getvalue()

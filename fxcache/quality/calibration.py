@@ -556,6 +556,10 @@ def _speedup(share: float) -> str:
 
 
 # -- the search ------------------------------------------------------------------------------------------------
+#: what calibrate fits on the uncached run for a method, unless the options (or a preset) give it
+_FITTED = {"teacache": "coefficients", "magcache": "mag_ratios"}
+
+
 def _knob(cls) -> str:
     names = {f.name for f in dataclasses.fields(cls)}
     if "threshold" in names:
@@ -650,7 +654,9 @@ def calibrate(target, method: str, *, target_psnr: float, prompts: list[str] | N
     base = dict(options)
     if steps is not None and _steps_from_sampler(cls):
         base.setdefault("num_steps", steps)
-    make_config(method, **{**base, knob: values[0]})  # an option or a preset it refuses fails before any sampling
+    fits = _FITTED.get(cls.method) if not {_FITTED.get(cls.method), "preset"} & set(base) else None
+    # an option or a preset the method refuses fails before any sampling (what is fitted stands in as a 1)
+    make_config(method, **{**base, knob: values[0], **({fits: (1.0,)} if fits else {})})
     from ..runtime.attach import detach
 
     try:
@@ -667,13 +673,13 @@ def calibrate(target, method: str, *, target_psnr: float, prompts: list[str] | N
             if _steps_from_sampler(cls):
                 base.setdefault("num_steps", steps)
         fitted = {}
-        if cls.method == "teacache" and "coefficients" not in base and "preset" not in base:
+        if fits == "coefficients":
             fitted["coefficients"] = list(recording.teacache_coefficients())
             fitted["pairs"] = len(recording.x)
             base["coefficients"] = tuple(fitted["coefficients"])
             say(f"  TeaCache polynomial fitted on {len(recording.x)} pairs of consecutive calls: "
                 f"{', '.join(f'{c:.6g}' for c in fitted['coefficients'])}", flush=True)
-        if cls.method == "magcache" and "mag_ratios" not in base and "preset" not in base:
+        if fits == "mag_ratios":
             fitted["mag_ratios"] = recording.mag_ratios()
             fitted["per_branch"] = {str(b): recording.mag_ratios(b) for b in sorted(recording.ratios)}
             base["mag_ratios"] = tuple(fitted["mag_ratios"])

@@ -23,7 +23,8 @@ from .version import __version__  # noqa: F401
 __all__ = [
     "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DBCacheConfig", "DuCaConfig", "ExportError",
     "Explanation", "FBCacheConfig", "FORAConfig", "MagCacheConfig",
-    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig", "TeaCacheConfig",
+    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig",
+    "TeaCacheConfig",
     "ToCaConfig",
     "UnknownOptionError", "UnsupportedGraphError", "cache_backend", "cache_bytes", "disable", "enable", "explain",
     "export", "get_method", "lowering_names", "method_names", "register_lowering", "register_method", "request",

@@ -82,6 +82,8 @@ class MagCacheConfig(CacheConfig):
     """
 
     method = "magcache"
+    #: `fxcache eval` gives `num_steps` the sampler's step count
+    STEPS_FROM_SAMPLER: ClassVar[bool] = True
     PRESETS: ClassVar[dict] = PRESETS
     threshold: float = 0.06
     max_skip_steps: int = 3

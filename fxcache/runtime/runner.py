@@ -406,7 +406,8 @@ class Runner:
 
         plans = dispatcher.decided_plans
         device = self._device(args)
-        reads = prepared(self.source.variant(plans["cached"])).reads | prepared(self.source.variant(plans["probe"])).reads
+        reads = (prepared(self.source.variant(plans["cached"])).reads
+                 | prepared(self.source.variant(plans["probe"])).reads)
         can_reuse = state.written(branch) >= reads
         probe, _, passed = self._call(state, dispatcher, plans["probe"], args, step, branch, device)
         signal = passed.pop(Key.signal(), None)

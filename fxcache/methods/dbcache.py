@@ -16,14 +16,21 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedGraphError
 from .adaptive import REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
 from .recipe import register_recipe
 
 
-def check_threshold(owner: str, value: float) -> None:
+def check_threshold(owner: str, value: float, zero: str = "0 never reuses") -> None:
     if value < 0:
-        raise ConfigError(f"{owner}.threshold must be >= 0 (0 never reuses), got {value!r}")
+        raise ConfigError(f"{owner}.threshold must be >= 0 ({zero}), got {value!r}")
+
+
+def check_limit(name: str, value) -> None:
+    """A limit on reused calls: a count >= 0, or -1 for none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < -1:
+        raise ConfigError(f"DBCacheConfig.{name} must be >= 0, or -1 for no limit, got {value}")
+    check_int("DBCacheConfig", name, value, minimum=-1, maximum=MAX_STEPS, why=STEPS_WHY)
 
 
 class ResidualDiffConfig(CacheConfig):
@@ -90,10 +97,8 @@ class DBCacheConfig(ResidualDiffConfig):
         check_int("DBCacheConfig", "first_blocks", self.first_blocks, minimum=1, maximum=100_000)
         check_int("DBCacheConfig", "last_blocks", self.last_blocks, minimum=0, maximum=100_000)
         check_int("DBCacheConfig", "warmup_steps", self.warmup_steps, minimum=0, maximum=MAX_STEPS, why=STEPS_WHY)
-        check_int("DBCacheConfig", "max_cached_steps", self.max_cached_steps, minimum=-1, maximum=MAX_STEPS,
-                  why=STEPS_WHY)
-        check_int("DBCacheConfig", "max_continuous_cached_steps", self.max_continuous_cached_steps, minimum=-1,
-                  maximum=MAX_STEPS, why=STEPS_WHY)
+        check_limit("max_cached_steps", self.max_cached_steps)
+        check_limit("max_continuous_cached_steps", self.max_continuous_cached_steps)
 
     @property
     def warmup(self) -> int:
@@ -124,11 +129,12 @@ class DBCacheRule(Rule):
             reuse = False
         elif c.threshold <= 0.0:
             reuse = False
+        elif not can_reuse:  # nothing to reuse, nor a reference to compare with: no signal is read
+            reuse = False
         elif c.threshold >= 1.0:
-            reuse = can_reuse
+            reuse = True
         else:
-            value, below = reduce_signal(signal, c.reduce, lambda v: v < c.threshold)
-            reuse = below and can_reuse
+            value, reuse = reduce_signal(signal, c.reduce, lambda v: v < c.threshold)
         if reuse:
             state.cached += 1
             state.row += 1
@@ -147,8 +153,16 @@ class DBCacheRecipe(DecidedRecipe):
     def run(self, blocks: int) -> tuple[int, int]:
         return self.config.first_blocks, blocks - self.config.last_blocks
 
-    def describe_run(self) -> str:
-        return f"first_blocks={self.config.first_blocks} + last_blocks={getattr(self.config, 'last_blocks', 0)}"
+    def check_blocks(self, blocks: int) -> None:
+        c = self.config
+        if c.first_blocks + c.last_blocks >= blocks:
+            raise UnsupportedGraphError(self.too_small(blocks))
+
+    def too_small(self, blocks: int) -> str:
+        c = self.config
+        return (f"dbcache: first_blocks={c.first_blocks} + last_blocks={c.last_blocks} leave no block to cache in a "
+                f"graph of {blocks} blocks: first_blocks + last_blocks must be at most {blocks - 1} here "
+                f"(first_blocks >= 1)")
 
     def rule(self) -> Rule:
         return DBCacheRule(self.config)

@@ -40,7 +40,7 @@ class FBCacheConfig(ResidualDiffConfig):
     last_blocks: ClassVar[int] = 0
 
     def _validate(self) -> None:
-        check_threshold("FBCacheConfig", self.threshold)
+        check_threshold("FBCacheConfig", self.threshold, zero="0 reuses only an unchanged residual")
 
     @property
     def warmup(self) -> int:
@@ -64,8 +64,6 @@ class FBCacheRecipe(DBCacheRecipe):
     def rule(self) -> Rule:
         return FBCacheRule(self.config)
 
-    def describe_run(self) -> str:
-        return "block 0 as the probe"
-
-
-
+    def too_small(self, blocks: int) -> str:
+        return (f"fbcache: a graph of {blocks} block has no block after block 0 (the probe) to cache: it needs at "
+                f"least 2 blocks")

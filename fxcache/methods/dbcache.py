@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from ..errors import ConfigError, UnsupportedGraphError
-from .adaptive import REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
+from .adaptive import CFG_MODES, REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
 from .recipe import register_recipe
 
 
@@ -36,7 +36,7 @@ def check_limit(name: str, value) -> None:
 class ResidualDiffConfig(CacheConfig):
     """What FBCache and DBCache share: a threshold on the probe's relative residual change, and the batch rule."""
 
-    CHOICES: ClassVar[dict] = {"reduce": REDUCTIONS}
+    CHOICES: ClassVar[dict] = {"reduce": REDUCTIONS, "cfg": CFG_MODES}
 
     @property
     def kinds(self) -> frozenset[StepKind]:
@@ -74,6 +74,9 @@ class DBCacheConfig(ResidualDiffConfig):
         max_continuous_cached_steps: at most this many reused calls in a row (-1: no limit).
         reduce: "rows" reuses only when every batch row's change is below the threshold; "mean" decides on the
             whole batch, as cache-dit does (one prompt's change can then make another reuse stale features).
+        cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
+            step take the signal of its first branch (cache-dit's `cfg_diff_compute_separate=False`), each through
+            its own rule and state.
     """
 
     method = "dbcache"
@@ -91,6 +94,7 @@ class DBCacheConfig(ResidualDiffConfig):
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     reduce: str = "rows"
+    cfg: str = "separate"
 
     def _validate(self) -> None:
         check_threshold("DBCacheConfig", self.threshold)

@@ -29,12 +29,16 @@ class FBCacheConfig(ResidualDiffConfig):
             its docs suggest 0.05-0.2 for FLUX, higher is faster and further from the uncached image).
         reduce: "rows" reuses only when every batch row's change is within the threshold; "mean" decides on the
             whole batch, as diffusers does.
+        cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
+            step take the signal of its first branch (cache-dit's `cfg_diff_compute_separate=False`), each through
+            its own rule and state.
     """
 
     method = "fbcache"
     PRESETS: ClassVar[dict] = {"default": dict(threshold=0.05)}
     threshold: float = 0.05
     reduce: str = "rows"
+    cfg: str = "separate"
 
     first_blocks: ClassVar[int] = 1
     last_blocks: ClassVar[int] = 0

@@ -480,3 +480,28 @@ def test_a_graph_too_small_for_the_settings_says_what_fits(method, blocks, opts,
         model(**make_inputs("flux"))
     for part in says:
         assert part in str(info.value), (part, str(info.value))
+
+
+def test_dbcache_shared_cfg_signal_equals_cache_dit_cfg_diff_not_separate():
+    """cfg="shared": the uncond call of a step takes the cond call's signal, as cache-dit does with
+    enable_separate_cfg=True and cfg_diff_compute_separate=False; each branch keeps its own residuals."""
+    fn, bn, threshold, warmup = 1, 0, 0.45, 1
+    model = tiny_flux()
+    ours = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup,
+                    cfg="shared")
+    peer = CacheDitDBCache(model, separate_cfg=True, Fn_compute_blocks=fn, Bn_compute_blocks=bn,
+                           residual_diff_threshold=threshold, max_warmup_steps=warmup,
+                           cfg_diff_compute_separate=False)
+    kws = branch_inputs(branches=2)
+    steps = 10
+    fx_outs = sample(fx_call(ours), kws, steps)
+    peer_outs = sample(peer, kws, steps)
+    assert_parity(ours, fx_outs, peer.computed, peer_outs, threshold, peer_signals=peer.signals)
+    records = fxcache.stats(ours)
+    cond = {r["step"]: r["signal"] for r in records if r["branch"] == 0}
+    uncond = {r["step"]: r["signal"] for r in records if r["branch"] == 1}
+    assert all(uncond[s] == cond[s] for s in uncond if s >= warmup)
+    separate = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup)
+    sample(fx_call(separate), kws, steps)
+    own = {r["step"]: r["signal"] for r in fxcache.stats(separate) if r["branch"] == 1}
+    assert any(own[s] != cond[s] for s in own if s >= warmup)  # the branches' own signals differ

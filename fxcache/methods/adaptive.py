@@ -164,11 +164,12 @@ class DecidedRecipe(Recipe):
             self.probe_signal(b, graph, layout)
             return
         take_carried(b, layout["probe"].carried)
+        order = self.config.taylor_order  # a forecast residual: its Taylor factors
         if plan.kind is StepKind.FULL:
             self.compute_extras(b, graph, layout)
-            expose_residual(b, layout["pairs"], layout["start"], layout["end"])
+            expose_residual(b, layout["pairs"], layout["start"], layout["end"], order)
         else:
-            read_residual(b, layout["pairs"], layout["start"], layout["end"])
+            read_residual(b, layout["pairs"], layout["start"], layout["end"], order)
 
     def check(self, graph: GraphPlan, plan: StepPlan) -> None:
         if len(plan.blocks) != len(graph.blocks):

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
 from ..errors import ConfigError, UnsupportedGraphError
+from ..graph_io import MAX_ORDER
 from .adaptive import CFG_MODES, REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
 from .recipe import register_recipe
 
@@ -31,6 +32,10 @@ def check_limit(name: str, value) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value < -1:
         raise ConfigError(f"DBCacheConfig.{name} must be >= 0, or -1 for no limit, got {value}")
     check_int("DBCacheConfig", name, value, minimum=-1, maximum=MAX_STEPS, why=STEPS_WHY)
+
+
+#: the forecasts of the stored residual (cache-dit's calibrators)
+FORECASTS = ("taylorseer",)
 
 
 class ResidualDiffConfig(CacheConfig):
@@ -72,6 +77,10 @@ class DBCacheConfig(ResidualDiffConfig):
         warmup_steps: leading calls of each branch that compute (default 8).
         max_cached_steps: at most this many reused calls per branch and request (-1: no limit).
         max_continuous_cached_steps: at most this many reused calls in a row (-1: no limit).
+        forecast: None reuses the stored residual of the middle blocks as it is; "taylorseer" forecasts it from
+            its Taylor factors, updated at every computed call (cache-dit's TaylorSeer calibrator: the first
+            derivative from the fourth call on, as its calibrator steps lag the DBCache steps by one).
+        forecast_order: the Taylor order of the forecast (cache-dit's `taylorseer_order`, default 1).
         reduce: "rows" reuses only when every batch row's change is below the threshold; "mean" decides on the
             whole batch, as cache-dit does (one prompt's change can then make another reuse stale features).
         cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
@@ -82,6 +91,7 @@ class DBCacheConfig(ResidualDiffConfig):
     method = "dbcache"
     #: options whose value -1 means "no limit", as in cache-dit (every other negative is refused)
     OFF_VALUES: ClassVar[dict] = {"max_cached_steps": -1, "max_continuous_cached_steps": -1}
+    CHOICES: ClassVar[dict] = {"forecast": FORECASTS}
     PRESETS: ClassVar[dict] = {
         # cache-dit's defaults (cache_config.py) and its FLUX example F1B0 / F8B0 settings
         "default": dict(first_blocks=8, last_blocks=0, threshold=0.08, warmup_steps=8),
@@ -95,9 +105,12 @@ class DBCacheConfig(ResidualDiffConfig):
     max_continuous_cached_steps: int = -1
     reduce: str = "rows"
     cfg: str = "separate"
+    forecast: str | None = None
+    forecast_order: int = 1
 
     def _validate(self) -> None:
         check_threshold("DBCacheConfig", self.threshold)
+        check_int("DBCacheConfig", "forecast_order", self.forecast_order, minimum=1, maximum=MAX_ORDER)
         check_int("DBCacheConfig", "first_blocks", self.first_blocks, minimum=1, maximum=100_000)
         check_int("DBCacheConfig", "last_blocks", self.last_blocks, minimum=0, maximum=100_000)
         check_int("DBCacheConfig", "warmup_steps", self.warmup_steps, minimum=0, maximum=MAX_STEPS, why=STEPS_WHY)
@@ -107,6 +120,16 @@ class DBCacheConfig(ResidualDiffConfig):
     @property
     def warmup(self) -> int:
         return self.warmup_steps
+
+    @property
+    def taylor_order(self) -> int | None:
+        return self.forecast_order if self.forecast == "taylorseer" else None
+
+    @property
+    def taylor_warmup(self) -> int:
+        """cache-dit's calibrator makes a derivative only when its step, one behind DBCache's, is above 1: from the
+        computed call at DBCache step 3 on."""
+        return 4
 
 
 @dataclasses.dataclass

@@ -198,12 +198,14 @@ class CacheDitDBCache:
     """A copy of the transformer with cache-dit's DBCache on it (transformer-only, as `cache_dit.enable_cache`
     installs it); `computed` / `signals` log what its `can_cache` decided on each call and the diff it recorded."""
 
-    def __init__(self, model, *, separate_cfg: bool, **config):
+    def __init__(self, model, *, separate_cfg: bool, taylorseer_order: int = 0, **config):
         import cache_dit
-        from cache_dit import DBCacheConfig
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
         self.model = copy.deepcopy(model)
-        cache_dit.enable_cache(self.model, cache_config=DBCacheConfig(enable_separate_cfg=separate_cfg, **config))
+        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        cache_dit.enable_cache(self.model, cache_config=DBCacheConfig(enable_separate_cfg=separate_cfg, **config),
+                               calibrator_config=calibrator)
         manager = self.model._context_manager
         can_cache = manager.can_cache
         self.computed: list[bool] = []
@@ -505,3 +507,24 @@ def test_dbcache_shared_cfg_signal_equals_cache_dit_cfg_diff_not_separate():
     sample(fx_call(separate), kws, steps)
     own = {r["step"]: r["signal"] for r in fxcache.stats(separate) if r["branch"] == 1}
     assert any(own[s] != cond[s] for s in own if s >= warmup)  # the branches' own signals differ
+
+
+@pytest.mark.parametrize("order,branches", [(1, 1), (2, 2)])
+def test_dbcache_taylorseer_forecast_equals_cache_dit_calibrator(order, branches):
+    """forecast="taylorseer": a reused call adds the Taylor forecast of the middle blocks' residual, its factors
+    updated at every computed call, as cache-dit's TaylorSeer calibrator (one per CFG branch)."""
+    fn, bn, threshold, warmup = 1, 1, 0.5, 2
+    model = tiny_flux()
+    ours = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup,
+                    forecast="taylorseer", forecast_order=order)
+    peer = CacheDitDBCache(model, separate_cfg=branches == 2, taylorseer_order=order, Fn_compute_blocks=fn,
+                           Bn_compute_blocks=bn, residual_diff_threshold=threshold, max_warmup_steps=warmup)
+    kws = branch_inputs(branches=branches)
+    steps = 12
+    fx_outs = sample(fx_call(ours), kws, steps)
+    peer_outs = sample(peer, kws, steps)
+    assert_parity(ours, fx_outs, peer.computed, peer_outs, threshold, peer_signals=peer.signals)
+    plain = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup)
+    plain_outs = sample(fx_call(plain), kws, steps)
+    reused = [i for i, c in enumerate(decisions_of(ours)) if not c and i >= 4 * branches]
+    assert reused and any(not torch.equal(fx_outs[i], plain_outs[i]) for i in reused)  # the forecast moved them

@@ -12,8 +12,8 @@ from .errors import (ConfigError, ExportError, FxCacheError, MissingDependencyEr
                      UnsupportedGraphError)
 from . import deploy  # noqa: F401  (fxcache.deploy.CachedSession after `import fxcache`)
 from .export import export
-from .methods import (ClusCaConfig, DBCacheConfig, DuCaConfig, FBCacheConfig, FORAConfig, TaylorSeerConfig,
-                      TeaCacheConfig, ToCaConfig)
+from .methods import (ClusCaConfig, DBCacheConfig, DuCaConfig, FBCacheConfig, FORAConfig, MagCacheConfig,
+                      TaylorSeerConfig, TeaCacheConfig, ToCaConfig)
 from .pipelines import disable, enable
 from .runtime import lowering_names, register_lowering
 from .runtime.requests import Request
@@ -22,8 +22,9 @@ from .version import __version__  # noqa: F401
 
 __all__ = [
     "CacheBackend", "CacheConfig", "ClusCaConfig", "ConfigError", "DBCacheConfig", "DuCaConfig", "ExportError",
-    "Explanation", "FBCacheConfig", "FORAConfig",
-    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig", "TeaCacheConfig",
+    "Explanation", "FBCacheConfig", "FORAConfig", "MagCacheConfig",
+    "FxCacheError", "FxCacheWarning", "MissingDependencyError", "Request", "StepKind", "TaylorSeerConfig",
+    "TeaCacheConfig",
     "ToCaConfig",
     "UnknownOptionError", "UnsupportedGraphError", "cache_backend", "cache_bytes", "disable", "enable", "explain",
     "export", "get_method", "load_config", "lowering_names", "method_names", "register_lowering", "register_method",

@@ -551,7 +551,8 @@ def decided_summary(recipe, view: GraphView, graph: GraphPlan) -> str:
     after = [n for n, b, p in zip(names, plans["cached"].blocks, plans["probe"].blocks)
              if b.kind is BlockKind.FULL and p.kind is not BlockKind.FULL]
     span = (lambda ns: f"{ns[0]}..{ns[-1]}" if len(ns) > 1 else ns[0] if ns else "none")
-    return (f"decided per call: a probe runs {span(probe) if probe else 'up to its signal (no whole block)'} and returns "
+    where = span(probe) if probe else "up to its signal (no whole block)"
+    return (f"decided per call: a probe runs {where} and returns "
             f"its signal (one host read), then a compute tail runs the rest, or a cached tail adds the residual of "
             f"{span(reused)} from the branch's last computed call" + (f" and runs {span(after)}" if after else ""))
 

@@ -78,6 +78,11 @@ class CacheConfig:
         return None
 
     @property
+    def taylor_warmup(self) -> int:
+        """W of the Taylor bookkeeping: derivatives only from computed steps s >= W - 1."""
+        return self.warmup
+
+    @property
     def draw_seed(self) -> int:
         """Seed of the random draws a variant makes (token choice, k-means start), reseeded every generation so that
         runs repeat; 0 for methods that draw nothing."""

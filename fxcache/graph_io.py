@@ -113,9 +113,10 @@ class Key:
         return cls(Slot.FINAL, output=output)
 
     def factor(self, order: int) -> "Key":
-        """Taylor factor `order` of this unit output."""
-        assert self.slot is Slot.UNIT
-        return Key(Slot.TAYLOR, unit=self.unit, output=self.output, order=order)
+        """Taylor factor `order` of this unit output (or of this stream residual: its unit names the run)."""
+        assert self.slot in (Slot.UNIT, Slot.RESIDUAL)
+        unit = self.unit if self.slot is Slot.UNIT else f"residual[{self.unit}]"
+        return Key(Slot.TAYLOR, unit=unit, output=self.output, order=order)
 
     @property
     def base(self) -> "Key":

@@ -31,6 +31,10 @@ from .recipe import Recipe
 #: how a batch decides: "rows", a call reuses only when every row's signal allows it (one prompt's change never
 #: makes another prompt reuse stale features); "mean", on the signal of the whole batch, as the peers do
 REDUCTIONS = ("rows", "mean")
+#: how CFG branches decide: "separate", each on its own signal and state; "shared", the later branches of a step
+#: take the signal of the step's first branch (cache-dit's `cfg_diff_compute_separate=False`) through their own
+#: rule and state, so a step's branches reuse together unless a branch's own limits or caches say otherwise
+CFG_MODES = ("separate", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +164,12 @@ class DecidedRecipe(Recipe):
             self.probe_signal(b, graph, layout)
             return
         take_carried(b, layout["probe"].carried)
+        order = self.config.taylor_order  # a forecast residual: its Taylor factors
         if plan.kind is StepKind.FULL:
             self.compute_extras(b, graph, layout)
-            expose_residual(b, layout["pairs"], layout["start"], layout["end"])
+            expose_residual(b, layout["pairs"], layout["start"], layout["end"], order)
         else:
-            read_residual(b, layout["pairs"], layout["start"], layout["end"])
+            read_residual(b, layout["pairs"], layout["start"], layout["end"], order)
 
     def check(self, graph: GraphPlan, plan: StepPlan) -> None:
         if len(plan.blocks) != len(graph.blocks):

@@ -16,20 +16,32 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import MAX_STEPS, STEPS_WHY, CacheConfig, StepKind, check_int, register_method
-from ..errors import ConfigError
-from .adaptive import REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
+from ..errors import ConfigError, UnsupportedGraphError
+from ..graph_io import MAX_ORDER
+from .adaptive import CFG_MODES, REDUCTIONS, DecidedRecipe, Decision, Rule, reduce_signal
 from .recipe import register_recipe
 
 
-def check_threshold(owner: str, value: float) -> None:
+def check_threshold(owner: str, value: float, zero: str = "0 never reuses") -> None:
     if value < 0:
-        raise ConfigError(f"{owner}.threshold must be >= 0 (0 never reuses), got {value!r}")
+        raise ConfigError(f"{owner}.threshold must be >= 0 ({zero}), got {value!r}")
+
+
+def check_limit(name: str, value) -> None:
+    """A limit on reused calls: a count >= 0, or -1 for none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < -1:
+        raise ConfigError(f"DBCacheConfig.{name} must be >= 0, or -1 for no limit, got {value}")
+    check_int("DBCacheConfig", name, value, minimum=-1, maximum=MAX_STEPS, why=STEPS_WHY)
+
+
+#: the forecasts of the stored residual (cache-dit's calibrators)
+FORECASTS = ("taylorseer",)
 
 
 class ResidualDiffConfig(CacheConfig):
     """What FBCache and DBCache share: a threshold on the probe's relative residual change, and the batch rule."""
 
-    CHOICES: ClassVar[dict] = {"reduce": REDUCTIONS}
+    CHOICES: ClassVar[dict] = {"reduce": REDUCTIONS, "cfg": CFG_MODES}
 
     @property
     def kinds(self) -> frozenset[StepKind]:
@@ -65,13 +77,21 @@ class DBCacheConfig(ResidualDiffConfig):
         warmup_steps: leading calls of each branch that compute (default 8).
         max_cached_steps: at most this many reused calls per branch and request (-1: no limit).
         max_continuous_cached_steps: at most this many reused calls in a row (-1: no limit).
+        forecast: None reuses the stored residual of the middle blocks as it is; "taylorseer" forecasts it from
+            its Taylor factors, updated at every computed call (cache-dit's TaylorSeer calibrator: the first
+            derivative from the fourth call on, as its calibrator steps lag the DBCache steps by one).
+        forecast_order: the Taylor order of the forecast (cache-dit's `taylorseer_order`, default 1).
         reduce: "rows" reuses only when every batch row's change is below the threshold; "mean" decides on the
             whole batch, as cache-dit does (one prompt's change can then make another reuse stale features).
+        cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
+            step take the signal of its first branch (cache-dit's `cfg_diff_compute_separate=False`), each through
+            its own rule and state.
     """
 
     method = "dbcache"
     #: options whose value -1 means "no limit", as in cache-dit (every other negative is refused)
     OFF_VALUES: ClassVar[dict] = {"max_cached_steps": -1, "max_continuous_cached_steps": -1}
+    CHOICES: ClassVar[dict] = {"forecast": FORECASTS}
     PRESETS: ClassVar[dict] = {
         # cache-dit's defaults (cache_config.py) and its FLUX example F1B0 / F8B0 settings
         "default": dict(first_blocks=8, last_blocks=0, threshold=0.08, warmup_steps=8),
@@ -84,20 +104,32 @@ class DBCacheConfig(ResidualDiffConfig):
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     reduce: str = "rows"
+    cfg: str = "separate"
+    forecast: str | None = None
+    forecast_order: int = 1
 
     def _validate(self) -> None:
         check_threshold("DBCacheConfig", self.threshold)
+        check_int("DBCacheConfig", "forecast_order", self.forecast_order, minimum=1, maximum=MAX_ORDER)
         check_int("DBCacheConfig", "first_blocks", self.first_blocks, minimum=1, maximum=100_000)
         check_int("DBCacheConfig", "last_blocks", self.last_blocks, minimum=0, maximum=100_000)
         check_int("DBCacheConfig", "warmup_steps", self.warmup_steps, minimum=0, maximum=MAX_STEPS, why=STEPS_WHY)
-        check_int("DBCacheConfig", "max_cached_steps", self.max_cached_steps, minimum=-1, maximum=MAX_STEPS,
-                  why=STEPS_WHY)
-        check_int("DBCacheConfig", "max_continuous_cached_steps", self.max_continuous_cached_steps, minimum=-1,
-                  maximum=MAX_STEPS, why=STEPS_WHY)
+        check_limit("max_cached_steps", self.max_cached_steps)
+        check_limit("max_continuous_cached_steps", self.max_continuous_cached_steps)
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps
+
+    @property
+    def taylor_order(self) -> int | None:
+        return self.forecast_order if self.forecast == "taylorseer" else None
+
+    @property
+    def taylor_warmup(self) -> int:
+        """cache-dit's calibrator makes a derivative only when its step, one behind DBCache's, is above 1: from the
+        computed call at DBCache step 3 on."""
+        return 4
 
 
 @dataclasses.dataclass
@@ -124,11 +156,12 @@ class DBCacheRule(Rule):
             reuse = False
         elif c.threshold <= 0.0:
             reuse = False
+        elif not can_reuse:  # nothing to reuse, nor a reference to compare with: no signal is read
+            reuse = False
         elif c.threshold >= 1.0:
-            reuse = can_reuse
+            reuse = True
         else:
-            value, below = reduce_signal(signal, c.reduce, lambda v: v < c.threshold)
-            reuse = below and can_reuse
+            value, reuse = reduce_signal(signal, c.reduce, lambda v: v < c.threshold)
         if reuse:
             state.cached += 1
             state.row += 1
@@ -147,8 +180,16 @@ class DBCacheRecipe(DecidedRecipe):
     def run(self, blocks: int) -> tuple[int, int]:
         return self.config.first_blocks, blocks - self.config.last_blocks
 
-    def describe_run(self) -> str:
-        return f"first_blocks={self.config.first_blocks} + last_blocks={getattr(self.config, 'last_blocks', 0)}"
+    def check_blocks(self, blocks: int) -> None:
+        c = self.config
+        if c.first_blocks + c.last_blocks >= blocks:
+            raise UnsupportedGraphError(self.too_small(blocks))
+
+    def too_small(self, blocks: int) -> str:
+        c = self.config
+        return (f"dbcache: first_blocks={c.first_blocks} + last_blocks={c.last_blocks} leave no block to cache in a "
+                f"graph of {blocks} blocks: first_blocks + last_blocks must be at most {blocks - 1} here "
+                f"(first_blocks >= 1)")
 
     def rule(self) -> Rule:
         return DBCacheRule(self.config)

@@ -29,18 +29,22 @@ class FBCacheConfig(ResidualDiffConfig):
             its docs suggest 0.05-0.2 for FLUX, higher is faster and further from the uncached image).
         reduce: "rows" reuses only when every batch row's change is within the threshold; "mean" decides on the
             whole batch, as diffusers does.
+        cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
+            step take the signal of its first branch (cache-dit's `cfg_diff_compute_separate=False`), each through
+            its own rule and state.
     """
 
     method = "fbcache"
     PRESETS: ClassVar[dict] = {"default": dict(threshold=0.05)}
     threshold: float = 0.05
     reduce: str = "rows"
+    cfg: str = "separate"
 
     first_blocks: ClassVar[int] = 1
     last_blocks: ClassVar[int] = 0
 
     def _validate(self) -> None:
-        check_threshold("FBCacheConfig", self.threshold)
+        check_threshold("FBCacheConfig", self.threshold, zero="0 reuses only an unchanged residual")
 
     @property
     def warmup(self) -> int:
@@ -64,8 +68,6 @@ class FBCacheRecipe(DBCacheRecipe):
     def rule(self) -> Rule:
         return FBCacheRule(self.config)
 
-    def describe_run(self) -> str:
-        return "block 0 as the probe"
-
-
-
+    def too_small(self, blocks: int) -> str:
+        return (f"fbcache: a graph of {blocks} block has no block after block 0 (the probe) to cache: it needs at "
+                f"least 2 blocks")

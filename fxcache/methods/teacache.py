@@ -55,6 +55,9 @@ class TeaCacheConfig(ResidualDiffConfig):
         final_steps: trailing calls of each branch that compute (the authors: 1).
         reduce: "rows" keeps one accumulator per batch row and reuses only when every row's is below the
             threshold; "mean" accumulates the whole batch's change, as the authors do.
+        cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a
+            step take the signal of its first branch (cache-dit's `cfg_diff_compute_separate=False`), each through
+            its own rule and state.
     """
 
     method = "teacache"
@@ -67,6 +70,7 @@ class TeaCacheConfig(ResidualDiffConfig):
     warmup_steps: int = 1
     final_steps: int = 1
     reduce: str = "rows"
+    cfg: str = "separate"
 
     def _validate(self) -> None:
         check_threshold("TeaCacheConfig", self.threshold)

@@ -22,6 +22,7 @@ __all__ = [
     "GraphBuilder", "PASSES", "PassInvariantError", "Selection", "age_unrefreshed", "checks_enabled",
     "cluster_tokens", "copy_dynamo_meta", "example_spec", "expose_final", "expose_units", "forecast_units",
     "graph_pass", "propagate_shapes", "expose_residual", "indicator_signal", "keep_reference", "probe_outputs",
-    "read_residual", "residual_signal", "take_carried", "read_final", "recompute_subset", "record_scores", "refresh_clusters",
+    "read_residual", "residual_signal", "take_carried", "read_final", "recompute_subset", "record_scores",
+    "refresh_clusters",
     "restart_staleness", "reuse_units", "select_and_recompute", "update_factors",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..graph_io import Key, Role
+from ..graph_io import Key, Role, Slot
 from .checks import graph_pass
 from .graph_builder import GraphBuilder
 
@@ -26,22 +26,53 @@ def _example(node: fx.Node) -> torch.Tensor:
 
 
 @graph_pass
-def expose_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int) -> None:
+def expose_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int,
+                    order: int | None = None) -> None:
+    """`order`: keep Taylor factors F_0..F_m of each residual instead (F_0 the residual, F_{i+1} = (F_i - old
+    F_i) * taylor_diff[i]), for a cached call to forecast it (DBCache's TaylorSeer calibrator)."""
+    diff = None
+    if order:
+        diff = b.take(Role.TAYLOR_DIFF, Key.scalar(Slot.TAYLOR_DIFF), (order,), torch.float32)
     for i, (after, before) in enumerate(pairs):
         node = b.current(after)
         with b.graph.inserting_after(node):
-            diff = b.graph.call_function(torch.sub, (node, b.current(before)))
-        b.give(Role.CACHE, Key.residual(i, start, end), diff)
+            residual = b.graph.call_function(torch.sub, (node, b.current(before)))
+        key = Key.residual(i, start, end)
+        if order is None:
+            b.give(Role.CACHE, key, residual)
+            continue
+        value = _example(after)
+        factors = [residual]
+        with b.inserting_at_end():
+            for k in range(order):
+                old = b.take(Role.CACHE, key.factor(k), value.shape, value.dtype, value)
+                step = b.graph.call_function(torch.sub, (factors[-1], old))
+                factors.append(b.graph.call_function(torch.mul, (step, b.graph.call_function(
+                    torch.select, (diff, 0, k)))))
+        for k, f in enumerate(factors):
+            b.give(Role.CACHE, key.factor(k), f)
 
 
 @graph_pass
-def read_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int) -> None:
+def read_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int,
+                  order: int | None = None) -> None:
+    """`order`: the residual is forecast from its Taylor factors, `sum_k taylor_coef[k] * F_k`."""
+    coef = b.take(Role.TAYLOR_COEF, Key.scalar(Slot.TAYLOR_COEF), (order + 1,), torch.float32) if order else None
     for i, (after, before) in enumerate(pairs):
         value = _example(after)
-        ph = b.take(Role.CACHE, Key.residual(i, start, end), value.shape, value.dtype, value)
+        key = Key.residual(i, start, end)
         target = b.current(after)
-        with b.graph.inserting_after(target):
-            rebuilt = b.graph.call_function(torch.add, (b.current(before), ph))
+        if order is None:
+            residual = b.take(Role.CACHE, key, value.shape, value.dtype, value)
+        else:
+            factors = [b.take(Role.CACHE, key.factor(k), value.shape, value.dtype, value) for k in range(order + 1)]
+            with b.graph.inserting_before(target.next):  # in creation order, right after the run's end
+                residual = None
+                for k, f in enumerate(factors):
+                    term = b.graph.call_function(torch.mul, (f, b.graph.call_function(torch.select, (coef, 0, k))))
+                    residual = term if residual is None else b.graph.call_function(torch.add, (residual, term))
+        with b.graph.inserting_after(residual if order else target):
+            rebuilt = b.graph.call_function(torch.add, (b.current(before), residual))
         target.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt)
         b.replaced[after] = rebuilt
 

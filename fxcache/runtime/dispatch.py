@@ -17,7 +17,7 @@ import torch
 from ..config import CacheConfig, StepKind
 from ..graph_io import GraphValue, Role, Slot
 from ..methods import recipe_for
-from ..step_plan import GraphView, StepPlan
+from ..step_plan import PROBE, GraphView, StepPlan
 from .draws import draw_indices, draw_permutation, draw_uniform
 from .taylor import TaylorState
 
@@ -96,9 +96,11 @@ class Dispatcher:
         if self.taylor_order is not None:
             taylor = state.taylor.get(branch)
             if taylor is None:
-                taylor = state.taylor[branch] = TaylorState(self.taylor_order, self.config.warmup)
+                taylor = state.taylor[branch] = TaylorState(self.taylor_order, self.config.taylor_warmup)
         # a FULL step anchors the Taylor deltas even when the variant takes no `taylor_diff` (order 0)
-        diff = taylor.full_inputs(step, device) if plan.kind is StepKind.FULL and taylor is not None else None
+        # (a probe is not a computed step: its tail says whether the call computes)
+        full = plan.kind is StepKind.FULL and plan.part != PROBE
+        diff = taylor.full_inputs(step, device) if full and taylor is not None else None
         p = prepared(variant)
         draws = self._draws(state, step, p.drawn, device) if p.drawn else None
         out = []

@@ -406,11 +406,17 @@ class Runner:
 
         plans = dispatcher.decided_plans
         device = self._device(args)
-        reads = prepared(self.source.variant(plans["cached"])).reads | prepared(self.source.variant(plans["probe"])).reads
+        reads = (prepared(self.source.variant(plans["cached"])).reads
+                 | prepared(self.source.variant(plans["probe"])).reads)
         can_reuse = state.written(branch) >= reads
         probe, _, passed = self._call(state, dispatcher, plans["probe"], args, step, branch, device)
         signal = passed.pop(Key.signal(), None)
-        values = signal.tolist() if signal is not None else None  # the call's second host read
+        shared = state.step_signal if getattr(self.config, "cfg", "separate") == "shared" else None
+        if shared is not None and shared[0] == step and shared[1] != branch:
+            values = shared[2]  # a later CFG branch of the step takes the first branch's signal
+        else:
+            values = signal.tolist() if signal is not None else None  # the call's second host read
+            state.step_signal = (step, branch, values)
         rules = state.rules
         if branch not in rules:
             rules[branch] = dispatcher.rule.new_state()

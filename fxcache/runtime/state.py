@@ -24,6 +24,7 @@ class GraphState:
         self.store: CacheStore = InplaceStore(runner) if runner.inplace else FunctionalStore()
         self.taylor: dict[int, TaylorState] = {}
         self.rules: dict = {}  # per branch: the state of a run-time rule (methods that decide per call)
+        self.step_signal: tuple | None = None  # (step, branch, signal) of the last signal read (cfg="shared")
         self.draws: dict = {}  # the current step's random inputs, shared by the branches
         self.draws_step = -1
         self.unmatched = 0  # calls that continued no branch
@@ -57,6 +58,7 @@ class GraphState:
         self.store.release()
         self.taylor.clear()
         self.rules.clear()
+        self.step_signal = None
         self.draws.clear()
         self.draws_step = -1
         self.tracker.reset()

@@ -10,7 +10,7 @@ from fxcache import ConfigError
 from helpers import loop_inputs, make_model, run
 
 METHODS = ["fora", "duca", "toca", "taylorseer", "clusca"]
-CASES = [(m, p) for m in METHODS for p in sorted(fxcache.get_method(m).PRESETS)]
+CASES = [(m, p) for m in METHODS + ["magcache"] for p in sorted(fxcache.get_method(m).PRESETS)]
 
 
 @pytest.mark.parametrize("method,preset", CASES)

@@ -335,6 +335,9 @@ def test_config_files_load_through_cache_backend_and_enable_or_fail_clearly(pipe
     (dict(method="fora", sample=lambda m: m), "sample= is for a bare model"),
     (dict(method="fora", grid=(2, -1)), "intervals are ints >= 1"),
     (dict(method="fora", intervall=3), "unknown option 'intervall'"),
+    (dict(method="fora", steps=1), "a 1-step sampler leaves nothing for an interval to cache"),
+    (dict(method="fora", lowering="eagre"), "unknown lowering 'eagre'; did you mean 'eager'"),
+    (dict(method="magcache", retention_ratio=2.0), "MagCacheConfig.retention_ratio must be a number in"),
 ])
 def test_calibrate_refuses_bad_arguments_before_sampling(pipe, call, message):
     args = dict(dict(target_psnr=30.0, prompts=PROMPTS, steps=STEPS, call_args=CALL), **call)

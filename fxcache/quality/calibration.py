@@ -1,16 +1,17 @@
 """`fxcache.calibrate`: the cheapest setting of a method that keeps a target PSNR against the uncached output on a
 user's own pipeline (or model and sampling loop), beside what taking fewer steps gives at the same compute.
 
-A method decided per call (FBCache, DBCache, TeaCache, MagCache) is tuned by its `threshold`, a method on a fixed
-schedule (FORA, ToCa, DuCa, TaylorSeer, ClusCa) by its `interval`. Neither has a value that fits every model: a
-threshold is a relative change of some signal, and how far the signal moves per step depends on the model, the
-sampler and the step count. So this measures: one uncached run of the calibration prompts, then each value of a
-grid (thresholds ascending, geometric; intervals 2, 3, ...) on the same prompts and seeds, its pooled PSNR against
-the uncached images (`metrics.psnr_summary`) and its compute share (fxcache's per-call FLOPs over the uncached
-run's, counted the same way), stopping once the PSNR falls well below the target, then bisecting between the last
-threshold that reaches it and the first that does not. Each point stands beside the uncached sampler with
-`round(steps x share)` steps, the free way to spend the same compute: a method is only worth it where it beats that
-(`evaluate.verdicts` says beats, ties or loses, as `fxcache eval` does).
+A method with a `threshold` (FBCache, DBCache and TeaCache decide per call, MagCache plans its steps from calibrated
+ratios) is tuned by it, a method on a fixed schedule (FORA, ToCa, DuCa, TaylorSeer, ClusCa) by its `interval`.
+Neither has a value that fits every model: a threshold is a relative change of some signal, and how far the signal
+moves per step depends on the model, the sampler and the step count. So this measures: one uncached run of the
+calibration prompts, then each value of a grid (thresholds ascending, geometric; intervals 2, 3, ...) on the same
+prompts and seeds, its pooled PSNR against the uncached images (`metrics.psnr_summary`) and its compute share
+(fxcache's per-call FLOPs over the uncached run's, counted the same way), stopping once the PSNR falls well below
+the target, then bisecting between the cheapest threshold that reaches it and the next one that does not. Each
+point stands beside the uncached sampler with `round(steps x share)` steps, the free way to spend the same compute:
+a method is only worth it where it beats that (`evaluate.verdicts` says beats, ties or loses, as `fxcache eval`
+does).
 
 The uncached run also measures what two methods need fitted to a new model (`Recording`):
 - MagCache's magnitude ratios, gamma_s = mean over tokens and batch of ||R_s|| / (||R_{s-1}|| + 1e-8), R the
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..backends import check_lowering
 from ..config import CacheConfig, get_method, make_config
 from ..errors import ConfigError, UnsupportedGraphError
 from .metrics import psnr_summary
@@ -208,6 +210,7 @@ class _Branch:
     """What a branch of the current request last saw."""
 
     t: float
+    calls: int = 0
     norms: torch.Tensor | None = None
     indicator: torch.Tensor | None = None
     output: torch.Tensor | None = None
@@ -228,6 +231,7 @@ class _Recorder:
         self.ratios: dict[int, list[list[float]]] = {}  # branch -> per request, gamma per step
         self.pairs: list[tuple[int, float, float]] = []  # (branch, x, y) per row of each call after a branch's first
         self.why_no: dict[str, str] = {}
+        self.steps = 0  # the most calls the first branch of a request made: the sampler's step count
         self._branches: list[_Branch] = []
         self._last_t = None
         self._current = -1
@@ -257,6 +261,8 @@ class _Recorder:
         if b == len(self._branches):
             self._branches.append(_Branch(t))
         branch = self._branches[b]
+        branch.calls += 1
+        self.steps = max(self.steps, branch.calls)
         if b not in self.ratios:
             self.ratios[b] = []
         if seen["first"] is not None:
@@ -382,7 +388,7 @@ class _ModelTarget:
     def generate(self, setting, steps: int | None) -> torch.Tensor:
         outs = []
         for seed in self.seeds:
-            with torch.random.fork_rng(devices=[]), torch.no_grad(), setting.request():
+            with torch.random.fork_rng(), torch.no_grad(), setting.request():
                 torch.manual_seed(seed)
                 out = self.sample(self.compiled)
             if not isinstance(out, torch.Tensor):
@@ -608,7 +614,7 @@ def calibrate(target, method: str, *, target_psnr: float, prompts: list[str] | N
             or a bare model, with `sample`.
         method: a method with a `threshold` (fbcache, dbcache, teacache, magcache: searched over `grid`, by default
             0.01 doubling to 1.28, then bisected `refine` times at the target) or an `interval` (fora, toca, duca,
-            taylorseer, clusca: 2, 3, ... up to 10 or the step count).
+            taylorseer, clusca: 2, 3, ... up to 10 or the step count, whichever is fewer).
         target_psnr: dB, pooled over the images (the mean MSE), against the uncached images of the same prompts and
             seeds.
         prompts: the calibration prompts (pipelines): a few, like the ones the pipeline will serve.
@@ -649,8 +655,11 @@ def calibrate(target, method: str, *, target_psnr: float, prompts: list[str] | N
     runner, prompts, steps, call_args = _target(target, switch, prompts=prompts, steps=steps, seeds=seeds,
                                                 call_args=call_args, sample=sample)
     is_pipeline = isinstance(runner, _PipelineTarget)
-    values = _check_grid(grid if grid is not None else (
-        THRESHOLDS if knob == "threshold" else range(2, MAX_INTERVAL + 1)), knob)
+    if grid is None and knob == "interval" and steps is not None and steps < 2:
+        raise ConfigError(f"a {steps}-step sampler leaves nothing for an interval to cache")
+    values = _check_grid(grid if grid is not None else THRESHOLDS if knob == "threshold" else
+                         range(2, min(MAX_INTERVAL, steps or MAX_INTERVAL) + 1), knob)
+    check_lowering(lowering)
     base = dict(options)
     if steps is not None and _steps_from_sampler(cls):
         base.setdefault("num_steps", steps)
@@ -667,9 +676,8 @@ def calibrate(target, method: str, *, target_psnr: float, prompts: list[str] | N
             reference = runner.generate(recorder, steps)
         recording = recorder.recording()
         uncached_flops = recorder.flops()
-        if steps is None:  # a bare model: the calls of the first branch in a generation
-            steps = max((len(r) for runs in recording.ratios.values() for r in runs), default=None) or \
-                recorder.calls.get(0, 0) // max(1, len(seeds))
+        if steps is None:  # a bare model: the calls a branch made in a generation
+            steps = recorder.steps
             if _steps_from_sampler(cls):
                 base.setdefault("num_steps", steps)
         fitted = {}

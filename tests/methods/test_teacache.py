@@ -123,7 +123,7 @@ def test_the_flux_preset_is_the_authors_polynomial_and_a_batch_decides_per_row(f
 
 def test_teacache_options_are_checked():
     assert fxcache.TeaCacheConfig().coefficients is None  # no rescaling until one is fitted
-    with pytest.raises(ConfigError, match=r"TeaCacheConfig\.coefficients must be a non-empty list of finite"):
+    with pytest.raises(ConfigError, match=r"coefficients must be None or a non-empty list of finite"):
         fxcache.TeaCacheConfig(coefficients=[1.0, float("nan")])
     with pytest.raises(ConfigError, match=r"TeaCacheConfig\.threshold must be >= 0"):
         fxcache.TeaCacheConfig(coefficients=[1.0], threshold=-0.1)

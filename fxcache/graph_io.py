@@ -32,6 +32,7 @@ class Role(enum.Enum):
     WARM = "warm"  # per step: 1.0 when the branch has centroids for k-means to start from, (1,)
     TAYLOR_DIFF = "diff"  # FULL steps: 1/d per Taylor order, (m,)
     TAYLOR_COEF = "coef"  # forecast steps: delta^i / i!, (m + 1,)
+    FOCA = "foca"  # a call reusing a FoCa-forecast residual: (g, u), the forecast's weight and window update, (2,)
     CARRY = "carry"  # a value the probe of a run-time decision computed and its tail reads (one call)
     SIGNAL = "signal"  # written by a probe: what the decision reads on the host (one call; never a tail input)
 
@@ -78,6 +79,7 @@ class Slot(enum.Enum):
     REFERENCE = "reference"  # what a run-time signal compares the call with (a residual, an indicator)
     CARRY = "carry"  # value `output` a probe carries to its tail (`unit` names a special one)
     SIGNAL = "signal"  # a probe's signal
+    FOCA = "foca"  # the scalars of a FoCa forecast
 
 
 _BY_UNIT = (Slot.UNIT, Slot.TAYLOR, Slot.SCORE, Slot.STALE, Slot.SCORE_DRAW)
@@ -124,9 +126,10 @@ class Key:
         return Key.unit_output(self.unit, self.output) if self.slot is Slot.TAYLOR else self
 
     @classmethod
-    def residual(cls, stream: int, start: int, end: int) -> "Key":
-        """Stream `stream` of the cut after blocks [start, end) minus its value before them."""
-        return cls(Slot.RESIDUAL, unit=f"{start}:{end}", output=stream)
+    def residual(cls, stream: int, start: int, end: int, part: str = "") -> "Key":
+        """Stream `stream` of the cut after blocks [start, end) minus its value before them (`part`: which of the
+        values a FoCa forecast keeps of it: "full", "full_prev", "k", "km1")."""
+        return cls(Slot.RESIDUAL, unit=f"{start}:{end}" + (f":{part}" if part else ""), output=stream)
 
     @classmethod
     def reference(cls, what: str) -> "Key":
@@ -159,7 +162,7 @@ class Key:
 
     @classmethod
     def scalar(cls, slot: Slot) -> "Key":
-        assert slot in (Slot.WARM, Slot.TAYLOR_DIFF, Slot.TAYLOR_COEF)
+        assert slot in (Slot.WARM, Slot.TAYLOR_DIFF, Slot.TAYLOR_COEF, Slot.FOCA)
         return cls(slot)
 
     # -- names --------------------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ class Key:
         return {Slot.SCORE: "tocascore:{u}", Slot.STALE: "tocastale:{u}", Slot.SCORE_DRAW: "tocarand:{u}",
                 Slot.INDICES: "idx:{t}", Slot.MEMBER_DRAW: "rand:{t}", Slot.KMEANS_INIT: "kinit:{t}",
                 Slot.LABELS: "clusterlabels:{t}", Slot.CENTROIDS: "clustercentroids:{t}", Slot.WARM: "cluster_warm",
-                Slot.TAYLOR_DIFF: "taylor_diff", Slot.TAYLOR_COEF: "taylor_coef"}[s].format(u=self.unit,
+                Slot.TAYLOR_DIFF: "taylor_diff", Slot.TAYLOR_COEF: "taylor_coef",
+                Slot.FOCA: "foca"}[s].format(u=self.unit,
                                                                                             t=self.tokens)
 
     def __str__(self) -> str:
@@ -265,6 +269,9 @@ class GraphValue:
                 return f"shape must be (n,) with 1 <= n <= {most}, got {list(shape)}"
             if dtype is not torch.float32:
                 return "dtype must be float32 (Taylor scalars)"
+        elif self.role is Role.FOCA:
+            if tuple(shape) != (2,) or dtype is not torch.float32:
+                return "shape must be [2] and dtype float32 (the forecast's weight and window update)"
         elif self.role is Role.WARM:
             if tuple(shape) != (1,) or dtype is not torch.float32:
                 return "shape must be [1] and dtype float32"
@@ -286,6 +293,7 @@ ROLE_SLOTS = {
     Role.UNIFORM: {Slot.SCORE_DRAW, Slot.MEMBER_DRAW, Slot.KMEANS_INIT},  # KMEANS_INIT: ClusCa kmeans="ref"
     Role.PERMUTATION: {Slot.KMEANS_INIT},
     Role.WARM: {Slot.WARM},
+    Role.FOCA: {Slot.FOCA},
     Role.TAYLOR_DIFF: {Slot.TAYLOR_DIFF},
     Role.TAYLOR_COEF: {Slot.TAYLOR_COEF},
 }

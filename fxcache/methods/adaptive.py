@@ -158,6 +158,7 @@ class DecidedRecipe(Recipe):
 
     def build(self, b, graph, plan, layout) -> None:
         from ..passes import expose_residual, probe_outputs, read_residual, take_carried
+        from ..passes.residuals import expose_foca, read_foca
 
         if plan.part == PROBE:
             probe_outputs(b, layout["probe"].carried)
@@ -165,11 +166,13 @@ class DecidedRecipe(Recipe):
             return
         take_carried(b, layout["probe"].carried)
         order = self.config.taylor_order  # a forecast residual: its Taylor factors
+        foca = getattr(self.config, "forecast", None) == "foca"
+        run = (b, layout["pairs"], layout["start"], layout["end"])
         if plan.kind is StepKind.FULL:
             self.compute_extras(b, graph, layout)
-            expose_residual(b, layout["pairs"], layout["start"], layout["end"], order)
+            expose_foca(*run) if foca else expose_residual(*run, order)
         else:
-            read_residual(b, layout["pairs"], layout["start"], layout["end"], order)
+            read_foca(*run) if foca else read_residual(*run, order)
 
     def check(self, graph: GraphPlan, plan: StepPlan) -> None:
         if len(plan.blocks) != len(graph.blocks):

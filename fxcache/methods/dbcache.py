@@ -35,7 +35,7 @@ def check_limit(name: str, value) -> None:
 
 
 #: the forecasts of the stored residual (cache-dit's calibrators)
-FORECASTS = ("taylorseer",)
+FORECASTS = ("taylorseer", "foca")
 
 
 class ResidualDiffConfig(CacheConfig):
@@ -80,7 +80,10 @@ class DBCacheConfig(ResidualDiffConfig):
         forecast: None reuses the stored residual of the middle blocks as it is; "taylorseer" forecasts it from
             its Taylor factors, updated at every computed call (cache-dit's TaylorSeer calibrator: the first
             derivative from the fourth call on, as its calibrator steps lag the DBCache steps by one).
-        forecast_order: the Taylor order of the forecast (cache-dit's `taylorseer_order`, default 1).
+            "foca" forecasts it by cache-dit's FoCa calibrator: a Heun step from the last computed residual, by the
+            mean of its slope since the computed residual before and the slope of the last two values, at most 3
+            steps ahead, damped toward the last computed residual beyond (`fxcache/runtime/foca.py`).
+        forecast_order: the Taylor order of "taylorseer" (cache-dit's `taylorseer_order`, default 1).
         reduce: "rows" reuses only when every batch row's change is below the threshold; "mean" decides on the
             whole batch, as cache-dit does (one prompt's change can then make another reuse stale features).
         cfg: "separate" (default): each CFG branch decides on its own signal; "shared": the later branches of a

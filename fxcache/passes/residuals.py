@@ -53,6 +53,53 @@ def expose_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start
             b.give(Role.CACHE, key.factor(k), f)
 
 
+FOCA_PARTS = ("full", "full_prev", "k", "km1")
+
+
+@graph_pass
+def expose_foca(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int) -> None:
+    """A computed call of a FoCa-forecast residual: F_full_prev <- F_full, F_full <- R, F_km1 <- F_k, F_k <- R."""
+    for i, (after, before) in enumerate(pairs):
+        node, value = b.current(after), _example(after)
+        with b.graph.inserting_after(node):
+            residual = b.graph.call_function(torch.sub, (node, b.current(before)))
+        old = {p: b.take(Role.CACHE, Key.residual(i, start, end, p), value.shape, value.dtype, value)
+               for p in ("full", "k")}
+        b.give(Role.CACHE, Key.residual(i, start, end, "full_prev"), old["full"])
+        b.give(Role.CACHE, Key.residual(i, start, end, "full"), residual)
+        b.give(Role.CACHE, Key.residual(i, start, end, "km1"), old["k"])
+        b.give(Role.CACHE, Key.residual(i, start, end, "k"), residual)
+
+
+@graph_pass
+def read_foca(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int) -> None:
+    """A reused call: the residual forecast `P = F_full + g (F_full - F_full_prev + F_k - F_km1)`, the window shifted
+    by `u` (`foca` = (g, u), `runtime/foca.py`)."""
+    foca = b.take(Role.FOCA, Key.scalar(Slot.FOCA), (2,), torch.float32)
+    g = b.graph
+    for i, (after, before) in enumerate(pairs):
+        value = _example(after)
+        t = {p: b.take(Role.CACHE, Key.residual(i, start, end, p), value.shape, value.dtype, value)
+             for p in FOCA_PARTS}
+        target = b.current(after)
+        with g.inserting_before(target.next):
+            weight = g.call_function(torch.select, (foca, 0, 0))
+            update = g.call_function(torch.select, (foca, 0, 1))
+            slope = g.call_function(torch.add, (g.call_function(torch.sub, (t["full"], t["full_prev"])),
+                                                g.call_function(torch.sub, (t["k"], t["km1"]))))
+            forecast = g.call_function(torch.add, (t["full"], g.call_function(torch.mul, (slope, weight))))
+            keep = g.call_function(torch.rsub, (update, 1.0))
+            new_k = g.call_function(torch.add, (g.call_function(torch.mul, (forecast, update)),
+                                                g.call_function(torch.mul, (t["k"], keep))))
+            new_km1 = g.call_function(torch.add, (g.call_function(torch.mul, (t["k"], update)),
+                                                  g.call_function(torch.mul, (t["km1"], keep))))
+            rebuilt = g.call_function(torch.add, (b.current(before), forecast))
+        target.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt)
+        b.replaced[after] = rebuilt
+        b.give(Role.CACHE, Key.residual(i, start, end, "k"), new_k)
+        b.give(Role.CACHE, Key.residual(i, start, end, "km1"), new_km1)
+
+
 @graph_pass
 def read_residual(b: GraphBuilder, pairs: list[tuple[fx.Node, fx.Node]], start: int, end: int,
                   order: int | None = None) -> None:

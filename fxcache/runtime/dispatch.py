@@ -19,12 +19,13 @@ from ..graph_io import GraphValue, Role, Slot
 from ..methods import recipe_for
 from ..step_plan import PROBE, GraphView, StepPlan
 from .draws import draw_indices, draw_permutation, draw_uniform
+from .foca import FoCaState
 from .taylor import TaylorState
 
 #: what the dispatcher supplies per role: 0 the store (cache entries), 1 a draw, 2 Taylor differences,
 #: 3 Taylor coefficients, 4 a k-means start, 5 the k-means warm flag
 _SUPPLY = {Role.CACHE: 0, Role.STATE: 0, Role.BUFFER: 0, Role.INDICES: 1, Role.UNIFORM: 1, Role.TAYLOR_DIFF: 2,
-           Role.TAYLOR_COEF: 3, Role.PERMUTATION: 4, Role.WARM: 5, Role.CARRY: 6}
+           Role.TAYLOR_COEF: 3, Role.PERMUTATION: 4, Role.WARM: 5, Role.CARRY: 6, Role.FOCA: 7}
 
 
 class Prepared:
@@ -60,6 +61,7 @@ class Dispatcher:
         self.rule = self.recipe.rule() if self.decided else None
         self.seed = config.draw_seed
         self.taylor_order = config.taylor_order
+        self.foca = getattr(config, "forecast", None) == "foca"  # a FoCa-forecast residual (DBCache)
         self._plans: dict[int, StepPlan] = {}
         # a graph holding later blocks only (a piece of a forward that graph-breaks) takes the rows of each step's
         # token draw that its units have in the whole model's draw: `row_offsets`, token count -> the units of that
@@ -101,6 +103,13 @@ class Dispatcher:
         # (a probe is not a computed step: its tail says whether the call computes)
         full = plan.kind is StepKind.FULL and plan.part != PROBE
         diff = taylor.full_inputs(step, device) if full and taylor is not None else None
+        foca = None
+        if self.foca:
+            foca = state.foca.get(branch)
+            if foca is None:
+                foca = state.foca[branch] = FoCaState()
+            if full:
+                foca.full(step)
         p = prepared(variant)
         draws = self._draws(state, step, p.drawn, device) if p.drawn else None
         out = []
@@ -115,6 +124,8 @@ class Dispatcher:
                 out.append(taylor.forecast_inputs(step, device))
             elif supply == 6:
                 out.append(carried[v.key])
+            elif supply == 7:
+                out.append(foca.forecast_inputs(step, device))
             elif supply == 4:
                 out.append(draw_permutation(self.seed, step, v.key.name, v.key.tokens, v.shape[0], device))
             else:

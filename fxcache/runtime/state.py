@@ -24,6 +24,7 @@ class GraphState:
         self.store: CacheStore = InplaceStore(runner) if runner.inplace else FunctionalStore()
         self.taylor: dict[int, TaylorState] = {}
         self.rules: dict = {}  # per branch: the state of a run-time rule (methods that decide per call)
+        self.foca: dict = {}  # per branch: the bookkeeping of a FoCa forecast
         self.step_signal: tuple | None = None  # (step, branch, signal) of the last signal read (cfg="shared")
         self.draws: dict = {}  # the current step's random inputs, shared by the branches
         self.draws_step = -1
@@ -46,6 +47,7 @@ class GraphState:
         self.store.restart(branch)
         self.taylor.pop(branch, None)
         self.rules.pop(branch, None)
+        self.foca.pop(branch, None)
 
     def drop(self, branch: int) -> None:
         """The branch is gone: free its caches too."""
@@ -58,6 +60,7 @@ class GraphState:
         self.store.release()
         self.taylor.clear()
         self.rules.clear()
+        self.foca.clear()
         self.step_signal = None
         self.draws.clear()
         self.draws_step = -1

@@ -198,12 +198,13 @@ class CacheDitDBCache:
     """A copy of the transformer with cache-dit's DBCache on it (transformer-only, as `cache_dit.enable_cache`
     installs it); `computed` / `signals` log what its `can_cache` decided on each call and the diff it recorded."""
 
-    def __init__(self, model, *, separate_cfg: bool, taylorseer_order: int = 0, **config):
+    def __init__(self, model, *, separate_cfg: bool, taylorseer_order: int = 0, foca: bool = False, **config):
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+        from cache_dit import DBCacheConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
         self.model = copy.deepcopy(model)
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        calibrator = FoCaCalibratorConfig() if foca else calibrator
         cache_dit.enable_cache(self.model, cache_config=DBCacheConfig(enable_separate_cfg=separate_cfg, **config),
                                calibrator_config=calibrator)
         manager = self.model._context_manager
@@ -528,3 +529,28 @@ def test_dbcache_taylorseer_forecast_equals_cache_dit_calibrator(order, branches
     plain_outs = sample(fx_call(plain), kws, steps)
     reused = [i for i, c in enumerate(decisions_of(ours)) if not c and i >= 4 * branches]
     assert reused and any(not torch.equal(fx_outs[i], plain_outs[i]) for i in reused)  # the forecast moved them
+
+
+@pytest.mark.parametrize("branches,max_row,warmup", [(1, -1, 2), (2, 5, 2), (1, -1, 1)])
+def test_dbcache_foca_forecast_equals_cache_dit_foca_calibrator(branches, max_row, warmup):
+    """forecast="foca": a reused call adds cache-dit's FoCa forecast of the middle blocks' residual (a Heun step
+    from the last computed residual, damped beyond 3 steps), one state per CFG branch; the loops reuse up to 9
+    calls in a row (the damped horizon), and with one warm-up call the first reused call has one computed
+    residual only (FoCa then reuses it as it is)."""
+    fn, bn, threshold = 1, 1, 0.55
+    model = tiny_flux()
+    ours = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup,
+                    max_continuous_cached_steps=max_row, forecast="foca")
+    peer = CacheDitDBCache(model, separate_cfg=branches == 2, foca=True, Fn_compute_blocks=fn, Bn_compute_blocks=bn,
+                           residual_diff_threshold=threshold, max_warmup_steps=warmup,
+                           max_continuous_cached_steps=max_row)
+    kws = branch_inputs(branches=branches)
+    steps = 14
+    fx_outs = sample(fx_call(ours), kws, steps)
+    peer_outs = sample(peer, kws, steps)
+    assert_parity(ours, fx_outs, peer.computed, peer_outs, threshold, peer_signals=peer.signals)
+    plain = compiled(model, "dbcache", first_blocks=fn, last_blocks=bn, threshold=threshold, warmup_steps=warmup,
+                     max_continuous_cached_steps=max_row)
+    plain_outs = sample(fx_call(plain), kws, steps)
+    reused = [i for i, c in enumerate(decisions_of(ours)) if not c]
+    assert any(not torch.equal(fx_outs[i], plain_outs[i]) for i in reused)  # the forecast moved them

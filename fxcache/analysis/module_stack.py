@@ -14,9 +14,17 @@ _ROOT = re.compile(r"""^[LG]\[(?:'[^']*'|"[^"]*")\]|^self""")
 
 
 def norm_path(path: str) -> str:
-    """`L['self'].__dict__['_modules']['transformer_blocks'].0.attn` -> `transformer_blocks.0.attn`."""
+    """`L['self'].__dict__['_modules']['transformer_blocks'].0.attn` -> `transformer_blocks.0.attn`. A module
+    reached through a bound method of itself (`transformer_blocks.0.forward.__self__.norm1`: a block whose
+    `forward` is an instance attribute, as diffusers' hooks leave it after `disable_cache()`) is that module."""
     path = _ROOT.sub("", path)
-    return ".".join(t for t in (a or b or c for a, b, c in _TOKEN.findall(path)) if t not in _SKIP)
+    tokens: list[str] = []
+    for t in (a or b or c for a, b, c in _TOKEN.findall(path)):
+        if t == "__self__" and tokens:
+            tokens.pop()  # `<module>.<method>.__self__` is `<module>`
+        elif t not in _SKIP:
+            tokens.append(t)
+    return ".".join(tokens)
 
 
 def stack_entries(node: fx.Node) -> list[tuple[str, type]]:

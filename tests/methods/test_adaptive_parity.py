@@ -554,3 +554,23 @@ def test_dbcache_foca_forecast_equals_cache_dit_foca_calibrator(branches, max_ro
     plain_outs = sample(fx_call(plain), kws, steps)
     reused = [i for i, c in enumerate(decisions_of(ours)) if not c]
     assert any(not torch.equal(fx_outs[i], plain_outs[i]) for i in reused)  # the forecast moved them
+
+
+def test_a_transformer_that_ran_diffusers_cache_hooks_is_cached_as_a_fresh_one():
+    """diffusers' `disable_cache()` leaves the hooked blocks' `forward` as an instance attribute, so Dynamo records
+    their children under `transformer_blocks.0.forward.__self__.norm1`: fxcache reads that as the block's child and
+    caches the model as it caches an untouched copy."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tiny_flux()
+    used = copy.deepcopy(model)
+    used.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    used.disable_cache()
+    assert any("forward" in m.__dict__ for m in used.modules())
+    kws = branch_inputs()
+    outs = {}
+    for name, m in (("fresh", model), ("used", used)):
+        ours = compiled(m, "fbcache", threshold=0.45)
+        outs[name] = (sample(fx_call(ours), kws, 8), decisions_of(ours))
+    assert outs["used"][1] == outs["fresh"][1] and not all(outs["used"][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs["used"][0], outs["fresh"][0]))

@@ -352,31 +352,20 @@ class Runner:
         if dispatcher.decided:
             return self._run_decided(state, dispatcher, args, step, branch, t)
         plan = dispatcher.choose(step, state.written(branch), self.source.variant)
-        variant = self.source.variant(plan)
-        device = self._device(args)
-        given = dispatcher.step_inputs(state, variant, plan, step, branch, device)
-        full_args = list(args) + state.store.inputs(branch, variant.inputs, given, device)
-        fn = self.source.callable(plan, variant, full_args)
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        try:
-            result = fn(*full_args)
-        except BaseException:  # a failed call leaves this branch's caches unknown: it starts over next time
-            self._forget(state, branch)
-            state.drop(branch)
-            raise
-        n = variant.num_outputs
-        state.store.keep(branch, variant, list(result[n:]), full=plan.kind is StepKind.FULL)
+        variant, outs, _ = self._call(state, dispatcher, plan, args, step, branch, self._device(args))
+        return self._finish(state, plan, variant, outs, step, branch, t, variant.flops)
+
+    def _finish(self, state, plan, variant, outs: list, step: int, branch: int, t: float, flops, **decided):
+        """Record the call and return the model's outputs as the graph would (`decided`: the signal and the
+        accumulated value of a method that decides per call)."""
         self.scope.record(
             graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label, plan=plan,
-            tokens=variant.tokens, flops=variant.flops, t=t, cached=True, request=state.request_id,
-            cache_bytes=state.held,
+            tokens=variant.tokens, flops=flops, t=t, cached=True, request=state.request_id,
+            cache_bytes=state.held, **decided,
         )
-        outs = result[:n]
         if self.cudagraphs:  # a later replay overwrites cudagraph outputs (the other CFG branch, the next step)
             outs = [o.clone() for o in outs]
         return outs[0] if variant.single_output else tuple(outs)
-
 
     def _call(self, state, dispatcher, plan, args, step: int, branch: int, device, carried=None):
         """Run `plan`'s variant on `args` and the branch's caches; keep what it writes. Returns (variant, model
@@ -423,14 +412,8 @@ class Runner:
         decision = dispatcher.rule.decide(rules[branch], step, values, can_reuse)
         plan = plans["compute"] if decision.compute else plans["cached"]
         variant, outs, _ = self._call(state, dispatcher, plan, args, step, branch, device, passed)
-        self.scope.record(
-            graph=self.graph_id, call=next(_CALLS), step=step, branch=branch, kind=plan.label, plan=plan,
-            tokens=variant.tokens, flops=probe.flops + variant.flops, t=t, cached=True, request=state.request_id,
-            cache_bytes=state.held, signal=decision.signal, accumulated=decision.accumulated,
-        )
-        if self.cudagraphs:
-            outs = [o.clone() for o in outs]
-        return outs[0] if variant.single_output else tuple(outs)
+        return self._finish(state, plan, variant, outs, step, branch, t, probe.flops + variant.flops,
+                            signal=decision.signal, accumulated=decision.accumulated)
 
 
 def unit_tokens(plan) -> dict[str, list[int]]:
